@@ -1,0 +1,109 @@
+"""Asset checks of a source, per shard: vector validity, coverage, parity, self-retrieval."""
+
+import dagster as dg
+
+from embedding_assets.core.sharding import shard_index
+from embedding_assets.resources.embedders import embedder_resource_key
+from embedding_assets.runtime import store_for
+from embedding_assets.settings import SourceSpec
+
+SELF_RETRIEVAL_SAMPLE = 10
+SELF_RETRIEVAL_K = 5
+
+
+def build_checks(
+    spec: SourceSpec,
+    shards: dg.PartitionsDefinition,
+    embeddings: dg.AssetsDefinition,
+    vector_index: dg.AssetsDefinition,
+    embedder_key: str,
+) -> list[dg.AssetChecksDefinition]:
+    resources = {"database", embedder_resource_key(spec.embedder)}
+
+    def context_store(context):
+        embedder = getattr(context.resources, embedder_key).embedder()
+        return store_for(spec, context.resources.database.url, embedder), embedder
+
+    @dg.asset_check(
+        asset=embeddings,
+        name="vectors_valid",
+        blocking=True,
+        partitions_def=shards,
+        required_resource_keys=resources,
+        description="Every stored vector of the shard has the model's dimension and a "
+        "non-zero norm (pgvector itself rejects NaN). Blocks the Qdrant write if not.",
+    )
+    def vectors_valid(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+        store, embedder = context_store(context)
+        found = store.invalid_vectors(shard_index(context.partition_key), embedder.dimension)
+        passed = found["wrong_dimension"] == 0 and found["zero_norm"] == 0
+        return dg.AssetCheckResult(
+            passed=passed, metadata={**found, "dimension": embedder.dimension}
+        )
+
+    @dg.asset_check(
+        asset=embeddings,
+        name="coverage",
+        partitions_def=shards,
+        required_resource_keys=resources,
+        description="Eligible source rows of the shard with a current embedding, divided by "
+        "eligible rows. Below 1.0 while a backlog or new changes wait for the next run.",
+    )
+    def coverage(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+        store, _ = context_store(context)
+        work = store.work_by_shard()[shard_index(context.partition_key)]
+        ratio = work.embedded_rows / work.eligible_rows if work.eligible_rows else 1.0
+        return dg.AssetCheckResult(
+            passed=ratio == 1.0,
+            severity=dg.AssetCheckSeverity.WARN,
+            metadata={
+                "coverage": round(ratio, 4),
+                "eligible_rows": work.eligible_rows,
+                "embedded_rows": work.embedded_rows,
+                "pending_rows": work.pending_rows,
+            },
+        )
+
+    @dg.asset_check(
+        asset=vector_index,
+        name="pgvector_qdrant_parity",
+        partitions_def=shards,
+        required_resource_keys={*resources, "qdrant"},
+        description="The shard has as many points in Qdrant as chunks in pgvector.",
+    )
+    def parity(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+        store, _ = context_store(context)
+        shard = shard_index(context.partition_key)
+        chunks = store.chunk_counts().get(shard, 0)
+        points = context.resources.qdrant.store().count(spec.qdrant_collection, shard=shard)
+        return dg.AssetCheckResult(
+            passed=chunks == points, metadata={"pgvector_chunks": chunks, "qdrant_points": points}
+        )
+
+    @dg.asset_check(
+        asset=vector_index,
+        name="self_retrieval",
+        partitions_def=shards,
+        required_resource_keys={*resources, "qdrant"},
+        description=f"A sample of {SELF_RETRIEVAL_SAMPLE} stored chunks each find themselves "
+        f"(or an identical text) in their top {SELF_RETRIEVAL_K}, in pgvector and in Qdrant.",
+    )
+    def self_retrieval(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+        store, _ = context_store(context)
+        qdrant = context.resources.qdrant.store()
+        sample = store.sample_chunks(shard_index(context.partition_key), SELF_RETRIEVAL_SAMPLE)
+        found = {"pgvector": 0, "qdrant": 0}
+        for row in sample.itertuples(index=False):
+            pg_hits = store.search(row.embedding, SELF_RETRIEVAL_K)
+            if any(h.point_id == row.point_id or h.text == row.chunk_text for h in pg_hits):
+                found["pgvector"] += 1
+            q_hits = qdrant.search(spec.qdrant_collection, row.embedding, SELF_RETRIEVAL_K)
+            if any(h.id == row.point_id or h.payload.get("text") == row.chunk_text for h in q_hits):
+                found["qdrant"] += 1
+        sampled = len(sample)
+        return dg.AssetCheckResult(
+            passed=found["pgvector"] == sampled and found["qdrant"] == sampled,
+            metadata={"sampled": sampled, **{f"found_{k}": v for k, v in found.items()}},
+        )
+
+    return [vectors_valid, coverage, parity, self_retrieval]

@@ -1,0 +1,364 @@
+"""`embedding-assets`: set-up, sync, search and status from a shell."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import click
+
+from embedding_assets.settings import Settings, SettingsError, load_settings
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _embedded():
+    from embedding_assets.embedded import EmbeddedPostgres
+
+    return EmbeddedPostgres.from_env()
+
+
+def ensure_database() -> str:
+    """The data database URL; starts the shared embedded server when DATABASE_URL is unset.
+    A server started here keeps running: only `db stop` (or `dev`'s Ctrl-C) stops it."""
+    from embedding_assets.environment import database_url, uses_embedded_postgres
+
+    if uses_embedded_postgres() and _embedded().start():
+        click.echo(f"started embedded Postgres on port {_embedded().port}", err=True)
+    return database_url()
+
+
+def _settings(ctx: click.Context) -> Settings:
+    try:
+        return load_settings(ctx.obj.get("sources"))
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def _sources(settings: Settings, name: str | None) -> list[str]:
+    if name is None:
+        return [s.name for s in settings.sources]
+    try:
+        return [settings.source(name).name]
+    except KeyError as exc:
+        raise click.ClickException(str(exc.args[0])) from exc
+
+
+@click.group()
+@click.option(
+    "--sources",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="EMBEDDING_ASSETS_SOURCES",
+    help="sources.yaml (default: $EMBEDDING_ASSETS_SOURCES, else the bundled demo).",
+)
+@click.pass_context
+def main(ctx: click.Context, sources: Path | None) -> None:
+    """Keep embeddings of PostgreSQL rows in sync in pgvector and Qdrant, with Dagster."""
+    ctx.ensure_object(dict)
+    ctx.obj["sources"] = sources
+
+
+# -- db -------------------------------------------------------------------------------
+
+
+@main.group()
+def db() -> None:
+    """The embedded PostgreSQL server (data under $EMBEDDING_ASSETS_HOME)."""
+
+
+@db.command("start")
+def db_start() -> None:
+    """Start the shared server (no-op if it runs)."""
+    server = _embedded()
+    started = server.start()
+    click.echo(("started" if started else "already running") + f": {server.url()}")
+
+
+@db.command("stop")
+def db_stop() -> None:
+    """Stop the shared server."""
+    click.echo("stopped" if _embedded().stop() else "not running")
+
+
+@db.command("status")
+@click.option("--json", "as_json", is_flag=True)
+def db_status(as_json: bool) -> None:
+    """Whether the server runs, its pid, port and folders."""
+    status = _embedded().status()
+    if as_json:
+        click.echo(json.dumps(status))
+    else:
+        for key, value in status.items():
+            click.echo(f"{key}: {value}")
+    sys.exit(0 if status["running"] else 1)
+
+
+@db.command("url")
+@click.option("--dagster", is_flag=True, help="The Dagster instance database instead.")
+def db_url(dagster: bool) -> None:
+    """A URL for SQLAlchemy and psql."""
+    from embedding_assets.embedded import DAGSTER_DATABASE, DATA_DATABASE
+
+    click.echo(_embedded().url(DAGSTER_DATABASE if dagster else DATA_DATABASE))
+
+
+# -- sync -----------------------------------------------------------------------------
+
+
+@dataclass
+class ShardReport:
+    source: str
+    shard: str
+    success: bool
+    rows: int = 0
+    rows_deleted: int = 0
+    chunks: int = 0
+    embedded_chunks: int = 0
+    reused_chunks: int = 0
+    points_upserted: int = 0
+    seconds: float = 0.0
+    error: str | None = None
+
+
+def sync_source(settings: Settings, source: str, shard: str | None, instance) -> list[ShardReport]:
+    """Materialize every shard (or one) of a source in this process, recorded in `instance`."""
+    from embedding_assets.definitions import build_definitions
+
+    spec = settings.source(source)
+    if shard is not None and shard not in spec.shard_keys:
+        raise click.ClickException(f"source {source!r} has shards {spec.shard_keys}, not {shard!r}")
+    job = build_definitions(settings).resolve_job_def(f"{source}_sync")
+    reports = []
+    for key in [shard] if shard else spec.shard_keys:
+        started = time.perf_counter()
+        result = job.execute_in_process(partition_key=key, instance=instance, raise_on_error=False)
+        report = ShardReport(
+            source, key, result.success, seconds=round(time.perf_counter() - started, 2)
+        )
+        for event in result.get_asset_materialization_events():
+            mat = event.event_specific_data.materialization
+            meta = {k: v.value for k, v in mat.metadata.items()}
+            stage = mat.asset_key.path[-1]
+            if stage == "pending_rows":
+                report.rows, report.rows_deleted = meta["rows"], meta["rows_to_delete"]
+            elif stage == "embeddings":
+                report.chunks = meta["chunks"]
+                report.embedded_chunks = meta["embedded_chunks"]
+                report.reused_chunks = meta["reused_chunks"]
+            elif stage == "vector_index":
+                report.points_upserted = meta.get("points_upserted", 0)
+        if not result.success:
+            failures = [e for e in result.all_events if e.is_failure]
+            report.error = failures[0].message if failures else "run failed"
+        reports.append(report)
+    return reports
+
+
+@main.command()
+@click.option("--source", help="Only this source (default: all).")
+@click.option("--shard", help="Only this shard key, e.g. 03 (default: all).")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def sync(ctx: click.Context, source: str | None, shard: str | None, as_json: bool) -> None:
+    """Bring sources up to date now, in this process, recorded in the UI's instance."""
+    import dagster as dg
+
+    from embedding_assets.environment import prepare_dagster_home
+
+    ensure_database()
+    settings = _settings(ctx)
+    prepare_dagster_home()
+    reports: list[ShardReport] = []
+    with dg.DagsterInstance.get() as instance:
+        for name in _sources(settings, source):
+            for report in sync_source(settings, name, shard, instance):
+                reports.append(report)
+                if not as_json:
+                    status = "ok" if report.success else f"FAILED: {report.error}"
+                    click.echo(
+                        f"{report.source}/{report.shard}: {report.rows} rows, "
+                        f"{report.rows_deleted} deleted, {report.chunks} chunks "
+                        f"({report.embedded_chunks} embedded, {report.reused_chunks} reused), "
+                        f"{report.points_upserted} points, {report.seconds}s  {status}"
+                    )
+    if as_json:
+        click.echo(json.dumps([asdict(r) for r in reports]))
+    if not all(r.success for r in reports):
+        sys.exit(1)
+
+
+# -- search ---------------------------------------------------------------------------
+
+
+def search_source(
+    settings: Settings, source: str, text: str, limit: int, backend: str
+) -> list[dict]:
+    """Nearest chunks to `text`: row id, score (cosine similarity), chunk text."""
+    from embedding_assets.environment import database_url, qdrant_path
+    from embedding_assets.runtime import make_embedder, pg_store
+    from embedding_assets.stores.qdrant import open_qdrant_store
+
+    spec = settings.source(source)
+    vector = make_embedder(settings.embedder_for(spec)).embed_query(text)
+    if backend == "pgvector":
+        hits = pg_store(settings, source, database_url()).search(vector, limit)
+        return [
+            {"row_id": h.row_id, "chunk_index": h.chunk_index, "score": h.score, "text": h.text}
+            for h in hits
+        ]
+    store = open_qdrant_store(
+        os.environ.get("QDRANT_URL"), os.environ.get("QDRANT_API_KEY"), qdrant_path()
+    )
+    return [
+        {
+            "row_id": h.payload.get("row_id"),
+            "chunk_index": h.payload.get("chunk_index"),
+            "score": h.score,
+            "text": h.payload.get("text"),
+        }
+        for h in store.search(spec.qdrant_collection, vector, limit)
+    ]
+
+
+@main.command()
+@click.argument("text")
+@click.option("--source", help="Source to search (default: the first one).")
+@click.option("-k", "limit", default=5, show_default=True, type=click.IntRange(1, 1000))
+@click.option("--backend", type=click.Choice(["pgvector", "qdrant"]), default="pgvector")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def search(
+    ctx: click.Context, text: str, source: str | None, limit: int, backend: str, as_json: bool
+) -> None:
+    """Nearest chunks to TEXT, with row id and score."""
+    ensure_database()
+    settings = _settings(ctx)
+    name = _sources(settings, source)[0]
+    hits = search_source(settings, name, text, limit, backend)
+    if as_json:
+        click.echo(json.dumps(hits))
+        return
+    for hit in hits:
+        click.echo(f"{hit['score']:.4f}  {hit['row_id']}  {hit['text']}")
+
+
+# -- status ---------------------------------------------------------------------------
+
+STATUS_FIELDS = (
+    "eligible_rows",
+    "embedded_rows",
+    "pending_rows",
+    "pgvector_chunks",
+    "qdrant_points",
+)
+
+
+def status_report(settings: Settings, source: str) -> dict:
+    """Per source and shard: eligible rows, rows with a current embedding, pending rows,
+    pgvector chunks and Qdrant points."""
+    from embedding_assets.environment import database_url, qdrant_path
+    from embedding_assets.runtime import pg_store
+    from embedding_assets.stores.qdrant import open_qdrant_store
+
+    spec = settings.source(source)
+    store = pg_store(settings, source, database_url())
+    qdrant = open_qdrant_store(
+        os.environ.get("QDRANT_URL"), os.environ.get("QDRANT_API_KEY"), qdrant_path()
+    )
+    work = store.work_by_shard()
+    chunks = store.chunk_counts()
+    shards = {}
+    for index, key in enumerate(spec.shard_keys):
+        shards[key] = {
+            "eligible_rows": work[index].eligible_rows,
+            "embedded_rows": work[index].embedded_rows,
+            "pending_rows": work[index].pending_rows,
+            "pgvector_chunks": chunks.get(index, 0),
+            "qdrant_points": qdrant.count(spec.qdrant_collection, shard=index),
+        }
+    totals = {f: sum(s[f] for s in shards.values()) for f in STATUS_FIELDS}
+    return {
+        "source": source,
+        "pgvector_table": spec.target,
+        "qdrant_collection": spec.qdrant_collection,
+        **totals,
+        "shards": shards,
+    }
+
+
+@main.command()
+@click.option("--source", help="Only this source (default: all).")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def status(ctx: click.Context, source: str | None, as_json: bool) -> None:
+    """Per source and shard: eligible, embedded and pending rows, chunks and points."""
+    ensure_database()
+    settings = _settings(ctx)
+    reports = [status_report(settings, name) for name in _sources(settings, source)]
+    if as_json:
+        click.echo(json.dumps(reports))
+        return
+    for report in reports:
+        click.echo(
+            f"{report['source']} -> {report['pgvector_table']} / "
+            f"qdrant:{report['qdrant_collection']}"
+        )
+        click.echo(f"  {'shard':>5} " + " ".join(f"{f:>15}" for f in STATUS_FIELDS))
+        for key, shard in report["shards"].items():
+            click.echo(f"  {key:>5} " + " ".join(f"{shard[f]:>15}" for f in STATUS_FIELDS))
+        click.echo(f"  {'total':>5} " + " ".join(f"{report[f]:>15}" for f in STATUS_FIELDS))
+
+
+# -- dev ------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=3000, show_default=True, type=int)
+@click.pass_context
+def dev(ctx: click.Context, host: str, port: int) -> None:
+    """Postgres, the demo data, and the Dagster webserver + daemon with the sensors on.
+    Ctrl-C stops everything this command started."""
+    from embedding_assets.demo import load_demo
+    from embedding_assets.environment import prepare_dagster_home, uses_embedded_postgres
+    from embedding_assets.settings import BUNDLED_SOURCES
+    from embedding_assets.stores.db import engine_for
+
+    started_postgres = uses_embedded_postgres() and _embedded().start()
+    url = ensure_database()
+    settings = _settings(ctx)
+    if settings.path == BUNDLED_SOURCES.resolve():
+        rows = load_demo(engine_for(url))
+        click.echo(f"demo source public.pypi_packages: {rows} rows")
+    home = prepare_dagster_home()
+    click.echo(f"Dagster home {home}; UI on http://{host}:{port}")
+    env = {**os.environ, "EMBEDDING_ASSETS_SOURCES": str(settings.path)}
+    command = [
+        sys.executable, "-m", "dagster", "dev",
+        "-w", str(PROJECT_ROOT / "workspace.yaml"), "-h", host, "-p", str(port),
+    ]  # fmt: skip
+    child = subprocess.Popen(command, env=env, cwd=PROJECT_ROOT)
+    try:
+        child.wait()
+    except KeyboardInterrupt:
+        child.send_signal(signal.SIGINT)
+        try:
+            child.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            child.kill()
+    finally:
+        if started_postgres:
+            _embedded().stop()
+            click.echo("stopped embedded Postgres")
+    sys.exit(child.returncode or 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""build_source_defs(spec): the assets, checks, job and sensor of one configured source."""
+
+import time
+from dataclasses import dataclass
+
+import dagster as dg
+
+from embedding_assets.checks import build_checks
+from embedding_assets.core.delta import ChunkedRows, EmbeddedRows, IndexUpdate, PendingRows
+from embedding_assets.core.sharding import shard_index
+from embedding_assets.pipeline import (
+    chunk_rows,
+    effective_max_tokens,
+    embed_chunks,
+    plan_index_update,
+)
+from embedding_assets.resources.embedders import embedder_resource_key
+from embedding_assets.runtime import store_for
+from embedding_assets.sensors import build_sensor
+from embedding_assets.settings import SourceSpec
+
+EMBEDDED_QDRANT_POOL = "qdrant_embedded"
+
+
+@dataclass
+class SourceDefs:
+    assets: list[dg.AssetsDefinition]
+    checks: list[dg.AssetChecksDefinition]
+    job: object  # what dg.define_asset_job returns (resolved when Definitions load)
+    sensor: dg.SensorDefinition
+
+
+def _per_second(count: int, seconds: float) -> float:
+    return round(count / seconds, 1) if seconds > 0 else 0.0
+
+
+def build_source_defs(spec: SourceSpec, qdrant_embedded: bool) -> SourceDefs:
+    name = spec.name
+    shards = dg.StaticPartitionsDefinition(spec.shard_keys)
+    embedder_key = embedder_resource_key(spec.embedder)
+    resources = {"database", embedder_key}
+
+    def context_store(context):
+        embedder = getattr(context.resources, embedder_key).embedder()
+        return store_for(spec, context.resources.database.url, embedder), embedder
+
+    @dg.asset(
+        key=[name, "pending_rows"],
+        group_name=name,
+        kinds={"postgres", "pandas"},
+        partitions_def=shards,
+        io_manager_key="staging_io_manager",
+        required_resource_keys=resources,
+    )
+    def pending_rows(context: dg.AssetExecutionContext) -> PendingRows:
+        """Rows of this shard that need work now: new or changed rows (their text, metadata
+        or the model differs from what is stored) and rows to remove (deleted, or no longer
+        matching `where`). At most `max_rows_per_run`; the sensor asks again for the rest."""
+        started = time.perf_counter()
+        store, _ = context_store(context)
+        pending = store.pending(shard_index(context.partition_key))
+        seconds = time.perf_counter() - started
+        context.add_output_metadata(
+            {
+                "rows": len(pending.rows),
+                "rows_to_delete": len(pending.deleted),
+                "empty_text_rows": pending.empty_rows,
+                "backlog": pending.backlog,
+                "seconds": round(seconds, 3),
+            }
+        )
+        return pending
+
+    @dg.asset(
+        key=[name, "chunks"],
+        group_name=name,
+        kinds={"python", "huggingface"},
+        partitions_def=shards,
+        io_manager_key="staging_io_manager",
+        required_resource_keys=resources,
+    )
+    def chunks(context: dg.AssetExecutionContext, pending_rows: PendingRows) -> ChunkedRows:
+        """Each pending row's text split into chunks of at most `max_tokens` tokens of the
+        embedder's own tokenizer, overlapping by `overlap` tokens, with a content hash per
+        chunk. Rows with NULL or blank text get no chunk."""
+        started = time.perf_counter()
+        _, embedder = context_store(context)
+        chunked = chunk_rows(pending_rows, spec, embedder)
+        seconds = time.perf_counter() - started
+        context.add_output_metadata(
+            {
+                "rows": len(pending_rows.rows),
+                "chunks": len(chunked.chunks),
+                "tokens": chunked.tokens,
+                "max_tokens": effective_max_tokens(spec, embedder),
+                "empty_text_rows": pending_rows.empty_rows,
+                "seconds": round(seconds, 3),
+                "rows_per_second": _per_second(len(pending_rows.rows), seconds),
+            }
+        )
+        return chunked
+
+    @dg.asset(
+        key=[name, "embeddings"],
+        group_name=name,
+        kinds={"pgvector", "pytorch"},
+        partitions_def=shards,
+        io_manager_key="pgvector_io_manager",
+        required_resource_keys=resources,
+    )
+    def embeddings(context: dg.AssetExecutionContext, chunks: ChunkedRows) -> EmbeddedRows:
+        """One vector per chunk, stored in the source's pgvector table. A chunk whose text
+        already has a vector for this model is copied, not re-embedded: only changed
+        chunks cost compute."""
+        started = time.perf_counter()
+        store, embedder = context_store(context)
+        store.ensure_target(embedder.dimension, spec.qdrant_collection)
+        reusable = store.reusable_vectors(chunks.chunks["chunk_hash"].tolist())
+        embedded = embed_chunks(chunks, embedder, reusable)
+        seconds = time.perf_counter() - started
+        rows = len(chunks.pending.rows)
+        context.add_output_metadata(
+            {
+                "model": embedder.model_id,
+                "dimension": embedder.dimension,
+                "rows": rows,
+                "chunks": len(chunks.chunks),
+                "tokens": chunks.tokens,
+                "embedded_chunks": embedded.embedded_chunks,
+                "reused_chunks": embedded.reused_chunks,
+                "seconds": round(seconds, 3),
+                "rows_per_second": _per_second(rows, seconds),
+            }
+        )
+        return embedded
+
+    @dg.asset(
+        key=[name, "vector_index"],
+        group_name=name,
+        kinds={"qdrant"},
+        partitions_def=shards,
+        io_manager_key="qdrant_io_manager",
+        required_resource_keys={*resources, "qdrant"},
+        deps=[embeddings],
+        pool=EMBEDDED_QDRANT_POOL if qdrant_embedded else None,
+    )
+    def vector_index(context: dg.AssetExecutionContext) -> IndexUpdate:
+        """The shard's chunks as points in the source's Qdrant collection (payload: row id,
+        chunk index, text, metadata columns). Planned from what pgvector and the row state
+        hold, not from this run's output, so a crash between the two writes converges."""
+        started = time.perf_counter()
+        store, embedder = context_store(context)
+        update, stats = plan_index_update(
+            spec,
+            store,
+            context.resources.qdrant.store(),
+            shard_index(context.partition_key),
+            embedder.dimension,
+            spec.max_rows_per_run,
+        )
+        seconds = time.perf_counter() - started
+        context.add_output_metadata(
+            {
+                "rows": stats.lag_rows,
+                "reconciled_shard": stats.reconciled,
+                "created_collection": stats.created_collection,
+                "backlog": update.backlog,
+                "seconds_planning": round(seconds, 3),
+            }
+        )
+        return update
+
+    assets = [pending_rows, chunks, embeddings, vector_index]
+    checks = build_checks(spec, shards, embeddings, vector_index, embedder_key)
+    job = dg.define_asset_job(
+        name=f"{name}_sync",
+        selection=dg.AssetSelection.assets(*assets),
+        partitions_def=shards,
+        executor_def=dg.in_process_executor,
+        description=f"Bring one shard of source {name!r} up to date in pgvector and Qdrant.",
+        tags={"embedding_assets/source": name},
+    )
+    sensor = build_sensor(spec, job)
+    return SourceDefs(assets, checks, job, sensor)

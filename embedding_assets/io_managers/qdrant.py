@@ -1,0 +1,53 @@
+import dagster as dg
+import pandas as pd
+
+from embedding_assets.core.delta import IndexUpdate
+from embedding_assets.core.sharding import shard_index
+from embedding_assets.pipeline import apply_index_update
+from embedding_assets.resources.database import DatabaseResource
+from embedding_assets.resources.qdrant import QdrantResource
+from embedding_assets.runtime import pg_store
+from embedding_assets.settings import load_settings
+
+
+class QdrantIOManager(dg.ConfigurableIOManager):
+    """Applies a shard's index update to the source's Qdrant collection (upserts, deletes)
+    and records in Postgres what Qdrant now holds."""
+
+    database: DatabaseResource
+    qdrant: QdrantResource
+    sources_file: str
+
+    def handle_output(self, context: dg.OutputContext, obj: IndexUpdate) -> None:
+        settings = load_settings(self.sources_file)
+        spec = settings.source(context.asset_key.path[0])
+        store = pg_store(settings, spec.name, self.database.url)
+        apply_index_update(spec, store, self.qdrant.store(), obj)
+        context.add_output_metadata(
+            {
+                "qdrant_collection": spec.qdrant_collection,
+                "qdrant": "server" if self.qdrant.url else "embedded",
+                "points_upserted": len(obj.upserts),
+                "points_deleted": len(obj.deletes),
+                "rows_synced": len(obj.synced),
+            }
+        )
+
+    def load_input(self, context: dg.InputContext) -> pd.DataFrame:
+        """The shard's points as (id, row_id, chunk_index, text) rows."""
+        settings = load_settings(self.sources_file)
+        spec = settings.source(context.asset_key.path[0])
+        store = pg_store(settings, spec.name, self.database.url)
+        ids = store.stored_chunks(shard_index(context.partition_key))["point_id"].tolist()
+        hits = self.qdrant.store().retrieve(spec.qdrant_collection, ids)
+        return pd.DataFrame(
+            [
+                {
+                    "point_id": h.id,
+                    "row_id": h.payload.get("row_id"),
+                    "chunk_index": h.payload.get("chunk_index"),
+                    "text": h.payload.get("text"),
+                }
+                for h in hits
+            ]
+        )

@@ -1,0 +1,32 @@
+"""Builds the plain objects a source needs (embedder, pgvector store) from settings.
+
+Shared by resources, IO managers, the sensor, checks and the CLI, so all of them agree on
+the model id and pipeline version of a source.
+"""
+
+import functools
+
+from embedding_assets.embedders.base import Embedder
+from embedding_assets.settings import EmbedderSpec, Settings, SourceSpec
+from embedding_assets.stores.db import engine_for
+from embedding_assets.stores.pgvector import PgVectorStore, pipeline_version
+
+
+@functools.cache
+def make_embedder(spec: EmbedderSpec) -> Embedder:
+    """One embedder per spec and process: the model loads once, lazily, on first embed."""
+    from embedding_assets.embedders.sentence_transformers import SentenceTransformerEmbedder
+
+    return SentenceTransformerEmbedder(
+        model=spec.model, device=spec.device, batch_size=spec.batch_size
+    )
+
+
+def store_for(spec: SourceSpec, database_url: str, embedder: Embedder) -> PgVectorStore:
+    version = pipeline_version(embedder.model_id, spec.chunking.max_tokens, spec.chunking.overlap)
+    return PgVectorStore(engine_for(database_url), spec, embedder.model_id, version)
+
+
+def pg_store(settings: Settings, source: str, database_url: str) -> PgVectorStore:
+    spec = settings.source(source)
+    return store_for(spec, database_url, make_embedder(settings.embedder_for(spec)))

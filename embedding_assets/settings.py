@@ -1,0 +1,227 @@
+"""Pydantic specs for sources.yaml and its loader.
+
+A sources file declares embedders (how to turn text into vectors) and sources (which rows
+of which table or query to keep embedded, and where the vectors go).
+"""
+
+import os
+import string
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+BUNDLED_SOURCES = Path(__file__).parent / "data" / "sources.yaml"
+SOURCES_ENV = "EMBEDDING_ASSETS_SOURCES"
+
+# Columns the pgvector table uses for itself; metadata columns may not reuse them.
+RESERVED_COLUMNS = frozenset(
+    {
+        "point_id",
+        "row_id",
+        "shard",
+        "chunk_index",
+        "chunk_text",
+        "chunk_hash",
+        "token_count",
+        "model",
+        "embedding",
+        "updated_at",
+    }
+)
+
+
+class _Spec(BaseModel):
+    # A typo in sources.yaml must fail loudly, not be ignored.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SentenceTransformersEmbedderSpec(_Spec):
+    """A local sentence-transformers model, loaded offline in the run's process."""
+
+    provider: Literal["sentence_transformers"]
+    model: str = "all-MiniLM-L6-v2"
+    device: str | None = None
+    batch_size: int = Field(default=32, ge=1, le=4096)
+
+
+EmbedderSpec = SentenceTransformersEmbedderSpec
+
+
+class ChunkingSpec(_Spec):
+    max_tokens: int = Field(default=256, ge=8)
+    overlap: int = Field(default=32, ge=0)
+
+    @model_validator(mode="after")
+    def _overlap_below_max(self) -> "ChunkingSpec":
+        if self.overlap >= self.max_tokens:
+            raise ValueError(
+                f"chunking.overlap ({self.overlap}) must be smaller than chunking.max_tokens "
+                f"({self.max_tokens}); lower the overlap"
+            )
+        return self
+
+
+class PgvectorSpec(_Spec):
+    table: str | None = None
+
+
+class QdrantSpec(_Spec):
+    collection: str | None = None
+
+
+def template_fields(template: str) -> list[str]:
+    """The column names a `{column}` text template uses, in order of first use."""
+    fields: list[str] = []
+    for _, field, spec, conversion in string.Formatter().parse(template):
+        if field is None:
+            continue
+        if not field or spec or conversion or not field.isidentifier():
+            raise ValueError(
+                f"text template field {{{field}{'!' + conversion if conversion else ''}"
+                f"{':' + spec if spec else ''}}} is not a plain column name; write {{column}}"
+            )
+        if field not in fields:
+            fields.append(field)
+    if not fields:
+        raise ValueError(f"text template {template!r} uses no column; write e.g. '{{title}}'")
+    return fields
+
+
+def split_qualified(name: str, default_schema: str = "public") -> tuple[str, str]:
+    parts = name.split(".")
+    if len(parts) == 1:
+        return default_schema, parts[0]
+    if len(parts) == 2 and all(parts):
+        return parts[0], parts[1]
+    raise ValueError(f"{name!r} is not a table name; write table or schema.table")
+
+
+class SourceSpec(_Spec):
+    """One table (or query) whose rows are kept embedded."""
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]{0,47}$")
+    table: str | None = None
+    query: str | None = None
+    id_column: str = "id"
+    text: str
+    where: str | None = None
+    metadata: list[str] = Field(default_factory=list)
+    embedder: str = "local"
+    shards: int = Field(default=8, ge=1, le=256)
+    max_rows_per_run: int = Field(default=20_000, ge=1)
+    sensor_interval_seconds: int = Field(default=30, ge=1)
+    chunking: ChunkingSpec = ChunkingSpec()
+    pgvector: PgvectorSpec = PgvectorSpec()
+    qdrant: QdrantSpec = QdrantSpec()
+
+    @field_validator("text")
+    @classmethod
+    def _template_is_valid(cls, value: str) -> str:
+        template_fields(value)
+        return value
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_columns_free(cls, value: list[str]) -> list[str]:
+        clash = sorted(RESERVED_COLUMNS.intersection(value))
+        if clash:
+            raise ValueError(
+                f"metadata columns {clash} clash with columns the pgvector table uses itself; "
+                "alias them in a `query:` (e.g. SELECT model AS model_name ...)"
+            )
+        if len(set(value)) != len(value):
+            raise ValueError(f"metadata lists a column twice: {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _table_or_query(self) -> "SourceSpec":
+        if (self.table is None) == (self.query is None):
+            raise ValueError(f"source {self.name!r}: give exactly one of `table:` or `query:`")
+        if self.table is not None:
+            split_qualified(self.table)
+        return self
+
+    @property
+    def text_columns(self) -> list[str]:
+        return template_fields(self.text)
+
+    @property
+    def pg_table(self) -> tuple[str, str]:
+        """(schema, table) of the pgvector table: configured, else <schema>.<name>_embeddings."""
+        if self.pgvector.table:
+            return split_qualified(self.pgvector.table)
+        schema = split_qualified(self.table)[0] if self.table else "public"
+        return schema, f"{self.name}_embeddings"
+
+    @property
+    def target(self) -> str:
+        """Stable key of the pgvector table that identifies this source's stored state."""
+        schema, table = self.pg_table
+        return f"{schema}.{table}"
+
+    @property
+    def qdrant_collection(self) -> str:
+        return self.qdrant.collection or self.name
+
+    @property
+    def shard_keys(self) -> list[str]:
+        width = max(2, len(str(self.shards - 1)))
+        return [str(i).zfill(width) for i in range(self.shards)]
+
+
+class Settings(_Spec):
+    embedders: dict[str, EmbedderSpec] = Field(default_factory=dict)
+    sources: list[SourceSpec]
+    path: Path | None = None
+
+    @model_validator(mode="after")
+    def _references_resolve(self) -> "Settings":
+        names = [s.name for s in self.sources]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"source names must be unique; repeated: {dupes}")
+        for source in self.sources:
+            if source.embedder not in self.embedders:
+                raise ValueError(
+                    f"source {source.name!r} uses embedder {source.embedder!r}, which is not "
+                    f"declared under `embedders:` (declared: {sorted(self.embedders)})"
+                )
+        targets = [s.target for s in self.sources]
+        if len(set(targets)) != len(targets):
+            raise ValueError(f"two sources write the same pgvector table: {targets}")
+        return self
+
+    def source(self, name: str) -> SourceSpec:
+        for spec in self.sources:
+            if spec.name == name:
+                return spec
+        raise KeyError(f"no source named {name!r}; sources: {[s.name for s in self.sources]}")
+
+    def embedder_for(self, source: SourceSpec) -> EmbedderSpec:
+        return self.embedders[source.embedder]
+
+
+class SettingsError(ValueError):
+    """sources.yaml is missing or invalid; the message names the file and the problem."""
+
+
+def sources_path() -> Path:
+    return Path(os.environ.get(SOURCES_ENV) or BUNDLED_SOURCES)
+
+
+def load_settings(path: Path | str | None = None) -> Settings:
+    path = Path(path) if path else sources_path()
+    if not path.is_file():
+        raise SettingsError(f"sources file {path} does not exist; set {SOURCES_ENV} to a YAML file")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise SettingsError(f"{path} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise SettingsError(f"{path} must hold a mapping with `embedders:` and `sources:`")
+    try:
+        return Settings.model_validate({**raw, "path": path.resolve()})
+    except ValidationError as exc:
+        raise SettingsError(f"{path} is invalid:\n{exc}") from exc

@@ -1,0 +1,104 @@
+"""SQL over a configured source: its eligible rows, composed text and content hash.
+
+The text template is composed in SQL, so finding pending rows is one query joining the
+source with the stored row state, and Python receives exactly the text that was hashed.
+Only `query:` and `where:` are raw SQL: they are trusted configuration.
+"""
+
+import string
+
+from embedding_assets.core.sharding import shard_sql
+from embedding_assets.settings import SourceSpec, split_qualified
+
+
+def quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def quote_table(qualified: tuple[str, str]) -> str:
+    return f"{quote_ident(qualified[0])}.{quote_ident(qualified[1])}"
+
+
+def quote_literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def raw_sql(fragment: str) -> str:
+    """User SQL placed inside sqlalchemy.text(): escape colons so `:x` is not a bind param."""
+    return fragment.replace(":", r"\:")
+
+
+def meta_alias(index: int) -> str:
+    # Metadata columns travel under fixed aliases so no user name can clash with ours.
+    return f"m_{index}"
+
+
+class SourceSql:
+    def __init__(self, spec: SourceSpec):
+        self.spec = spec
+
+    @property
+    def relation(self) -> str:
+        if self.spec.table:
+            return f"{quote_table(split_qualified(self.spec.table))} AS s"
+        return f"({raw_sql(self.spec.query or '')}) AS s"
+
+    def column(self, name: str) -> str:
+        return f"s.{quote_ident(name)}"
+
+    def doc_expr(self) -> str:
+        """concat() of the template's literals and columns; NULL columns read as ''."""
+        parts: list[str] = []
+        for literal, field, _, _ in string.Formatter().parse(self.spec.text):
+            if literal:
+                parts.append(raw_sql(quote_literal(literal)))
+            if field:
+                parts.append(f"CAST({self.column(field)} AS text)")
+        return f"concat({', '.join(parts)})"
+
+    def is_empty_expr(self) -> str:
+        """True when every template column is NULL or blank: such a row gets no vector."""
+        checks = [
+            f"coalesce(btrim(CAST({self.column(c)} AS text)), '') = ''"
+            for c in self.spec.text_columns
+        ]
+        return "(" + " AND ".join(checks) + ")"
+
+    def meta_select(self) -> str:
+        return "".join(
+            f", {self.column(c)} AS {meta_alias(i)}" for i, c in enumerate(self.spec.metadata)
+        )
+
+    def meta_json(self) -> str:
+        cols = ", ".join(self.column(c) for c in self.spec.metadata)
+        return f"CAST(jsonb_build_array({cols}) AS text)"
+
+    def rows(self, shard: int | None = None) -> str:
+        """SELECT of eligible rows: row_id, shard, doc, is_empty, content_hash, m_0..m_n.
+
+        content_hash covers the composed text and the metadata values, so a metadata change
+        rewrites the row (its chunks are reused, so it costs no embedding).
+        """
+        id_col = self.column(self.spec.id_column)
+        where = f"WHERE {id_col} IS NOT NULL"
+        if self.spec.where:
+            where += f" AND ({raw_sql(self.spec.where)})"
+        inner = (
+            f"SELECT CAST({id_col} AS text) AS row_id, "
+            f"{self.doc_expr()} AS doc, {self.is_empty_expr()} AS is_empty, "
+            f"{self.meta_json()} AS meta_json{self.meta_select()} "
+            f"FROM {self.relation} {where}"
+        )
+        metas = "".join(f", r.{meta_alias(i)}" for i in range(len(self.spec.metadata)))
+        shard_expr = shard_sql("r.row_id", self.spec.shards)
+        shard_filter = f"WHERE {shard_expr} = {int(shard)}" if shard is not None else ""
+        return (
+            f"SELECT r.row_id, {shard_expr} AS shard, r.doc, r.is_empty, "
+            f"md5(r.doc || chr(31) || r.meta_json) AS content_hash{metas} "
+            f"FROM ({inner}) AS r {shard_filter}"
+        )
+
+    def metadata_probe(self) -> str:
+        """A query returning no rows whose columns carry the metadata columns' types."""
+        cols = ", ".join(self.column(c) for c in self.spec.metadata) or "1"
+        return f"SELECT {cols} FROM {self.relation} LIMIT 0"
