@@ -201,9 +201,8 @@ def search_source(
     settings: Settings, source: str, text: str, limit: int, backend: str
 ) -> list[dict]:
     """Nearest chunks to `text`: row id, score (cosine similarity), chunk text."""
-    from embedding_assets.environment import database_url, qdrant_path
-    from embedding_assets.runtime import make_embedder, pg_store
-    from embedding_assets.stores.qdrant import open_qdrant_store
+    from embedding_assets.environment import database_url
+    from embedding_assets.runtime import make_embedder, pg_store, qdrant_store_from_env
 
     spec = settings.source(source)
     vector = make_embedder(settings.embedder_for(spec)).embed_query(text)
@@ -213,9 +212,6 @@ def search_source(
             {"row_id": h.row_id, "chunk_index": h.chunk_index, "score": h.score, "text": h.text}
             for h in hits
         ]
-    store = open_qdrant_store(
-        os.environ.get("QDRANT_URL"), os.environ.get("QDRANT_API_KEY"), qdrant_path()
-    )
     return [
         {
             "row_id": h.payload.get("row_id"),
@@ -223,7 +219,7 @@ def search_source(
             "score": h.score,
             "text": h.payload.get("text"),
         }
-        for h in store.search(spec.qdrant_collection, vector, limit)
+        for h in qdrant_store_from_env().search(spec.qdrant_collection, vector, limit)
     ]
 
 
@@ -263,15 +259,12 @@ STATUS_FIELDS = (
 def status_report(settings: Settings, source: str) -> dict:
     """Per source and shard: eligible rows, rows with a current embedding, pending rows,
     pgvector chunks and Qdrant points."""
-    from embedding_assets.environment import database_url, qdrant_path
-    from embedding_assets.runtime import pg_store
-    from embedding_assets.stores.qdrant import open_qdrant_store
+    from embedding_assets.environment import database_url
+    from embedding_assets.runtime import pg_store, qdrant_store_from_env
 
     spec = settings.source(source)
     store = pg_store(settings, source, database_url())
-    qdrant = open_qdrant_store(
-        os.environ.get("QDRANT_URL"), os.environ.get("QDRANT_API_KEY"), qdrant_path()
-    )
+    qdrant = qdrant_store_from_env()
     work = store.work_by_shard()
     chunks = store.chunk_counts()
     shards = {}

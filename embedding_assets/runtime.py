@@ -5,11 +5,14 @@ the model id and pipeline version of a source.
 """
 
 import functools
+import os
+from pathlib import Path
 
 from embedding_assets.embedders.base import Embedder
 from embedding_assets.settings import EmbedderSpec, Settings, SourceSpec
 from embedding_assets.stores.db import engine_for
 from embedding_assets.stores.pgvector import PgVectorStore, pipeline_version
+from embedding_assets.stores.qdrant import QdrantStore, open_qdrant_store
 
 
 @functools.cache
@@ -30,3 +33,17 @@ def store_for(spec: SourceSpec, database_url: str, embedder: Embedder) -> PgVect
 def pg_store(settings: Settings, source: str, database_url: str) -> PgVectorStore:
     spec = settings.source(source)
     return store_for(spec, database_url, make_embedder(settings.embedder_for(spec)))
+
+
+@functools.cache
+def qdrant_store(url: str | None, api_key: str | None, embedded_path: str) -> QdrantStore:
+    """One store per configuration and process (an in-memory client keeps its points)."""
+    return open_qdrant_store(url or None, api_key or None, Path(embedded_path))
+
+
+def qdrant_store_from_env() -> QdrantStore:
+    from embedding_assets.environment import qdrant_path
+
+    return qdrant_store(
+        os.environ.get("QDRANT_URL"), os.environ.get("QDRANT_API_KEY"), str(qdrant_path())
+    )

@@ -1,14 +1,7 @@
-import functools
-from pathlib import Path
-
 import dagster as dg
 
-from embedding_assets.stores.qdrant import QdrantStore, open_qdrant_store
-
-
-@functools.cache
-def _store(url: str | None, api_key: str | None, embedded_path: str) -> QdrantStore:
-    return open_qdrant_store(url, api_key, Path(embedded_path))
+from embedding_assets.runtime import qdrant_store
+from embedding_assets.stores.qdrant import QdrantStore
 
 
 class QdrantResource(dg.ConfigurableResource):
@@ -18,9 +11,5 @@ class QdrantResource(dg.ConfigurableResource):
     api_key: str | None = None
     embedded_path: str
 
-    @property
-    def embedded(self) -> bool:
-        return not self.url
-
     def store(self) -> QdrantStore:
-        return _store(self.url or None, self.api_key or None, self.embedded_path)
+        return qdrant_store(self.url, self.api_key, self.embedded_path)

@@ -42,7 +42,8 @@ def ensure_pgvector(engine: sa.Engine) -> None:
             raise PgvectorMissingError(
                 f"the database {redact(engine.url.render_as_string(hide_password=False))} has no "
                 "pgvector extension and this role cannot create it "
-                f"({exc.orig.__class__.__name__}: {str(exc.orig).strip()}). Install pgvector on "
+                f"({exc.orig.__class__.__name__}: {' '.join(str(exc.orig).split())}). "
+                "Install pgvector on "
                 "that server (https://github.com/pgvector/pgvector) and run "
                 "`CREATE EXTENSION vector;` as a superuser, or unset DATABASE_URL to use the "
                 "embedded Postgres."

@@ -127,8 +127,18 @@ class QdrantStore(Protocol):
     def close(self) -> None: ...
 
 
+IN_MEMORY = ":memory:"
+
+
 def open_qdrant_store(url: str | None, api_key: str | None, embedded_root: Path) -> QdrantStore:
-    """A server store when ``url`` is set (``QDRANT_URL``), else the embedded engine."""
+    """A server store when ``url`` is set (``QDRANT_URL``), else the embedded engine.
+
+    ``:memory:`` is qdrant-client's in-process mode: the server code path without a server,
+    living as long as the process (tests, trying things out)."""
+    if url == IN_MEMORY:
+        from qdrant_client import QdrantClient
+
+        return ServerQdrantStore(QdrantClient(location=IN_MEMORY), description=IN_MEMORY)
     if url:
         return ServerQdrantStore.from_url(url, api_key)
     return EmbeddedQdrantStore(embedded_root)

@@ -7,9 +7,8 @@ import sqlalchemy as sa
 
 from embedding_assets.core.sharding import shard_of
 from embedding_assets.embedders.sentence_transformers import SentenceTransformerEmbedder
-from embedding_assets.runtime import make_embedder, pg_store
+from embedding_assets.runtime import make_embedder, pg_store, qdrant_store_from_env
 from embedding_assets.stores.db import engine_for
-from embedding_assets.stores.qdrant import open_qdrant_store
 from embedding_assets_tests.integration.helpers import (
     create_docs_table,
     materialization_metadata,
@@ -46,19 +45,13 @@ def stored_state(url: str, settings, source: str) -> dict:
                 f" updated_at FROM {store.table} ORDER BY point_id"
             )
         ).fetchall()
-    qdrant = open_qdrant_store(None, None, _qdrant_root())
+    qdrant = qdrant_store_from_env()
     points = qdrant.retrieve(spec.qdrant_collection, [r[0] for r in rows])
     return {
         "pgvector": [tuple(r) for r in rows],
         "qdrant_ids": sorted(p.id for p in points),
         "qdrant_count": qdrant.count(spec.qdrant_collection),
     }
-
-
-def _qdrant_root():
-    from embedding_assets.environment import qdrant_path
-
-    return qdrant_path()
 
 
 @pytest.fixture
@@ -163,7 +156,7 @@ def test_update_reuses_unchanged_chunks_and_deletes_leave_both_sinks(
     assert {r[4] for r in state["pgvector"] if r[1] == "7"} == {"tools"}
     assert state["qdrant_ids"] == sorted(r[0] for r in state["pgvector"])
     assert state["qdrant_count"] == len(state["pgvector"])
-    qdrant = open_qdrant_store(None, None, _qdrant_root())
+    qdrant = qdrant_store_from_env()
     hits = qdrant.retrieve(
         settings.source(name).qdrant_collection, [r[0] for r in state["pgvector"] if r[1] == "7"]
     )
@@ -227,7 +220,7 @@ def test_crash_between_pgvector_and_qdrant_converges(postgres, home, tmp_path, i
     assert not store.work_by_shard()[0].has_work
 
     # Qdrant loses points behind our back: the next run notices and resends them.
-    qdrant = open_qdrant_store(None, None, _qdrant_root())
+    qdrant = qdrant_store_from_env()
     qdrant.delete(settings.source(name).qdrant_collection, state["qdrant_ids"][:5])
     result = sync_shards(settings, name, instance)["00"]
     assert materialization_metadata(result, "vector_index")["reconciled_shard"] is True
@@ -243,3 +236,54 @@ def test_model_id_is_stored_with_every_vector(postgres, home, tmp_path, instance
     with engine_for(postgres).connect() as conn:
         models = conn.scalars(sa.text(f"SELECT DISTINCT model FROM {store.table}")).all()
     assert models == [SentenceTransformerEmbedder().model_id]
+
+
+def test_qdrant_client_code_path_in_memory(postgres, home, tmp_path, instance, monkeypatch):
+    """QDRANT_URL selects the qdrant-client store; `:memory:` runs that code path in-process."""
+    from embedding_assets.cli import search_source
+    from embedding_assets.stores.qdrant import ServerQdrantStore
+
+    monkeypatch.setenv("QDRANT_URL", ":memory:")
+    assert isinstance(qdrant_store_from_env(), ServerQdrantStore)
+    name = unique_name()
+    create_docs_table(postgres, name, docs(25))
+    settings = write_settings(tmp_path, name, name, shards="2")
+    assert all(r.success for r in sync_shards(settings, name, instance).values())
+    state = stored_state(postgres, settings, name)
+    assert state["qdrant_count"] == 25
+    assert state["qdrant_ids"] == sorted(r[0] for r in state["pgvector"])
+    with engine_for(postgres).begin() as conn:
+        conn.execute(sa.text(f"DELETE FROM {name} WHERE id <= 5"))
+    sync_shards(settings, name, instance)
+    assert stored_state(postgres, settings, name)["qdrant_count"] == 20
+    hits = search_source(settings, name, "Package 9: A library number 9 for juliet", 3, "qdrant")
+    assert hits[0]["row_id"] == "9"
+
+
+def test_text_and_uuid_keys_and_sql_sharding_matches_python(postgres, home, tmp_path, instance):
+    """Rows keyed by text or uuid land in the shard Python computes for them."""
+    import uuid
+
+    name = unique_name()
+    ids = [str(uuid.UUID(int=i * 7919)) for i in range(1, 31)]
+    with engine_for(postgres).begin() as conn:
+        conn.execute(sa.text(f"CREATE TABLE {name} (id uuid PRIMARY KEY, title text, body text)"))
+        conn.execute(
+            sa.text(f"INSERT INTO {name} VALUES (CAST(:id AS uuid), :t, :b)"),
+            [{"id": i, "t": f"T {i}", "b": "body"} for i in ids],
+        )
+    path = tmp_path / "uuid.yaml"
+    path.write_text(
+        "embedders: {local: {provider: sentence_transformers}}\n"
+        f"sources: [{{name: {name}, table: {name}, text: '{{title}} {{body}}', shards: 5}}]\n"
+    )
+    from embedding_assets.settings import load_settings
+
+    settings = load_settings(path)
+    sync_shards(settings, name, instance)
+    with engine_for(postgres).connect() as conn:
+        stored = conn.execute(
+            sa.text(f"SELECT row_id, shard FROM public.{name}_embeddings")
+        ).fetchall()
+    assert sorted(r.row_id for r in stored) == sorted(ids)
+    assert all(r.shard == shard_of(r.row_id, 5) for r in stored)

@@ -1,0 +1,85 @@
+"""The sensor asks for exactly the shards with work, once per piece of work."""
+
+import dagster as dg
+import pytest
+import sqlalchemy as sa
+
+from embedding_assets.core.sharding import shard_of
+from embedding_assets.definitions import build_definitions
+from embedding_assets.stores.db import engine_for
+from embedding_assets_tests.integration.helpers import (
+    create_docs_table,
+    sync_shards,
+    unique_name,
+    write_settings,
+)
+
+pytestmark = pytest.mark.integration
+
+
+def evaluate(defs: dg.Definitions, name: str, instance: dg.DagsterInstance):
+    sensor = defs.resolve_sensor_def(f"{name}_changes")
+    with dg.build_sensor_context(
+        instance=instance,
+        resources=defs.resources,
+        definitions=defs,
+    ) as context:
+        return sensor.evaluate_tick(context)
+
+
+def test_sensor_requests_only_shards_with_work_and_never_twice(postgres, home, tmp_path):
+    name = unique_name()
+    rows = [{"id": i, "title": f"T{i}", "body": "text"} for i in range(1, 21)]
+    create_docs_table(postgres, name, rows)
+    settings = write_settings(tmp_path, name, name, shards="8")
+    defs = build_definitions(settings)
+    keys = settings.source(name).shard_keys
+    with dg.DagsterInstance.ephemeral() as instance:
+        first = evaluate(defs, name, instance)
+        expected = sorted({keys[shard_of(str(i), 8)] for i in range(1, 21)})
+        assert sorted(r.partition_key for r in first.run_requests) == expected
+        assert len({r.run_key for r in first.run_requests}) == len(expected)
+
+        # Same outstanding work: the same run keys, which Dagster never launches twice.
+        again = evaluate(defs, name, instance)
+        assert {r.run_key for r in again.run_requests} == {r.run_key for r in first.run_requests}
+
+        sync_shards(settings, name, instance)
+        idle = evaluate(defs, name, instance)
+        assert not idle.run_requests
+        assert "nothing pending" in idle.skip_message
+
+        # One changed row: one run for its shard, under a new run key.
+        with engine_for(postgres).begin() as conn:
+            conn.execute(sa.text(f"UPDATE {name} SET body = 'changed' WHERE id = 4"))
+        changed = evaluate(defs, name, instance)
+        assert [r.partition_key for r in changed.run_requests] == [keys[shard_of("4", 8)]]
+        assert changed.run_requests[0].run_key not in {r.run_key for r in first.run_requests}
+
+        # The row changes back to an earlier text: still new work, still a new key.
+        sync_shards(settings, name, instance, [keys[shard_of("4", 8)]])
+        with engine_for(postgres).begin() as conn:
+            conn.execute(sa.text(f"UPDATE {name} SET body = 'text' WHERE id = 4"))
+        reverted = evaluate(defs, name, instance)
+        assert len(reverted.run_requests) == 1
+        assert reverted.run_requests[0].run_key not in {
+            r.run_key for r in [*first.run_requests, *changed.run_requests]
+        }
+
+
+def test_sensor_skips_a_shard_whose_run_is_in_flight(postgres, home, tmp_path):
+    name = unique_name()
+    create_docs_table(postgres, name, [{"id": 1, "title": "one", "body": "text"}])
+    settings = write_settings(tmp_path, name, name, shards="2")
+    defs = build_definitions(settings)
+    key = settings.source(name).shard_keys[shard_of("1", 2)]
+    with dg.DagsterInstance.ephemeral() as instance:
+        job = defs.resolve_job_def(f"{name}_sync")
+        instance.create_run_for_job(
+            job_def=job,
+            status=dg.DagsterRunStatus.STARTED,
+            tags={"dagster/partition": key},
+        )
+        result = evaluate(defs, name, instance)
+        assert not result.run_requests
+        assert key in result.skip_message
