@@ -1,0 +1,38 @@
+# Two commands for a fresh clone:  make dev  (set up + run everything)  and  make test.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install dev test lint format benchmark clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# The CPU wheel of torch first: otherwise sentence-transformers pulls the newest CUDA build.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## Embedded Postgres + demo data + Dagster UI/daemon on http://127.0.0.1:3000 (Ctrl-C stops all).
+dev: install
+	$(BIN)/embedding-assets dev
+
+## Lint, then the whole test suite (what CI runs).
+test: install
+	$(BIN)/ruff check embedding_assets embedding_assets_tests benchmarks
+	$(BIN)/ruff format --check embedding_assets embedding_assets_tests benchmarks
+	$(BIN)/pytest
+
+format: install
+	$(BIN)/ruff format embedding_assets embedding_assets_tests benchmarks
+	$(BIN)/ruff check --fix embedding_assets embedding_assets_tests benchmarks
+
+## Figures, not assertions: a full sync of the demo source, per stage.
+benchmark: install
+	$(BIN)/python benchmarks/sync_demo.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache
