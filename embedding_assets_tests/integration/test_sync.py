@@ -287,3 +287,22 @@ def test_text_and_uuid_keys_and_sql_sharding_matches_python(postgres, home, tmp_
         ).fetchall()
     assert sorted(r.row_id for r in stored) == sorted(ids)
     assert all(r.shard == shard_of(r.row_id, 5) for r in stored)
+
+
+def test_model_or_chunking_change_is_handled_without_mixing(postgres, home, tmp_path, instance):
+    """A chunking change makes every row pending; another model is refused for the table."""
+    from embedding_assets.stores.pgvector import ModelMismatchError, PgVectorStore
+
+    name = unique_name()
+    create_docs_table(postgres, name, docs(6))
+    settings = write_settings(tmp_path, name, name, shards="1")
+    sync_shards(settings, name, instance)
+    rechunked = write_settings(
+        tmp_path, name, name, shards="1", chunking="{max_tokens: 32, overlap: 4}"
+    )
+    assert pg_store(rechunked, name, postgres).work_by_shard()[0].pending_rows == 6
+
+    spec = settings.source(name)
+    other = PgVectorStore(engine_for(postgres), spec, "sentence_transformers:other", "v")
+    with pytest.raises(ModelMismatchError, match="One table holds one model"):
+        other.ensure_target(384, spec.qdrant_collection)
