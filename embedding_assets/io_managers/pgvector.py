@@ -1,3 +1,5 @@
+import time
+
 import dagster as dg
 import pandas as pd
 
@@ -22,7 +24,9 @@ class PgVectorIOManager(dg.ConfigurableIOManager):
 
     def handle_output(self, context: dg.OutputContext, obj: EmbeddedRows) -> None:
         store = self._store(context)
+        started = time.perf_counter()
         stats = store.write(obj)
+        seconds = time.perf_counter() - started
         context.add_output_metadata(
             {
                 "pgvector_table": store.target,
@@ -30,6 +34,7 @@ class PgVectorIOManager(dg.ConfigurableIOManager):
                 "chunks_written": stats.chunks_written,
                 "rows_deleted": stats.rows_deleted,
                 "rows_skipped_newer_write": stats.rows_skipped_stale,
+                "seconds_writing": round(seconds, 3),
             }
         )
 

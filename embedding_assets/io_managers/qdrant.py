@@ -1,3 +1,5 @@
+import time
+
 import dagster as dg
 import pandas as pd
 
@@ -22,7 +24,9 @@ class QdrantIOManager(dg.ConfigurableIOManager):
         settings = load_settings(self.sources_file)
         spec = settings.source(context.asset_key.path[0])
         store = pg_store(settings, spec.name, self.database.url)
+        started = time.perf_counter()
         apply_index_update(spec, store, self.qdrant.store(), obj)
+        seconds = time.perf_counter() - started
         context.add_output_metadata(
             {
                 "qdrant_collection": spec.qdrant_collection,
@@ -30,6 +34,7 @@ class QdrantIOManager(dg.ConfigurableIOManager):
                 "points_upserted": len(obj.upserts),
                 "points_deleted": len(obj.deletes),
                 "rows_synced": len(obj.synced),
+                "seconds_writing": round(seconds, 3),
             }
         )
 
