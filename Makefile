@@ -20,8 +20,12 @@ install: $(STAMP)
 dev: install
 	$(BIN)/embedding-assets dev
 
+# infinity-emb in its own environment: a third-party OpenAI-compatible server for the tests.
+.venv-infinity/bin/infinity_emb:
+	PYTHON=$(PYTHON) scripts/install-infinity.sh
+
 ## Lint, then the whole test suite (what CI runs).
-test: install
+test: install .venv-infinity/bin/infinity_emb
 	$(BIN)/ruff check embedding_assets embedding_assets_tests benchmarks
 	$(BIN)/ruff format --check embedding_assets embedding_assets_tests benchmarks
 	$(BIN)/pytest
@@ -35,4 +39,4 @@ benchmark: install
 	$(BIN)/python benchmarks/sync_demo.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .venv-infinity .pytest_cache .ruff_cache

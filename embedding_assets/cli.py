@@ -171,13 +171,17 @@ def sync(ctx: click.Context, source: str | None, shard: str | None, as_json: boo
     import dagster as dg
 
     from embedding_assets.environment import prepare_dagster_home
+    from embedding_assets.pools import apply_pool_limits, pool_limits
 
     ensure_database()
     settings = _settings(ctx)
+    names = _sources(settings, source)
+    require_reachable_embedders(settings, names)
     prepare_dagster_home()
     reports: list[ShardReport] = []
     with dg.DagsterInstance.get() as instance:
-        for name in _sources(settings, source):
+        apply_pool_limits(instance, pool_limits(settings, not os.environ.get("QDRANT_URL")))
+        for name in names:
             for report in sync_source(settings, name, shard, instance):
                 reports.append(report)
                 if not as_json:
@@ -192,6 +196,38 @@ def sync(ctx: click.Context, source: str | None, shard: str | None, as_json: boo
         click.echo(json.dumps([asdict(r) for r in reports]))
     if not all(r.success for r in reports):
         sys.exit(1)
+
+
+def require_reachable_embedders(settings: Settings, sources: list[str]) -> None:
+    """Fail in a second, not after minutes of retries, when no endpoint of a remote
+    embedder accepts connections (the usual cause: the local worker is not running)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    for name in sources:
+        spec = settings.embedder_for(settings.source(name))
+        urls = getattr(spec, "base_urls", ())
+        if not urls:
+            continue
+        for url in urls:
+            parts = urlsplit(url)
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+            try:
+                socket.create_connection((parts.hostname, port), timeout=3).close()
+                break
+            except OSError:
+                continue
+        else:
+            hint = (
+                " Start the local inference worker with `embedding-assets serve` "
+                "(`make dev` starts it)."
+                if any(worker_url() == u for u in urls)
+                else ""
+            )
+            raise click.ClickException(
+                f"source {name!r} embeds through {', '.join(urls)}, and none of them accepts "
+                f"connections.{hint}"
+            )
 
 
 # -- search ---------------------------------------------------------------------------
@@ -309,6 +345,36 @@ def status(ctx: click.Context, source: str | None, as_json: bool) -> None:
         click.echo(f"  {'total':>5} " + " ".join(f"{report[f]:>15}" for f in STATUS_FIELDS))
 
 
+# -- serve ----------------------------------------------------------------------------
+
+WORKER_PORT_ENV = "EMBEDDING_ASSETS_WORKER_PORT"
+DEFAULT_WORKER_PORT = 8431
+
+
+def worker_port() -> int:
+    return int(os.environ.get(WORKER_PORT_ENV) or DEFAULT_WORKER_PORT)
+
+
+def worker_url() -> str:
+    """The URL the bundled demo's `openai` embedder uses to reach `embedding-assets serve`."""
+    return f"http://127.0.0.1:{worker_port()}/v1"
+
+
+@main.command()
+@click.option("--model", default="all-MiniLM-L6-v2", show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=None, help=f"Default: ${WORKER_PORT_ENV} or 8431.")
+def serve(model: str, host: str, port: int | None) -> None:
+    """The local model behind an OpenAI-compatible /v1/embeddings (and /health), batching
+    concurrent requests into one forward pass: one warm model for every run."""
+    from embedding_assets.worker import serve as run_worker
+
+    try:
+        run_worker(model=model, host=host, port=port or worker_port())
+    except OSError as exc:  # a busy port or a missing model folder, already explained
+        raise click.ClickException(str(exc)) from exc
+
+
 # -- dev ------------------------------------------------------------------------------
 
 
@@ -319,8 +385,11 @@ def status(ctx: click.Context, source: str | None, as_json: bool) -> None:
 def dev(ctx: click.Context, host: str, port: int) -> None:
     """Postgres, the demo data, and the Dagster webserver + daemon with the sensors on.
     Ctrl-C stops everything this command started."""
+    import dagster as dg
+
     from embedding_assets.demo import load_demo
     from embedding_assets.environment import prepare_dagster_home, uses_embedded_postgres
+    from embedding_assets.pools import apply_pool_limits, pool_limits
     from embedding_assets.settings import BUNDLED_SOURCES
     from embedding_assets.stores.db import engine_for
 
@@ -331,26 +400,73 @@ def dev(ctx: click.Context, host: str, port: int) -> None:
         rows = load_demo(engine_for(url))
         click.echo(f"demo source public.pypi_packages: {rows} rows")
     home = prepare_dagster_home()
-    click.echo(f"Dagster home {home}; UI on http://{host}:{port}")
+    with dg.DagsterInstance.get() as instance:
+        apply_pool_limits(instance, pool_limits(settings, not os.environ.get("QDRANT_URL")))
     env = {**os.environ, "EMBEDDING_ASSETS_SOURCES": str(settings.path)}
-    command = [
-        sys.executable, "-m", "dagster", "dev",
-        "-w", str(PROJECT_ROOT / "workspace.yaml"), "-h", host, "-p", str(port),
-    ]  # fmt: skip
-    child = subprocess.Popen(command, env=env, cwd=PROJECT_ROOT)
+    children: list[subprocess.Popen] = []
     try:
-        child.wait()
+        if any(worker_url() in getattr(e, "base_urls", ()) for e in settings.embedders.values()):
+            children.append(start_worker(env))
+        click.echo(f"Dagster home {home}; UI on http://{host}:{port}")
+        command = [
+            sys.executable, "-m", "dagster", "dev",
+            "-w", str(PROJECT_ROOT / "workspace.yaml"), "-h", host, "-p", str(port),
+        ]  # fmt: skip
+        children.append(
+            subprocess.Popen(command, env=env, cwd=PROJECT_ROOT, start_new_session=True)
+        )
+        children[-1].wait()
     except KeyboardInterrupt:
-        child.send_signal(signal.SIGINT)
-        try:
-            child.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            child.kill()
+        pass
     finally:
+        for child in reversed(children):  # Dagster first, then the worker its runs call
+            stop_child(child)
         if started_postgres:
             _embedded().stop()
             click.echo("stopped embedded Postgres")
-    sys.exit(child.returncode or 0)
+    sys.exit(children[-1].returncode or 0 if children else 1)
+
+
+def start_worker(env: dict[str, str]) -> subprocess.Popen:
+    """`embedding-assets serve` on the worker port; returns once it answers /health."""
+    import urllib.request
+
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "embedding_assets.cli", "serve", "--port", str(worker_port())],
+        env=env,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if worker.poll() is not None:
+            raise click.ClickException(f"the inference worker exited ({worker.returncode})")
+        try:
+            with urllib.request.urlopen(f"{worker_url()[:-3]}/health", timeout=2):
+                click.echo(f"inference worker on {worker_url()}")
+                return worker
+        except OSError:
+            time.sleep(0.5)
+    stop_child(worker)
+    raise click.ClickException("the inference worker did not answer /health within 120 s")
+
+
+def stop_child(child: subprocess.Popen) -> None:
+    """Interrupt a child started in its own session, then end whatever is left of its
+    process group. Children get their own session because a terminal's Ctrl-C reaching
+    Dagster's code server directly leaves it running after its parents exit."""
+    if child.poll() is None:
+        child.send_signal(signal.SIGINT)
+    try:
+        child.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(child.pid, sig)
+        except ProcessLookupError:
+            return
+        time.sleep(2)
 
 
 if __name__ == "__main__":

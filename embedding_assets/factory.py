@@ -14,7 +14,7 @@ from embedding_assets.pipeline import (
     embed_chunks,
     plan_index_update,
 )
-from embedding_assets.resources.embedders import embedder_resource_key
+from embedding_assets.resources.embedders import embedder_pool, embedder_resource_key
 from embedding_assets.runtime import store_for
 from embedding_assets.sensors import build_sensor
 from embedding_assets.settings import SourceSpec
@@ -28,6 +28,17 @@ class SourceDefs:
     checks: list[dg.AssetChecksDefinition]
     job: object  # what dg.define_asset_job returns (resolved when Definitions load)
     sensor: dg.SensorDefinition
+
+
+def embedder_stats(embedder) -> dict[str, float]:
+    """Cumulative request counters of a remote embedder ({} for a local model)."""
+    stats = getattr(embedder, "stats", None)
+    return dict(stats()) if stats else {}
+
+
+def stats_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """This run's share: requests, retries, throttled seconds, tokens, provider usage."""
+    return {f"embedder_{k}": round(v - before.get(k, 0), 3) for k, v in after.items()}
 
 
 def _per_second(count: int, seconds: float) -> float:
@@ -107,6 +118,7 @@ def build_source_defs(spec: SourceSpec, qdrant_embedded: bool) -> SourceDefs:
         partitions_def=shards,
         io_manager_key="pgvector_io_manager",
         required_resource_keys=resources,
+        pool=embedder_pool(spec.embedder),
     )
     def embeddings(context: dg.AssetExecutionContext, chunks: ChunkedRows) -> EmbeddedRows:
         """One vector per chunk, stored in the source's pgvector table. A chunk whose text
@@ -116,11 +128,22 @@ def build_source_defs(spec: SourceSpec, qdrant_embedded: bool) -> SourceDefs:
         store, embedder = context_store(context)
         store.ensure_target(embedder.dimension, spec.qdrant_collection)
         reusable = store.reusable_vectors(chunks.chunks["chunk_hash"].tolist())
+        calls_before = embedder_stats(embedder)
         embedded = embed_chunks(chunks, embedder, reusable)
         seconds = time.perf_counter() - started
         rows = len(chunks.pending.rows)
+        if embedded.failures:
+            context.log.warning(
+                f"{len(embedded.failures)} rows rejected by the embedder stay pending: "
+                + "; ".join(f"{row}: {why}" for row, why in list(embedded.failures.items())[:5])
+            )
         context.add_output_metadata(
             {
+                **stats_delta(calls_before, embedder_stats(embedder)),
+                "failed_rows": len(embedded.failures),
+                "failed_row_reasons": dg.MetadataValue.json(
+                    dict(list(embedded.failures.items())[:50])
+                ),
                 "model": embedder.model_id,
                 "dimension": embedder.dimension,
                 "rows": rows,

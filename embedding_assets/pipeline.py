@@ -1,7 +1,7 @@
 """The stages of a shard sync as plain functions: chunk, embed (reusing stored vectors),
 and plan/apply the Qdrant update. Dagster assets, the CLI and tests call these."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -57,13 +57,46 @@ def embed_chunks(
             reused += 1
         else:
             missing.setdefault(chunk_hash, []).append(position)
+    failures: dict[str, str] = {}
     if missing:
         first_texts = [chunks["text"].iat[positions[0]] for positions in missing.values()]
-        fresh = embedder.embed_documents(first_texts)
-        for vector, positions in zip(fresh, missing.values(), strict=True):
+        fresh, failed = _embed(embedder, first_texts)
+        for index, (vector, positions) in enumerate(zip(fresh, missing.values(), strict=True)):
             vectors[positions] = vector
+            if index in failed:
+                for position in positions:
+                    failures.setdefault(chunks["row_id"].iat[position], failed[index])
     embedded = len(chunks) - reused
+    if failures:
+        return _without_rows(chunked, vectors, embedded, reused, failures)
     return EmbeddedRows(chunked, vectors, embedded_chunks=embedded, reused_chunks=reused)
+
+
+def _embed(embedder: Embedder, texts: list[str]) -> tuple[np.ndarray, dict[int, str]]:
+    """Vectors and {input index: reason} for inputs the embedder rejected. Remote embedders
+    isolate a rejected input so the rest of the batch is still embedded."""
+    partial = getattr(embedder, "embed_documents_partial", None)
+    if partial is not None:
+        return partial(texts)
+    return embedder.embed_documents(texts), {}
+
+
+def _without_rows(
+    chunked: ChunkedRows,
+    vectors: np.ndarray,
+    embedded: int,
+    reused: int,
+    failures: dict[str, str],
+) -> EmbeddedRows:
+    """Drop rows with a rejected chunk from the write; they stay pending (never half-stored)."""
+    pending = chunked.pending
+    keep_rows = ~pending.rows["row_id"].isin(failures.keys())
+    keep_chunks = ~chunked.chunks["row_id"].isin(failures.keys()).to_numpy()
+    kept = ChunkedRows(
+        replace(pending, rows=pending.rows[keep_rows].reset_index(drop=True)),
+        chunked.chunks[keep_chunks].reset_index(drop=True),
+    )
+    return EmbeddedRows(kept, vectors[keep_chunks], embedded, reused, failures)
 
 
 @dataclass(frozen=True)

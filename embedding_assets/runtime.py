@@ -9,20 +9,65 @@ import os
 from pathlib import Path
 
 from embedding_assets.embedders.base import Embedder
-from embedding_assets.settings import EmbedderSpec, Settings, SourceSpec
+from embedding_assets.settings import (
+    EmbedderSpec,
+    SentenceTransformersEmbedderSpec,
+    Settings,
+    SourceSpec,
+)
 from embedding_assets.stores.db import engine_for
 from embedding_assets.stores.pgvector import PgVectorStore, pipeline_version
 from embedding_assets.stores.qdrant import QdrantStore, open_qdrant_store
 
+BUNDLED_MODEL_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
+
 
 @functools.cache
-def make_embedder(spec: EmbedderSpec) -> Embedder:
-    """One embedder per spec and process: the model loads once, lazily, on first embed."""
+def build_embedder(spec: EmbedderSpec, api_key: str | None) -> Embedder:
+    """One embedder per spec and process: a local model loads once, lazily, on first embed;
+    a remote one keeps one HTTP client (and its rate limiter) for every thread."""
     from embedding_assets.embedders.sentence_transformers import SentenceTransformerEmbedder
 
-    return SentenceTransformerEmbedder(
-        model=spec.model, device=spec.device, batch_size=spec.batch_size
+    if isinstance(spec, SentenceTransformersEmbedderSpec):
+        return SentenceTransformerEmbedder(
+            model=spec.model, device=spec.device, batch_size=spec.batch_size
+        )
+    from embedding_assets.embedders.providers import WIRE_FORMATS
+    from embedding_assets.embedders.remote import RemoteEmbedder, tokenizer_for
+
+    wire = WIRE_FORMATS[spec.provider]
+    max_input_tokens = spec.max_input_tokens
+    if max_input_tokens is None and spec.model in BUNDLED_MODEL_NAMES:
+        # The bundled open model served remotely (our worker, Infinity, TEI): its own limit.
+        max_input_tokens = SentenceTransformerEmbedder(spec.model).max_input_tokens
+    return RemoteEmbedder(
+        wire=wire,
+        model=spec.model,
+        base_urls=spec.base_urls,
+        api_key=api_key,
+        api_key_env=spec.api_key_env,
+        dimension=spec.dimension,
+        dimensions_param=getattr(spec, "dimensions", None),
+        encoding_format=getattr(spec, "encoding_format", "float"),
+        max_inputs=spec.max_inputs_per_request,
+        max_tokens=spec.max_tokens_per_request,
+        requests_per_second=spec.requests_per_second,
+        tokens_per_minute=spec.tokens_per_minute,
+        timeout_s=spec.timeout_seconds,
+        max_attempts=spec.max_attempts,
+        batch_deadline_s=spec.batch_deadline_seconds,
+        tokenizer=tokenizer_for(spec.provider, spec.model, spec.tokenizer),
+        **({"max_input_tokens": max_input_tokens} if max_input_tokens else {}),
+        # Rate limits belong to the endpoint: every embedder spec on it shares one budget.
+        name=f"{spec.provider}|{spec.model}|{'|'.join(spec.base_urls)}",
+        concurrency=spec.concurrency,
     )
+
+
+def make_embedder(spec: EmbedderSpec) -> Embedder:
+    """The embedder outside Dagster (CLI): the API key from the variable `api_key_env`."""
+    key_env = getattr(spec, "api_key_env", None)
+    return build_embedder(spec, os.environ.get(key_env) if key_env else None)
 
 
 def store_for(spec: SourceSpec, database_url: str, embedder: Embedder) -> PgVectorStore:

@@ -5,9 +5,10 @@ of which table or query to keep embedded, and where the vectors go).
 """
 
 import os
+import re
 import string
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -37,7 +38,12 @@ class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class SentenceTransformersEmbedderSpec(_Spec):
+class _EmbedderSpecBase(_Spec):
+    # Runs calling one embedder at once (a Dagster pool per embedder bounds them).
+    max_concurrent_runs: int = Field(default=2, ge=1)
+
+
+class SentenceTransformersEmbedderSpec(_EmbedderSpecBase):
     """A local sentence-transformers model, loaded offline in the run's process."""
 
     provider: Literal["sentence_transformers"]
@@ -46,7 +52,75 @@ class SentenceTransformersEmbedderSpec(_Spec):
     batch_size: int = Field(default=32, ge=1, le=4096)
 
 
-EmbedderSpec = SentenceTransformersEmbedderSpec
+class RemoteEmbedderSpec(_EmbedderSpecBase):
+    """An embedding service reached over HTTP. Limits default to the provider's documented
+    ones; the API key is read from the environment variable named by `api_key_env`."""
+
+    model: str
+    base_urls: tuple[str, ...] = Field(min_length=1)  # tuple: specs are hashable cache keys
+    api_key_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    dimension: int | None = Field(default=None, ge=1)  # else one probe call
+    max_inputs_per_request: int | None = Field(default=None, ge=1)
+    max_tokens_per_request: int | None = Field(default=None, ge=1)
+    max_input_tokens: int | None = Field(default=None, ge=1)
+    requests_per_second: float | None = Field(default=None, gt=0)
+    tokens_per_minute: int | None = Field(default=None, ge=1)
+    timeout_seconds: float = Field(default=60, gt=0)
+    max_attempts: int = Field(default=6, ge=1)
+    batch_deadline_seconds: float = Field(default=300, gt=0)
+    concurrency: int = Field(default=4, ge=1)
+    tokenizer: str | None = None  # "hf:<tokenizer.json>", "tiktoken:<encoding>" or "estimate"
+
+    @field_validator("base_urls")
+    @classmethod
+    def _http_urls(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for url in value:
+            if not re.match(r"^https?://[^/\s]+", url):
+                raise ValueError(f"base_urls entry {url!r} is not an http(s) URL")
+        return tuple(url.rstrip("/") for url in value)
+
+
+class OpenAIEmbedderSpec(RemoteEmbedderSpec):
+    """Any OpenAI-compatible /v1/embeddings: OpenAI, Together, vLLM, TEI, Infinity, LiteLLM,
+    Ollama's /v1, or `embedding-assets serve`."""
+
+    provider: Literal["openai"]
+    dimensions: int | None = Field(default=None, ge=1)  # the API's `dimensions` parameter
+    encoding_format: Literal["float", "base64"] = "float"
+
+
+class OllamaEmbedderSpec(RemoteEmbedderSpec):
+    provider: Literal["ollama"]
+
+
+class CohereEmbedderSpec(RemoteEmbedderSpec):
+    provider: Literal["cohere"]
+
+
+class VoyageEmbedderSpec(RemoteEmbedderSpec):
+    provider: Literal["voyage"]
+    dimensions: int | None = Field(default=None, ge=1)  # Voyage's `output_dimension`
+
+
+class JinaEmbedderSpec(RemoteEmbedderSpec):
+    provider: Literal["jina"]
+    dimensions: int | None = Field(default=None, ge=1)
+
+
+class TEIEmbedderSpec(RemoteEmbedderSpec):
+    provider: Literal["tei"]
+
+
+EmbedderSpec = Annotated[
+    SentenceTransformersEmbedderSpec
+    | OpenAIEmbedderSpec
+    | OllamaEmbedderSpec
+    | CohereEmbedderSpec
+    | VoyageEmbedderSpec
+    | JinaEmbedderSpec
+    | TEIEmbedderSpec,
+    Field(discriminator="provider"),
+]
 
 
 class ChunkingSpec(_Spec):
@@ -211,12 +285,29 @@ def sources_path() -> Path:
     return Path(os.environ.get(SOURCES_ENV) or BUNDLED_SOURCES)
 
 
+_ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_env(text: str) -> str:
+    """`${VAR}` and `${VAR:-default}` in sources.yaml, so URLs and ports follow the
+    environment (two copies side by side). A missing variable without default is an error."""
+
+    def replace(match: re.Match) -> str:
+        name, default = match.group(1), match.group(2)
+        value = os.environ.get(name) or default
+        if value is None:
+            raise SettingsError(f"sources file uses ${{{name}}}, which is not set")
+        return value
+
+    return _ENV_REFERENCE.sub(replace, text)
+
+
 def load_settings(path: Path | str | None = None) -> Settings:
     path = Path(path) if path else sources_path()
     if not path.is_file():
         raise SettingsError(f"sources file {path} does not exist; set {SOURCES_ENV} to a YAML file")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(expand_env(path.read_text())) or {}
     except yaml.YAMLError as exc:
         raise SettingsError(f"{path} is not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):

@@ -47,6 +47,8 @@ class EmbeddedRows:
     vectors: np.ndarray  # (len(chunked.chunks), dimension) float32, row-aligned with chunks
     embedded_chunks: int
     reused_chunks: int
+    # Rows the embedder rejected: left out of the write (they stay pending), with the reason.
+    failures: dict[str, str] = field(default_factory=dict)
 
     @property
     def pending(self) -> PendingRows:

@@ -1,8 +1,20 @@
+"""One Dagster resource per configured embedder. `embedder()` needs no run context, so
+sensors, checks and the CLI reuse it; the model or HTTP client is built once per process."""
+
+import os
+
 import dagster as dg
+from pydantic import TypeAdapter
 
 from embedding_assets.embedders.base import Embedder
-from embedding_assets.runtime import make_embedder
-from embedding_assets.settings import SentenceTransformersEmbedderSpec
+from embedding_assets.runtime import build_embedder
+from embedding_assets.settings import (
+    EmbedderSpec,
+    RemoteEmbedderSpec,
+    SentenceTransformersEmbedderSpec,
+)
+
+_SPEC = TypeAdapter(EmbedderSpec)
 
 
 class SentenceTransformersResource(dg.ConfigurableResource):
@@ -13,21 +25,61 @@ class SentenceTransformersResource(dg.ConfigurableResource):
     batch_size: int = 32
 
     def embedder(self) -> Embedder:
-        return make_embedder(
+        return build_embedder(
             SentenceTransformersEmbedderSpec(
                 provider="sentence_transformers",
                 model=self.model,
                 device=self.device,
                 batch_size=self.batch_size,
-            )
+            ),
+            None,
         )
 
 
-def embedder_resource(spec: SentenceTransformersEmbedderSpec) -> SentenceTransformersResource:
-    return SentenceTransformersResource(
-        model=spec.model, device=spec.device, batch_size=spec.batch_size
+class RemoteEmbedderResource(dg.ConfigurableResource):
+    """An embedding service over HTTP (openai, ollama, cohere, voyage, jina, tei). The API
+    key comes from `dg.EnvVar(api_key_env)`: the UI shows the variable's name, never the key."""
+
+    provider: str
+    model: str
+    base_urls: list[str]
+    api_key: str | None = None
+    options: dict = {}  # the remaining sources.yaml fields (limits, timeouts, tokenizer)
+
+    def spec(self) -> RemoteEmbedderSpec:
+        return _SPEC.validate_python(
+            {
+                "provider": self.provider,
+                "model": self.model,
+                "base_urls": self.base_urls,
+                **self.options,
+            }
+        )
+
+    def embedder(self) -> Embedder:
+        return build_embedder(self.spec(), self.api_key)
+
+
+def embedder_resource(spec) -> dg.ConfigurableResource:
+    if isinstance(spec, SentenceTransformersEmbedderSpec):
+        return SentenceTransformersResource(
+            model=spec.model, device=spec.device, batch_size=spec.batch_size
+        )
+    options = spec.model_dump(exclude={"provider", "model", "base_urls"}, exclude_none=True)
+    key_env = spec.api_key_env
+    return RemoteEmbedderResource(
+        provider=spec.provider,
+        model=spec.model,
+        base_urls=list(spec.base_urls),
+        api_key=dg.EnvVar(key_env) if key_env and os.environ.get(key_env) else None,
+        options=options,
     )
 
 
 def embedder_resource_key(embedder_name: str) -> str:
+    return f"embedder_{embedder_name}"
+
+
+def embedder_pool(embedder_name: str) -> str:
+    """The Dagster pool bounding how many runs call this embedder at once."""
     return f"embedder_{embedder_name}"

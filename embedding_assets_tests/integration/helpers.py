@@ -70,11 +70,17 @@ def sync_shards(
     source: str,
     instance: dg.DagsterInstance,
     shards: list[str] | None = None,
+    raise_on_error: bool = True,
 ) -> dict[str, dg.ExecuteInProcessResult]:
     defs = build_definitions(settings)
     job = defs.resolve_job_def(f"{source}_sync")
     keys = shards or settings.source(source).shard_keys
-    return {key: job.execute_in_process(partition_key=key, instance=instance) for key in keys}
+    return {
+        key: job.execute_in_process(
+            partition_key=key, instance=instance, raise_on_error=raise_on_error
+        )
+        for key in keys
+    }
 
 
 def materialization_metadata(result: dg.ExecuteInProcessResult, stage: str) -> dict:

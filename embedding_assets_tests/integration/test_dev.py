@@ -12,6 +12,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 
 from embedding_assets_tests.conftest import free_port
@@ -36,7 +37,11 @@ def test_dev_embeds_the_demo_with_no_click_and_ctrl_c_stops_everything():
     # The README's path: no DATABASE_URL, no Qdrant, the bundled demo source.
     unset = ("DATABASE_URL", "DAGSTER_HOME", "QDRANT_URL", "EMBEDDING_ASSETS_SOURCES")
     env = {k: v for k, v in os.environ.items() if k not in unset}
-    env.update(EMBEDDING_ASSETS_HOME=str(home), EMBEDDING_ASSETS_PG_PORT=str(free_port()))
+    env.update(
+        EMBEDDING_ASSETS_HOME=str(home),
+        EMBEDDING_ASSETS_PG_PORT=str(free_port()),
+        EMBEDDING_ASSETS_WORKER_PORT=str(free_port()),
+    )
     ui_port = free_port()
     log = (home / "dev.log").open("w")
     dev = subprocess.Popen(
@@ -79,4 +84,11 @@ def test_dev_embeds_the_demo_with_no_click_and_ctrl_c_stops_everything():
             log.close()
     db = subprocess.run([*CLI, "db", "status", "--json"], env=env, capture_output=True, text=True)
     assert json.loads(db.stdout)["running"] is False, (home / "dev.log").read_text()[-3000:]
+    # Nothing it started lives on: webserver, daemon, code server, worker.
+    leftovers = [
+        p.info["pid"]
+        for p in psutil.process_iter(["pid", "cmdline"])
+        if str(home) in " ".join(p.info["cmdline"] or [])
+    ]
+    assert not leftovers, leftovers
     shutil.rmtree(home, ignore_errors=True)
