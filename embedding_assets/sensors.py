@@ -1,4 +1,7 @@
-"""The per-source sensor: one run per shard that has work, never twice for the same work."""
+"""The per-source sensor: one run per shard that has work, never twice for the same work,
+and failed work asked for again after a growing wait (an outage must not strand rows)."""
+
+import time
 
 import dagster as dg
 
@@ -6,19 +9,29 @@ from embedding_assets.resources.embedders import embedder_resource_key
 from embedding_assets.runtime import store_for
 from embedding_assets.settings import SourceSpec
 
-IN_FLIGHT = [
+IN_FLIGHT = {
     dg.DagsterRunStatus.QUEUED,
     dg.DagsterRunStatus.NOT_STARTED,
     dg.DagsterRunStatus.STARTING,
     dg.DagsterRunStatus.STARTED,
-]
+    dg.DagsterRunStatus.CANCELING,
+}
+FAILED = {dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED}
+WORK_TAG = "embedding_assets/work"
+# After the n-th failed run for the same work, wait RETRY_BASE * 2**(n-1) s, at most RETRY_MAX.
+RETRY_BASE_SECONDS = 60
+RETRY_MAX_SECONDS = 3600
+RECENT_RUNS = 1000
 
 
-def shards_in_flight(instance: dg.DagsterInstance, job_name: str) -> set[str]:
-    records = instance.get_run_records(
-        filters=dg.RunsFilter(job_name=job_name, statuses=IN_FLIGHT), limit=1000
+def recent_runs(instance: dg.DagsterInstance, job_name: str) -> list:
+    return list(
+        instance.get_run_records(filters=dg.RunsFilter(job_name=job_name), limit=RECENT_RUNS)
     )
-    return {r.dagster_run.tags.get("dagster/partition", "") for r in records}
+
+
+def retry_wait(failures: int) -> float:
+    return min(RETRY_BASE_SECONDS * 2 ** (failures - 1), RETRY_MAX_SECONDS)
 
 
 def build_sensor(spec: SourceSpec, job) -> dg.SensorDefinition:
@@ -40,7 +53,12 @@ def build_sensor(spec: SourceSpec, job) -> dg.SensorDefinition:
         embedder = getattr(context.resources, embedder_key).embedder()
         store = store_for(spec, context.resources.database.url, embedder)
         work = store.work_by_shard()
-        busy = shards_in_flight(context.instance, job.name)
+        runs = recent_runs(context.instance, job.name)
+        busy = {
+            r.dagster_run.tags.get("dagster/partition")
+            for r in runs
+            if r.dagster_run.status in IN_FLIGHT
+        }
         requests = []
         waiting = []
         for shard, shard_work in sorted(work.items()):
@@ -48,15 +66,28 @@ def build_sensor(spec: SourceSpec, job) -> dg.SensorDefinition:
             if not shard_work.has_work:
                 continue
             if key in busy:
-                waiting.append(key)
+                waiting.append(f"{key} (run in flight)")
                 continue
+            # The fingerprint covers the pending rows' ids, hashes and last write times:
+            # the same outstanding work never gets a second run, unless its runs failed.
+            work_id = f"{spec.name}:{key}:{shard_work.fingerprint}"
+            failed = [
+                r
+                for r in runs
+                if r.dagster_run.tags.get(WORK_TAG) == work_id and r.dagster_run.status in FAILED
+            ]
+            if failed:
+                last = max(r.end_time or r.update_timestamp.timestamp() for r in failed)
+                due = last + retry_wait(len(failed)) - time.time()
+                if due > 0:
+                    waiting.append(f"{key} (failed {len(failed)}x, retry in {due:.0f}s)")
+                    continue
             requests.append(
                 dg.RunRequest(
                     partition_key=key,
-                    # The fingerprint covers the pending rows' ids, hashes and last write
-                    # times: the same outstanding work never gets a second run.
-                    run_key=f"{spec.name}:{key}:{shard_work.fingerprint}",
+                    run_key=f"{work_id}:{len(failed)}" if failed else work_id,
                     tags={
+                        WORK_TAG: work_id,
                         "embedding_assets/pending_rows": str(shard_work.pending_rows),
                         "embedding_assets/qdrant_lag_rows": str(shard_work.qdrant_lag_rows),
                     },
@@ -65,9 +96,7 @@ def build_sensor(spec: SourceSpec, job) -> dg.SensorDefinition:
         if not requests:
             pending = sum(w.pending_rows for w in work.values())
             if waiting:
-                return dg.SkipReason(
-                    f"shards {waiting} have work but a run of theirs is still in flight"
-                )
+                return dg.SkipReason(f"shards with work are waiting: {', '.join(waiting)}")
             return dg.SkipReason(
                 f"nothing pending: {pending} rows to embed, "
                 f"{sum(w.eligible_rows for w in work.values())} eligible rows all current"

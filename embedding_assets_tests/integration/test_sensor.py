@@ -83,3 +83,27 @@ def test_sensor_skips_a_shard_whose_run_is_in_flight(postgres, home, tmp_path):
         result = evaluate(defs, name, instance)
         assert not result.run_requests
         assert key in result.skip_message
+
+
+def test_failed_work_is_asked_for_again_after_a_growing_wait(postgres, home, tmp_path, monkeypatch):
+    from embedding_assets import sensors
+
+    name = unique_name()
+    create_docs_table(postgres, name, [{"id": 1, "title": "one", "body": "text"}])
+    settings = write_settings(tmp_path, name, name, shards="1")
+    defs = build_definitions(settings)
+    job = defs.resolve_job_def(f"{name}_sync")
+    with dg.DagsterInstance.ephemeral() as instance:
+        first = evaluate(defs, name, instance).run_requests[0]
+        # Its run failed (say the embedder was down): same work, so the same fingerprint.
+        instance.create_run_for_job(
+            job_def=job,
+            status=dg.DagsterRunStatus.FAILURE,
+            tags={**first.tags, "dagster/partition": first.partition_key},
+        )
+        held = evaluate(defs, name, instance)
+        assert not held.run_requests
+        assert "failed 1x, retry in" in held.skip_message
+        monkeypatch.setattr(sensors, "RETRY_BASE_SECONDS", 0)
+        retried = evaluate(defs, name, instance).run_requests
+        assert [r.run_key for r in retried] == [f"{first.run_key}:1"]

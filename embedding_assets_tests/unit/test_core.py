@@ -59,3 +59,10 @@ def test_stored_vector_of_another_dimension_is_not_reused():
     stored = {"h-x": np.ones(5, dtype=np.float32)}
     result = embed_chunks(chunked(["x"]), embedder, stored)
     assert result.reused_chunks == 0 and embedder.calls == [["x"]]
+
+
+def test_failed_work_waits_longer_after_each_failure_up_to_an_hour():
+    from embedding_assets.sensors import retry_wait
+
+    assert [retry_wait(n) for n in (1, 2, 3, 4)] == [60, 120, 240, 480]
+    assert retry_wait(30) == 3600
