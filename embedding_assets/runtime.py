@@ -30,16 +30,21 @@ def build_embedder(spec: EmbedderSpec, api_key: str | None) -> Embedder:
 
     if isinstance(spec, SentenceTransformersEmbedderSpec):
         return SentenceTransformerEmbedder(
-            model=spec.model, device=spec.device, batch_size=spec.batch_size
+            model=spec.model,
+            device=spec.device,
+            batch_size=spec.batch_size,
+            precision=spec.precision,
         )
     from embedding_assets.embedders.providers import WIRE_FORMATS
     from embedding_assets.embedders.remote import RemoteEmbedder, tokenizer_for
 
     wire = WIRE_FORMATS[spec.provider]
     max_input_tokens = spec.max_input_tokens
-    if max_input_tokens is None and spec.model in BUNDLED_MODEL_NAMES:
+    # "all-MiniLM-L6-v2@bf16" is how the worker serves the bundled model in bfloat16.
+    base_model = spec.model.removesuffix("@bf16")
+    if max_input_tokens is None and base_model in BUNDLED_MODEL_NAMES:
         # The bundled open model served remotely (our worker, Infinity, TEI): its own limit.
-        max_input_tokens = SentenceTransformerEmbedder(spec.model).max_input_tokens
+        max_input_tokens = SentenceTransformerEmbedder(base_model).max_input_tokens
     return RemoteEmbedder(
         wire=wire,
         model=spec.model,
@@ -56,7 +61,7 @@ def build_embedder(spec: EmbedderSpec, api_key: str | None) -> Embedder:
         timeout_s=spec.timeout_seconds,
         max_attempts=spec.max_attempts,
         batch_deadline_s=spec.batch_deadline_seconds,
-        tokenizer=tokenizer_for(spec.provider, spec.model, spec.tokenizer),
+        tokenizer=tokenizer_for(spec.provider, base_model, spec.tokenizer),
         **({"max_input_tokens": max_input_tokens} if max_input_tokens else {}),
         # Rate limits belong to the endpoint: every embedder spec on it shares one budget.
         name=f"{spec.provider}|{spec.model}|{'|'.join(spec.base_urls)}",

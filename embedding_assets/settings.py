@@ -50,6 +50,8 @@ class SentenceTransformersEmbedderSpec(_EmbedderSpecBase):
     model: str = "all-MiniLM-L6-v2"
     device: str | None = None
     batch_size: int = Field(default=32, ge=1, le=4096)
+    # bfloat16: ~2x on CPUs with avx512_bf16/AMX; its vectors get their own model id.
+    precision: Literal["float32", "bfloat16"] = "float32"
 
 
 class RemoteEmbedderSpec(_EmbedderSpecBase):

@@ -172,11 +172,15 @@ class Batcher:
 def default_model_names(embedder: Embedder, model: str | None = None) -> list[str]:
     """The canonical name (echoed in responses) first, then accepted aliases."""
     short = embedder.model_id.split(":", 1)[-1]
+    # A bfloat16 worker answers only to "<name>@bf16": a client configured for the float32
+    # model must not silently get (slightly different) bf16 vectors into its table.
+    suffix = "@bf16" if short.endswith("@bf16") else ""
+    base = short.removesuffix(suffix)
     names = [short]
     if model:
-        names.append(model)
-    if short == DEFAULT_MODEL:
-        names += _BUNDLED_ALIASES
+        names.append(model.removesuffix(suffix) + suffix)
+    if base == DEFAULT_MODEL:
+        names += [alias + suffix for alias in _BUNDLED_ALIASES]
     return list(dict.fromkeys(names))
 
 
@@ -341,6 +345,7 @@ def serve(
     port: int = DEFAULT_PORT,
     *,
     device: str | None = None,
+    precision: str = "float32",
     served_model_names: Sequence[str] | None = None,
     max_batch_inputs: int = 256,
     max_wait_ms: float = 5.0,
@@ -355,7 +360,7 @@ def serve(
     # Keep the log to our lines: no per-load INFO chatter or weight-loading progress bar.
     logging.getLogger("sentence_transformers").setLevel(logging.WARNING)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    embedder = SentenceTransformerEmbedder(model, device=device)
+    embedder = SentenceTransformerEmbedder(model, device=device, precision=precision)
     # Listen before loading: a busy port fails at once (a socket only bound would let a second
     # worker bind too, and hang). Connections made while the model loads wait in the backlog
     # and are answered once it is warm.
@@ -402,6 +407,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--host", default=DEFAULT_HOST)
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="0 picks a free port")
     p.add_argument("--device", default=None, help="torch device (default: auto)")
+    p.add_argument("--precision", choices=["float32", "bfloat16"], default="float32")
     p.add_argument(
         "--served-model-name",
         action="append",
@@ -418,6 +424,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             args.host,
             args.port,
             device=args.device,
+            precision=args.precision,
             served_model_names=args.names,
             max_batch_inputs=args.max_batch_inputs,
             max_wait_ms=args.max_wait_ms,

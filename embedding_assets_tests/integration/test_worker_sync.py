@@ -28,13 +28,15 @@ pytestmark = pytest.mark.integration
 
 
 class Worker:
-    def __init__(self, port: int):
+    def __init__(self, port: int, *options: str):
         self.port = port
+        self.options = options
         self.process: subprocess.Popen | None = None
 
     def start(self) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "embedding_assets.cli", "serve", "--port", str(self.port)],
+            [sys.executable, "-m", "embedding_assets.cli", "serve", "--port", str(self.port)]
+            + list(self.options),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -73,7 +75,7 @@ def worker():
     worker.stop()
 
 
-def worker_settings(tmp_path, name: str, port: int):
+def worker_settings(tmp_path, name: str, port: int, model: str = "all-MiniLM-L6-v2"):
     path = tmp_path / f"{name}.yaml"
     path.write_text(
         textwrap.dedent(
@@ -81,7 +83,7 @@ def worker_settings(tmp_path, name: str, port: int):
             embedders:
               worker:
                 provider: openai
-                model: all-MiniLM-L6-v2
+                model: {model}
                 base_urls: ["http://127.0.0.1:{port}/v1"]
                 max_inputs_per_request: 8
                 timeout_seconds: 10
@@ -156,3 +158,27 @@ def test_worker_killed_and_restarted_mid_run_converges(postgres, home, tmp_path,
     work = pg_store(settings, name, postgres).work_by_shard()[0]
     assert (work.eligible_rows, work.embedded_rows, work.pending_rows) == (400, 400, 0)
     assert work.qdrant_lag_rows == 0
+
+
+def test_bfloat16_worker_serves_only_its_own_model_name(postgres, home, tmp_path):
+    bf16 = Worker(free_port(), "--precision", "bfloat16")
+    bf16.start()
+    try:
+        assert bf16.health()["model_id"].endswith("@bf16")
+        name = unique_name()
+        rows = [{"id": i, "title": f"Tool {i}", "body": f"formats {i}"} for i in range(1, 11)]
+        create_docs_table(postgres, name, rows)
+        settings = worker_settings(tmp_path, name, bf16.port, model="all-MiniLM-L6-v2@bf16")
+        with dg.DagsterInstance.ephemeral() as instance:
+            assert sync_shards(settings, name, instance)["00"].success
+            store = pg_store(settings, name, postgres)
+            assert store.model_id == "openai:all-MiniLM-L6-v2@bf16"
+            assert store.work_by_shard()[0].embedded_rows == 10
+            # A client configured for the float32 model is refused, not fed bf16 vectors.
+            other = unique_name()
+            create_docs_table(postgres, other, rows)
+            fp32 = worker_settings(tmp_path, other, bf16.port)
+            result = sync_shards(fp32, other, instance, raise_on_error=False)["00"]
+            assert not result.success
+    finally:
+        bf16.stop()
