@@ -103,14 +103,18 @@ def pipeline_version(model_id: str, max_tokens: int, overlap: int) -> str:
     return f"{model_id}|max_tokens={max_tokens}|overlap={overlap}"
 
 
-def _state_ready(engine: sa.Engine, _done: set = set()) -> None:  # noqa: B006 - process cache
-    key = engine.url.render_as_string(hide_password=False)
-    if key in _done:
+_DDL_DONE: set[tuple[str, str]] = set()  # (database URL, DDL) already applied by this process
+
+
+def ensure_tables(engine: sa.Engine, ddl: str) -> None:
+    """Apply idempotent DDL once per database and process, serialised across processes."""
+    key = (engine.url.render_as_string(hide_password=False), ddl)
+    if key in _DDL_DONE:
         return
     with engine.begin() as conn:
         conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext(:k))"), {"k": DDL_LOCK})
-        conn.exec_driver_sql(STATE_DDL)
-    _done.add(key)
+        conn.exec_driver_sql(ddl)
+    _DDL_DONE.add(key)
 
 
 def json_safe(value: Any) -> Any:
@@ -138,7 +142,7 @@ class PgVectorStore:
         self.sql = SourceSql(spec)
         self.table = quote_table(spec.pg_table)
         self.target = spec.target
-        _state_ready(engine)
+        ensure_tables(engine, STATE_DDL)
 
     # -- schema -------------------------------------------------------------------------
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from embedding_assets.stores.pgvector import STATE_SCHEMA, _state_ready
+from embedding_assets.stores.pgvector import STATE_DDL, STATE_SCHEMA, ensure_tables
 
 STAGING_DDL = f"""
 CREATE TABLE IF NOT EXISTS {STATE_SCHEMA}.staged_outputs (
@@ -22,10 +22,8 @@ CREATE TABLE IF NOT EXISTS {STATE_SCHEMA}.staged_outputs (
 class StagedOutputs:
     def __init__(self, engine: sa.Engine):
         self.engine = engine
-        _state_ready(engine)
-        with engine.begin() as conn:
-            conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext('staged_outputs'))"))
-            conn.exec_driver_sql(STAGING_DDL)
+        ensure_tables(engine, STATE_DDL)
+        ensure_tables(engine, STAGING_DDL)
 
     def put(self, asset_key: str, partition_key: str, value: Any, run_id: str | None) -> int:
         payload = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
