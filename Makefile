@@ -34,9 +34,10 @@ format: install
 	$(BIN)/ruff format embedding_assets embedding_assets_tests benchmarks
 	$(BIN)/ruff check --fix embedding_assets embedding_assets_tests benchmarks
 
-## Figures, not assertions: a full sync of the demo source, per stage.
+## Figures, not assertions: a full demo sync; embedding throughput (in-process, worker, bf16).
 benchmark: install
 	$(BIN)/python benchmarks/sync_demo.py
+	$(BIN)/python benchmarks/embedders.py
 
 clean:
 	rm -rf $(VENV) .venv-infinity .pytest_cache .ruff_cache
