@@ -3,8 +3,7 @@
 import dagster as dg
 
 from embedding_assets.core.sharding import shard_index
-from embedding_assets.resources.embedders import embedder_resource_key
-from embedding_assets.runtime import store_for
+from embedding_assets.resources.embedders import embedder_resource_key, source_store
 from embedding_assets.settings import SourceSpec
 
 SELF_RETRIEVAL_SAMPLE = 10
@@ -16,13 +15,8 @@ def build_checks(
     shards: dg.PartitionsDefinition,
     embeddings: dg.AssetsDefinition,
     vector_index: dg.AssetsDefinition,
-    embedder_key: str,
 ) -> list[dg.AssetChecksDefinition]:
     resources = {"database", embedder_resource_key(spec.embedder)}
-
-    def context_store(context):
-        embedder = getattr(context.resources, embedder_key).embedder()
-        return store_for(spec, context.resources.database.url, embedder), embedder
 
     @dg.asset_check(
         asset=embeddings,
@@ -34,7 +28,7 @@ def build_checks(
         "non-zero norm (pgvector itself rejects NaN). Blocks the Qdrant write if not.",
     )
     def vectors_valid(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
-        store, embedder = context_store(context)
+        store, embedder = source_store(context, spec)
         found = store.invalid_vectors(shard_index(context.partition_key), embedder.dimension)
         passed = found["wrong_dimension"] == 0 and found["zero_norm"] == 0
         return dg.AssetCheckResult(
@@ -50,7 +44,7 @@ def build_checks(
         "eligible rows. Below 1.0 while a backlog or new changes wait for the next run.",
     )
     def coverage(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
-        store, _ = context_store(context)
+        store, _ = source_store(context, spec)
         work = store.work_by_shard()[shard_index(context.partition_key)]
         ratio = work.embedded_rows / work.eligible_rows if work.eligible_rows else 1.0
         return dg.AssetCheckResult(
@@ -72,7 +66,7 @@ def build_checks(
         description="The shard has as many points in Qdrant as chunks in pgvector.",
     )
     def parity(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
-        store, _ = context_store(context)
+        store, _ = source_store(context, spec)
         shard = shard_index(context.partition_key)
         chunks = store.chunk_counts().get(shard, 0)
         points = context.resources.qdrant.store().count(spec.qdrant_collection, shard=shard)
@@ -89,7 +83,7 @@ def build_checks(
         f"(or an identical text) in their top {SELF_RETRIEVAL_K}, in pgvector and in Qdrant.",
     )
     def self_retrieval(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
-        store, _ = context_store(context)
+        store, _ = source_store(context, spec)
         qdrant = context.resources.qdrant.store()
         sample = store.sample_chunks(shard_index(context.partition_key), SELF_RETRIEVAL_SAMPLE)
         found = {"pgvector": 0, "qdrant": 0}

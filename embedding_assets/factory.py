@@ -14,8 +14,11 @@ from embedding_assets.pipeline import (
     embed_chunks,
     plan_index_update,
 )
-from embedding_assets.resources.embedders import embedder_pool, embedder_resource_key
-from embedding_assets.runtime import store_for
+from embedding_assets.resources.embedders import (
+    embedder_pool,
+    embedder_resource_key,
+    source_store,
+)
 from embedding_assets.sensors import build_sensor
 from embedding_assets.settings import SourceSpec
 
@@ -48,12 +51,7 @@ def _per_second(count: int, seconds: float) -> float:
 def build_source_defs(spec: SourceSpec, qdrant_embedded: bool) -> SourceDefs:
     name = spec.name
     shards = dg.StaticPartitionsDefinition(spec.shard_keys)
-    embedder_key = embedder_resource_key(spec.embedder)
-    resources = {"database", embedder_key}
-
-    def context_store(context):
-        embedder = getattr(context.resources, embedder_key).embedder()
-        return store_for(spec, context.resources.database.url, embedder), embedder
+    resources = {"database", embedder_resource_key(spec.embedder)}
 
     @dg.asset(
         key=[name, "pending_rows"],
@@ -68,7 +66,7 @@ def build_source_defs(spec: SourceSpec, qdrant_embedded: bool) -> SourceDefs:
         or the model differs from what is stored) and rows to remove (deleted, or no longer
         matching `where`). At most `max_rows_per_run`; the sensor asks again for the rest."""
         started = time.perf_counter()
-        store, _ = context_store(context)
+        store, _ = source_store(context, spec)
         pending = store.pending(shard_index(context.partition_key))
         seconds = time.perf_counter() - started
         context.add_output_metadata(
@@ -95,7 +93,7 @@ def build_source_defs(spec: SourceSpec, qdrant_embedded: bool) -> SourceDefs:
         embedder's own tokenizer, overlapping by `overlap` tokens, with a content hash per
         chunk. Rows with NULL or blank text get no chunk."""
         started = time.perf_counter()
-        _, embedder = context_store(context)
+        _, embedder = source_store(context, spec)
         chunked = chunk_rows(pending_rows, spec, embedder)
         seconds = time.perf_counter() - started
         context.add_output_metadata(
@@ -125,7 +123,7 @@ def build_source_defs(spec: SourceSpec, qdrant_embedded: bool) -> SourceDefs:
         already has a vector for this model is copied, not re-embedded: only changed
         chunks cost compute."""
         started = time.perf_counter()
-        store, embedder = context_store(context)
+        store, embedder = source_store(context, spec)
         store.ensure_target(embedder.dimension, spec.qdrant_collection)
         reusable = store.reusable_vectors(chunks.chunks["chunk_hash"].tolist())
         calls_before = embedder_stats(embedder)
@@ -172,7 +170,7 @@ def build_source_defs(spec: SourceSpec, qdrant_embedded: bool) -> SourceDefs:
         chunk index, text, metadata columns). Planned from what pgvector and the row state
         hold, not from this run's output, so a crash between the two writes converges."""
         started = time.perf_counter()
-        store, embedder = context_store(context)
+        store, embedder = source_store(context, spec)
         update, stats = plan_index_update(
             spec,
             store,
@@ -194,7 +192,7 @@ def build_source_defs(spec: SourceSpec, qdrant_embedded: bool) -> SourceDefs:
         return update
 
     assets = [pending_rows, chunks, embeddings, vector_index]
-    checks = build_checks(spec, shards, embeddings, vector_index, embedder_key)
+    checks = build_checks(spec, shards, embeddings, vector_index)
     job = dg.define_asset_job(
         name=f"{name}_sync",
         selection=dg.AssetSelection.assets(*assets),

@@ -5,8 +5,7 @@ import time
 
 import dagster as dg
 
-from embedding_assets.resources.embedders import embedder_resource_key
-from embedding_assets.runtime import store_for
+from embedding_assets.resources.embedders import embedder_resource_key, source_store
 from embedding_assets.settings import SourceSpec
 
 IN_FLIGHT = {
@@ -50,8 +49,7 @@ def build_sensor(spec: SourceSpec, job) -> dg.SensorDefinition:
         ),
     )
     def source_changes(context: dg.SensorEvaluationContext):
-        embedder = getattr(context.resources, embedder_key).embedder()
-        store = store_for(spec, context.resources.database.url, embedder)
+        store, _ = source_store(context, spec)
         work = store.work_by_shard()
         runs = recent_runs(context.instance, job.name)
         busy = {
