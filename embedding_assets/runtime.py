@@ -85,6 +85,16 @@ def pg_store(settings: Settings, source: str, database_url: str) -> PgVectorStor
     return store_for(spec, database_url, make_embedder(settings.embedder_for(spec)))
 
 
+def spec_and_store(
+    sources_file: str, source: str, database_url: str
+) -> tuple[SourceSpec, PgVectorStore]:
+    """A source's spec and pgvector store from the sources file (for the IO managers)."""
+    from embedding_assets.settings import load_settings
+
+    settings = load_settings(sources_file)
+    return settings.source(source), pg_store(settings, source, database_url)
+
+
 @functools.cache
 def qdrant_store(url: str | None, api_key: str | None, embedded_path: str) -> QdrantStore:
     """One store per configuration and process (an in-memory client keeps its points)."""

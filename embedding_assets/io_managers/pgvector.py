@@ -6,8 +6,7 @@ import pandas as pd
 from embedding_assets.core.delta import EmbeddedRows
 from embedding_assets.core.sharding import shard_index
 from embedding_assets.resources.database import DatabaseResource
-from embedding_assets.runtime import pg_store
-from embedding_assets.settings import load_settings
+from embedding_assets.runtime import spec_and_store
 
 
 class PgVectorIOManager(dg.ConfigurableIOManager):
@@ -19,8 +18,7 @@ class PgVectorIOManager(dg.ConfigurableIOManager):
     sources_file: str
 
     def _store(self, context: dg.OutputContext | dg.InputContext):
-        source = context.asset_key.path[0]
-        return pg_store(load_settings(self.sources_file), source, self.database.url)
+        return spec_and_store(self.sources_file, context.asset_key.path[0], self.database.url)[1]
 
     def handle_output(self, context: dg.OutputContext, obj: EmbeddedRows) -> None:
         store = self._store(context)

@@ -8,8 +8,7 @@ from embedding_assets.core.sharding import shard_index
 from embedding_assets.pipeline import apply_index_update
 from embedding_assets.resources.database import DatabaseResource
 from embedding_assets.resources.qdrant import QdrantResource
-from embedding_assets.runtime import pg_store
-from embedding_assets.settings import load_settings
+from embedding_assets.runtime import spec_and_store
 
 
 class QdrantIOManager(dg.ConfigurableIOManager):
@@ -21,9 +20,9 @@ class QdrantIOManager(dg.ConfigurableIOManager):
     sources_file: str
 
     def handle_output(self, context: dg.OutputContext, obj: IndexUpdate) -> None:
-        settings = load_settings(self.sources_file)
-        spec = settings.source(context.asset_key.path[0])
-        store = pg_store(settings, spec.name, self.database.url)
+        spec, store = spec_and_store(
+            self.sources_file, context.asset_key.path[0], self.database.url
+        )
         started = time.perf_counter()
         apply_index_update(spec, store, self.qdrant.store(), obj)
         seconds = time.perf_counter() - started
@@ -40,9 +39,9 @@ class QdrantIOManager(dg.ConfigurableIOManager):
 
     def load_input(self, context: dg.InputContext) -> pd.DataFrame:
         """The shard's points as (id, row_id, chunk_index, text) rows."""
-        settings = load_settings(self.sources_file)
-        spec = settings.source(context.asset_key.path[0])
-        store = pg_store(settings, spec.name, self.database.url)
+        spec, store = spec_and_store(
+            self.sources_file, context.asset_key.path[0], self.database.url
+        )
         ids = store.stored_chunks(shard_index(context.partition_key))["point_id"].tolist()
         hits = self.qdrant.store().retrieve(spec.qdrant_collection, ids)
         return pd.DataFrame(
