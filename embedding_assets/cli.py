@@ -395,13 +395,17 @@ def dev(ctx: click.Context, host: str, port: int) -> None:
     import dagster as dg
 
     from embedding_assets.demo import load_demo
-    from embedding_assets.environment import prepare_dagster_home, uses_embedded_postgres
+    from embedding_assets.environment import (
+        database_url,
+        prepare_dagster_home,
+        uses_embedded_postgres,
+    )
     from embedding_assets.pools import apply_pool_limits, pool_limits
     from embedding_assets.settings import BUNDLED_SOURCES
     from embedding_assets.stores.db import engine_for
 
     started_postgres = uses_embedded_postgres() and _embedded().start()
-    url = ensure_database()
+    url = database_url()
     settings = _settings(ctx)
     if settings.path == BUNDLED_SOURCES.resolve():
         rows = load_demo(engine_for(url))
