@@ -45,7 +45,8 @@ def build_checks(
     )
     def coverage(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
         store, _ = source_store(context, spec)
-        work = store.work_by_shard()[shard_index(context.partition_key)]
+        shard = shard_index(context.partition_key)
+        work = store.work_by_shard(shard)[shard]
         ratio = work.embedded_rows / work.eligible_rows if work.eligible_rows else 1.0
         return dg.AssetCheckResult(
             passed=ratio == 1.0,

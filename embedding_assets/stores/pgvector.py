@@ -334,9 +334,10 @@ class PgVectorStore:
             backlog=backlog,
         )
 
-    def work_by_shard(self) -> dict[int, ShardWork]:
-        """Per shard: eligible, current, pending and Qdrant-lagging rows, and a fingerprint
-        of the outstanding work (row ids, source and stored hashes, last write time)."""
+    def work_by_shard(self, shard: int | None = None) -> dict[int, ShardWork]:
+        """Per shard (or for one shard only): eligible, current, pending and Qdrant-lagging
+        rows, and a fingerprint of the outstanding work (row ids, source and stored hashes,
+        last write time)."""
         query = f"""
             SELECT shard,
                    count(*) FILTER (WHERE eligible) AS eligible_rows,
@@ -346,10 +347,11 @@ class PgVectorStore:
                    md5(string_agg(concat_ws(':', row_id, content_hash, stored_hash,
                                             CAST(pg_synced_at AS text)),
                        ',' ORDER BY row_id) FILTER (WHERE pending OR qdrant_lag)) AS fingerprint
-            FROM ({self._joined(None)}) AS j GROUP BY shard"""
+            FROM ({self._joined(shard)}) AS j GROUP BY shard"""
         with self.engine.connect() as conn:
-            rows = conn.execute(sa.text(query), self._params()).fetchall()
-        work = {i: ShardWork(i, 0, 0, 0, 0, None) for i in range(self.spec.shards)}
+            rows = conn.execute(sa.text(query), self._params(shard=shard)).fetchall()
+        shards = range(self.spec.shards) if shard is None else [shard]
+        work = {i: ShardWork(i, 0, 0, 0, 0, None) for i in shards}
         for row in rows:
             work[row.shard] = ShardWork(
                 row.shard,
