@@ -41,7 +41,7 @@ def main() -> None:
     from embedding_assets.demo import load_demo
     from embedding_assets.embedded import EmbeddedPostgres
     from embedding_assets.settings import load_settings
-    from embedding_assets.stores.db import engine_for
+    from embedding_assets.state.db import engine_for
 
     server = EmbeddedPostgres.from_env()
     server.start()

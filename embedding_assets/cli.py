@@ -51,7 +51,21 @@ def _sources(settings: Settings, name: str | None) -> list[str]:
         raise click.ClickException(str(exc.args[0])) from exc
 
 
-@click.group()
+class _Commands(click.Group):
+    """Errors that name the problem and the fix reach the user as a message, not a trace."""
+
+    def invoke(self, ctx: click.Context):
+        from embedding_assets.state.diff import DuplicateIdError
+        from embedding_assets.state.ledger import ModelMismatchError
+        from embedding_assets.state.triggers import TriggerPrivilegeError
+
+        try:
+            return super().invoke(ctx)
+        except (LookupError, DuplicateIdError, ModelMismatchError, TriggerPrivilegeError) as exc:
+            raise click.ClickException(str(exc.args[0] if exc.args else exc)) from exc
+
+
+@click.group(cls=_Commands)
 @click.option(
     "--sources",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -127,47 +141,86 @@ class ShardReport:
     error: str | None = None
 
 
-def sync_source(settings: Settings, source: str, shard: str | None, instance) -> list[ShardReport]:
-    """Materialize every shard (or one) of a source in this process, recorded in `instance`."""
+def sync_source(
+    settings: Settings, source: str, shard: str | None, instance, every_shard: bool = True
+) -> list[ShardReport]:
+    """Materialize every shard (or one) of a source in this process, recorded in `instance`.
+
+    A shard with a backlog (more than `max_rows_per_run` rows of work) runs again until it
+    is done or a run makes no progress. Without `every_shard`, shards whose change feed and
+    Qdrant lag show no work are skipped (the feed makes asking cheap).
+    """
     from embedding_assets.definitions import build_definitions
 
     spec = settings.source(source)
     if shard is not None and shard not in spec.shard_keys:
         raise click.ClickException(f"source {source!r} has shards {spec.shard_keys}, not {shard!r}")
+    keys = [shard] if shard else spec.shard_keys
+    if not every_shard:
+        from embedding_assets.environment import database_url
+        from embedding_assets.runtime import runtime_for
+
+        work = runtime_for(settings, source, database_url()).work()
+        keys = [key for key in keys if work[spec.shard_keys.index(key)].has_work]
+    from embedding_assets.runtime import qdrant_store_from_env
+
     job = build_definitions(settings).resolve_job_def(f"{source}_sync")
     reports = []
-    for key in [shard] if shard else spec.shard_keys:
-        started = time.perf_counter()
-        result = job.execute_in_process(partition_key=key, instance=instance, raise_on_error=False)
-        report = ShardReport(
-            source, key, result.success, seconds=round(time.perf_counter() - started, 2)
-        )
-        for event in result.get_asset_materialization_events():
-            mat = event.event_specific_data.materialization
-            meta = {k: v.value for k, v in mat.metadata.items()}
-            stage = mat.asset_key.path[-1]
-            if stage == "pending_rows":
-                report.rows, report.rows_deleted = meta["rows"], meta["rows_to_delete"]
-            elif stage == "embeddings":
-                report.chunks = meta["chunks"]
-                report.embedded_chunks = meta["embedded_chunks"]
-                report.reused_chunks = meta["reused_chunks"]
-            elif stage == "vector_index":
-                report.points_upserted = meta.get("points_upserted", 0)
-        if not result.success:
-            failures = [e for e in result.all_events if e.is_failure]
-            report.error = failures[0].message if failures else "run failed"
-        reports.append(report)
+    # Every run of this sync shares one opening of an embedded Qdrant collection.
+    with qdrant_store_from_env().keep_open():
+        for key in keys:
+            while True:
+                report, backlog = _run_shard(job, source, key, instance)
+                reports.append(report)
+                progress = report.rows or report.rows_deleted or report.points_upserted
+                if not (report.success and backlog and progress):
+                    break
     return reports
+
+
+def _run_shard(job, source: str, key: str, instance) -> tuple[ShardReport, bool]:
+    started = time.perf_counter()
+    result = job.execute_in_process(partition_key=key, instance=instance, raise_on_error=False)
+    report = ShardReport(
+        source, key, result.success, seconds=round(time.perf_counter() - started, 2)
+    )
+    backlog = False
+    for event in result.get_asset_materialization_events():
+        mat = event.event_specific_data.materialization
+        meta = {k: v.value for k, v in mat.metadata.items()}
+        stage = mat.asset_key.path[-1]
+        if stage == "pending_rows":
+            report.rows, report.rows_deleted = meta["rows"], meta["rows_to_delete"]
+            backlog = backlog or bool(meta.get("backlog"))
+        elif stage == "embeddings":
+            report.chunks = meta["chunks"]
+            report.embedded_chunks = meta["embedded_chunks"]
+            report.reused_chunks = meta["reused_chunks"]
+        elif stage == "vector_index":
+            report.points_upserted = meta.get("points_upserted", 0)
+            backlog = backlog or bool(meta.get("backlog"))
+    if not result.success:
+        failures = [e for e in result.all_events if e.is_failure]
+        report.error = failures[0].message if failures else "run failed"
+    return report, backlog
 
 
 @main.command()
 @click.option("--source", help="Only this source (default: all).")
 @click.option("--shard", help="Only this shard key, e.g. 03 (default: all).")
+@click.option(
+    "--all-shards",
+    is_flag=True,
+    help="Run every shard, even those the change feed shows no work for (each run also "
+    "checks its Qdrant point count against the ledger).",
+)
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def sync(ctx: click.Context, source: str | None, shard: str | None, as_json: bool) -> None:
-    """Bring sources up to date now, in this process, recorded in the UI's instance."""
+def sync(
+    ctx: click.Context, source: str | None, shard: str | None, all_shards: bool, as_json: bool
+) -> None:
+    """Bring sources up to date now, in this process, recorded in the UI's instance: one run
+    per shard with work (again while a backlog remains)."""
     import dagster as dg
 
     from embedding_assets.environment import prepare_dagster_home
@@ -182,7 +235,9 @@ def sync(ctx: click.Context, source: str | None, shard: str | None, as_json: boo
     with dg.DagsterInstance.get() as instance:
         apply_pool_limits(instance, pool_limits(settings, not os.environ.get("QDRANT_URL")))
         for name in names:
-            for report in sync_source(settings, name, shard, instance):
+            for report in sync_source(
+                settings, name, shard, instance, every_shard=all_shards or shard is not None
+            ):
                 reports.append(report)
                 if not as_json:
                     status = "ok" if report.success else f"FAILED: {report.error}"
@@ -238,12 +293,12 @@ def search_source(
 ) -> list[dict]:
     """Nearest chunks to `text`: row id, score (cosine similarity), chunk text."""
     from embedding_assets.environment import database_url
-    from embedding_assets.runtime import make_embedder, pg_store, qdrant_store_from_env
+    from embedding_assets.runtime import runtime_for
 
-    spec = settings.source(source)
-    vector = make_embedder(settings.embedder_for(spec)).embed_query(text)
+    runtime = runtime_for(settings, source, database_url())
+    vector = runtime.embedder.embed_query(text)
     if backend == "pgvector":
-        hits = pg_store(settings, source, database_url()).search(vector, limit)
+        hits = runtime.pgvector.search(vector, limit)
         return [
             {"row_id": h.row_id, "chunk_index": h.chunk_index, "score": h.score, "text": h.text}
             for h in hits
@@ -255,7 +310,7 @@ def search_source(
             "score": h.score,
             "text": h.payload.get("text"),
         }
-        for h in qdrant_store_from_env().search(spec.qdrant_collection, vector, limit)
+        for h in runtime.qdrant.search(vector, limit)
     ]
 
 
@@ -292,57 +347,193 @@ STATUS_FIELDS = (
 )
 
 
-def status_report(settings: Settings, source: str) -> dict:
+def status_report(settings: Settings, source: str, exact: bool = False) -> dict:
     """Per source and shard: eligible rows, rows with a current embedding, pending rows,
-    pgvector chunks and Qdrant points."""
+    pgvector chunks and Qdrant points.
+
+    Exact (a full diff of the source) for diff capture or with `exact`. Otherwise from the
+    ledger and the change feed without scanning the source: `pending_rows` counts queued
+    changes and `eligible_rows` is embedded + pending (an update of an embedded row counts
+    twice until it is done); `eligible_rows_counted` is the last full diff's count, with
+    its time in `counted_at`.
+    """
     from embedding_assets.environment import database_url
-    from embedding_assets.runtime import pg_store, qdrant_store_from_env
+    from embedding_assets.runtime import runtime_for
 
     spec = settings.source(source)
-    store = pg_store(settings, source, database_url())
-    qdrant = qdrant_store_from_env()
-    work = store.work_by_shard()
-    chunks = store.chunk_counts()
+    runtime = runtime_for(settings, source, database_url())
+    runtime.feed.ensure()
+    is_exact = exact or runtime.feed.mode == "diff"
+    chunks = runtime.pgvector.chunk_counts()
     shards = {}
-    for index, key in enumerate(spec.shard_keys):
-        shards[key] = {
-            "eligible_rows": work[index].eligible_rows,
-            "embedded_rows": work[index].embedded_rows,
-            "pending_rows": work[index].pending_rows,
-            "pgvector_chunks": chunks.get(index, 0),
-            "qdrant_points": qdrant.count(spec.qdrant_collection, shard=index),
-        }
+    if is_exact:
+        work = runtime.exact_work()
+        for index, key in enumerate(spec.shard_keys):
+            shards[key] = {
+                "eligible_rows": work[index].eligible_rows,
+                "embedded_rows": work[index].embedded_rows,
+                "pending_rows": work[index].pending_rows,
+            }
+    else:
+        work = runtime.work()
+        embedded = runtime.ledger.current_rows_by_shard()
+        for index, key in enumerate(spec.shard_keys):
+            current = embedded.get(index, 0)
+            shards[key] = {
+                "eligible_rows": current + work[index].pending_rows,
+                "embedded_rows": current,
+                "pending_rows": work[index].pending_rows,
+            }
+    with runtime.qdrant.store.session(runtime.qdrant.collection):
+        for index, key in enumerate(spec.shard_keys):
+            shards[key]["pgvector_chunks"] = chunks.get(index, 0)
+            shards[key]["qdrant_points"] = runtime.qdrant.count(index)
     totals = {f: sum(s[f] for s in shards.values()) for f in STATUS_FIELDS}
+    counted = runtime.diff.counted()
     return {
         "source": source,
         "pgvector_table": spec.target,
         "qdrant_collection": spec.qdrant_collection,
         **totals,
+        "change_capture": runtime.feed.mode,
+        "exact": is_exact,
+        "eligible_rows_counted": counted[0],
+        "counted_at": counted[1],
         "shards": shards,
     }
 
 
 @main.command()
 @click.option("--source", help="Only this source (default: all).")
+@click.option(
+    "--exact",
+    is_flag=True,
+    help="Compare the whole source with the ledger (a full scan) instead of reading the "
+    "ledger and the change feed.",
+)
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def status(ctx: click.Context, source: str | None, as_json: bool) -> None:
+def status(ctx: click.Context, source: str | None, exact: bool, as_json: bool) -> None:
     """Per source and shard: eligible, embedded and pending rows, chunks and points."""
     ensure_database()
     settings = _settings(ctx)
-    reports = [status_report(settings, name) for name in _sources(settings, source)]
+    reports = [status_report(settings, name, exact) for name in _sources(settings, source)]
     if as_json:
-        click.echo(json.dumps(reports))
+        click.echo(json.dumps(reports, default=str))
         return
     for report in reports:
         click.echo(
             f"{report['source']} -> {report['pgvector_table']} / "
-            f"qdrant:{report['qdrant_collection']}"
+            f"qdrant:{report['qdrant_collection']}  ({report['change_capture']} capture)"
         )
         click.echo(f"  {'shard':>5} " + " ".join(f"{f:>15}" for f in STATUS_FIELDS))
         for key, shard in report["shards"].items():
             click.echo(f"  {key:>5} " + " ".join(f"{shard[f]:>15}" for f in STATUS_FIELDS))
         click.echo(f"  {'total':>5} " + " ".join(f"{report[f]:>15}" for f in STATUS_FIELDS))
+        if not report["exact"]:
+            counted = report["eligible_rows_counted"]
+            when = report["counted_at"] or "never"
+            click.echo(
+                "  eligible and pending rows are from the ledger and the change feed, not a "
+                f"scan; last full count: {counted if counted is not None else '-'} "
+                f"({when}). `status --exact` scans the source."
+            )
+
+
+# -- reconcile and triggers -------------------------------------------------------------
+
+
+@main.command()
+@click.option("--source", help="Only this source (default: all).")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def reconcile(ctx: click.Context, source: str | None, as_json: bool) -> None:
+    """Compare each source with the ledger (a full scan) and queue whatever the change feed
+    missed; `sync` or the sensor then brings those rows up to date."""
+    from embedding_assets.environment import database_url
+    from embedding_assets.runtime import runtime_for
+
+    ensure_database()
+    settings = _settings(ctx)
+    results = []
+    for name in _sources(settings, source):
+        runtime = runtime_for(settings, name, database_url())
+        started = time.perf_counter()
+        found = runtime.feed.reconcile()
+        results.append(
+            {
+                "source": name,
+                "change_capture": runtime.feed.mode,
+                "rows_queued": found,
+                "seconds": round(time.perf_counter() - started, 2),
+            }
+        )
+    if as_json:
+        click.echo(json.dumps(results))
+        return
+    for r in results:
+        note = (
+            " (diff capture compares everything on every run)"
+            if r["change_capture"] == ("diff")
+            else ""
+        )
+        click.echo(f"{r['source']}: {r['rows_queued']} rows queued in {r['seconds']}s{note}")
+
+
+@main.group()
+def triggers() -> None:
+    """The capture triggers of `table:` sources (change_capture: trigger)."""
+
+
+def _trigger_feed(ctx: click.Context, source: str):
+    from embedding_assets.environment import database_url
+    from embedding_assets.runtime import runtime_for
+    from embedding_assets.state.feeds import TriggerFeed
+
+    settings = _settings(ctx)
+    name = _sources(settings, source)[0]
+    if settings.source(name).table is None:
+        raise click.ClickException(f"source {name!r} is a `query:` source: no triggers")
+    runtime = runtime_for(settings, name, database_url())
+    return TriggerFeed(runtime.engine, runtime.spec, runtime.diff, runtime.feed.queue)
+
+
+@triggers.command("sql")
+@click.option("--source", required=True)
+@click.pass_context
+def triggers_sql(ctx: click.Context, source: str) -> None:
+    """Print the SQL that installs the triggers, for a DBA to run."""
+    ensure_database()
+    feed = _trigger_feed(ctx, source)
+    with feed.engine.connect() as conn:
+        click.echo(feed.triggers(conn).dba_sql())
+
+
+@triggers.command("install")
+@click.option("--source", required=True)
+@click.pass_context
+def triggers_install(ctx: click.Context, source: str) -> None:
+    """Install (or replace) the triggers and queue what a full diff finds pending."""
+    from embedding_assets.state.triggers import TriggerPrivilegeError
+
+    ensure_database()
+    feed = _trigger_feed(ctx, source)
+    try:
+        with feed.engine.begin() as conn:
+            found = feed.install(conn, feed.triggers(conn))
+    except TriggerPrivilegeError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"installed capture triggers for {source}; {found} rows queued")
+
+
+@triggers.command("drop")
+@click.option("--source", required=True)
+@click.pass_context
+def triggers_drop(ctx: click.Context, source: str) -> None:
+    """Drop the triggers (set change_capture to watermark or diff, or they come back)."""
+    ensure_database()
+    _trigger_feed(ctx, source).drop()
+    click.echo(f"dropped capture triggers of {source}")
 
 
 # -- serve ----------------------------------------------------------------------------
@@ -402,7 +593,7 @@ def dev(ctx: click.Context, host: str, port: int) -> None:
     )
     from embedding_assets.pools import apply_pool_limits, pool_limits
     from embedding_assets.settings import BUNDLED_SOURCES
-    from embedding_assets.stores.db import engine_for
+    from embedding_assets.state.db import engine_for
 
     started_postgres = uses_embedded_postgres() and _embedded().start()
     url = database_url()

@@ -13,6 +13,7 @@ from embedding_assets.io_managers.staging import StagingIOManager
 from embedding_assets.resources.database import DatabaseResource
 from embedding_assets.resources.embedders import embedder_resource, embedder_resource_key
 from embedding_assets.resources.qdrant import QdrantResource
+from embedding_assets.resources.runtime import RuntimeResource
 from embedding_assets.settings import Settings, load_settings
 
 
@@ -28,15 +29,14 @@ def build_definitions(settings: Settings) -> dg.Definitions:
         api_key=_env_or("QDRANT_API_KEY", None),
         embedded_path=str(qdrant_path()),
     )
-    sources_file = str(settings.path)
+    runtime = RuntimeResource(database=database, qdrant=qdrant, sources_file=str(settings.path))
     resources: dict[str, object] = {
         "database": database,
         "qdrant": qdrant,
+        "runtime": runtime,
         "staging_io_manager": StagingIOManager(database=database),
-        "pgvector_io_manager": PgVectorIOManager(database=database, sources_file=sources_file),
-        "qdrant_io_manager": QdrantIOManager(
-            database=database, qdrant=qdrant, sources_file=sources_file
-        ),
+        "pgvector_io_manager": PgVectorIOManager(runtime=runtime),
+        "qdrant_io_manager": QdrantIOManager(runtime=runtime),
     }
     for name, spec in settings.embedders.items():
         resources[embedder_resource_key(name)] = embedder_resource(spec)
@@ -47,8 +47,9 @@ def build_definitions(settings: Settings) -> dg.Definitions:
     return dg.Definitions(
         assets=[a for s in per_source for a in s.assets],
         asset_checks=[c for s in per_source for c in s.checks],
-        jobs=[s.job for s in per_source],
+        jobs=[j for s in per_source for j in (s.job, s.reconcile_job)],
         sensors=[s.sensor for s in per_source],
+        schedules=[sch for s in per_source for sch in s.schedules],
         resources=resources,
     )
 

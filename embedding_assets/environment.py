@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 from embedding_assets.embedded import DAGSTER_DATABASE, EmbeddedPostgres, default_home
-from embedding_assets.stores.db import with_driver
+from embedding_assets.state.db import with_driver
 
 PROJECT_DAGSTER_YAML = Path(__file__).resolve().parent.parent / "dagster.yaml"
 DAGSTER_PG_URL_ENV = "EMBEDDING_ASSETS_DAGSTER_PG_URL"

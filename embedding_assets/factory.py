@@ -8,17 +8,9 @@ import dagster as dg
 from embedding_assets.checks import build_checks
 from embedding_assets.core.delta import ChunkedRows, EmbeddedRows, IndexUpdate, PendingRows
 from embedding_assets.core.sharding import shard_index
-from embedding_assets.pipeline import (
-    chunk_rows,
-    effective_max_tokens,
-    embed_chunks,
-    plan_index_update,
-)
-from embedding_assets.resources.embedders import (
-    embedder_pool,
-    embedder_resource_key,
-    source_store,
-)
+from embedding_assets.pipeline import chunk_rows, effective_max_tokens, embed_chunks
+from embedding_assets.resources.embedders import embedder_pool, embedder_resource_key
+from embedding_assets.resources.runtime import runtime_of
 from embedding_assets.sensors import build_sensor
 from embedding_assets.settings import SourceSpec
 
@@ -31,6 +23,8 @@ class SourceDefs:
     checks: list[dg.AssetChecksDefinition]
     job: object  # what dg.define_asset_job returns (resolved when Definitions load)
     sensor: dg.SensorDefinition
+    reconcile_job: dg.JobDefinition
+    schedules: list[dg.ScheduleDefinition]
 
 
 def embedder_stats(embedder) -> dict[str, float]:
@@ -51,7 +45,7 @@ def _per_second(count: int, seconds: float) -> float:
 def build_source_defs(spec: SourceSpec, qdrant_embedded: bool) -> SourceDefs:
     name = spec.name
     shards = dg.StaticPartitionsDefinition(spec.shard_keys)
-    resources = {"database", embedder_resource_key(spec.embedder)}
+    resources = {"runtime", embedder_resource_key(spec.embedder)}
 
     @dg.asset(
         key=[name, "pending_rows"],
@@ -66,8 +60,8 @@ def build_source_defs(spec: SourceSpec, qdrant_embedded: bool) -> SourceDefs:
         or the model differs from what is stored) and rows to remove (deleted, or no longer
         matching `where`). At most `max_rows_per_run`; the sensor asks again for the rest."""
         started = time.perf_counter()
-        store, _ = source_store(context, spec)
-        pending = store.pending(shard_index(context.partition_key))
+        runtime = runtime_of(context, spec)
+        pending = runtime.feed.pending(shard_index(context.partition_key), spec.max_rows_per_run)
         seconds = time.perf_counter() - started
         context.add_output_metadata(
             {
@@ -75,6 +69,8 @@ def build_source_defs(spec: SourceSpec, qdrant_embedded: bool) -> SourceDefs:
                 "rows_to_delete": len(pending.deleted),
                 "empty_text_rows": pending.empty_rows,
                 "backlog": pending.backlog,
+                "change_capture": runtime.feed.mode,
+                "feed_entries": len(pending.consumed),
                 "seconds": round(seconds, 3),
             }
         )
@@ -93,7 +89,7 @@ def build_source_defs(spec: SourceSpec, qdrant_embedded: bool) -> SourceDefs:
         embedder's own tokenizer, overlapping by `overlap` tokens, with a content hash per
         chunk. Rows with NULL or blank text get no chunk."""
         started = time.perf_counter()
-        _, embedder = source_store(context, spec)
+        embedder = runtime_of(context, spec).embedder
         chunked = chunk_rows(pending_rows, spec, embedder)
         seconds = time.perf_counter() - started
         context.add_output_metadata(
@@ -123,9 +119,9 @@ def build_source_defs(spec: SourceSpec, qdrant_embedded: bool) -> SourceDefs:
         already has a vector for this model is copied, not re-embedded: only changed
         chunks cost compute."""
         started = time.perf_counter()
-        store, embedder = source_store(context, spec)
-        store.ensure_target(embedder.dimension, spec.qdrant_collection)
-        reusable = store.reusable_vectors(chunks.chunks["chunk_hash"].tolist())
+        runtime = runtime_of(context, spec)
+        embedder = runtime.embedder
+        reusable = runtime.pgvector.reusable_vectors(chunks.chunks["chunk_hash"].tolist())
         calls_before = embedder_stats(embedder)
         embedded = embed_chunks(chunks, embedder, reusable)
         seconds = time.perf_counter() - started
@@ -161,23 +157,21 @@ def build_source_defs(spec: SourceSpec, qdrant_embedded: bool) -> SourceDefs:
         kinds={"qdrant"},
         partitions_def=shards,
         io_manager_key="qdrant_io_manager",
-        required_resource_keys={*resources, "qdrant"},
+        required_resource_keys=resources,
         deps=[embeddings],
         pool=EMBEDDED_QDRANT_POOL if qdrant_embedded else None,
     )
     def vector_index(context: dg.AssetExecutionContext) -> IndexUpdate:
         """The shard's chunks as points in the source's Qdrant collection (payload: row id,
-        chunk index, text, metadata columns). Planned from what pgvector and the row state
+        chunk index, text, metadata columns). Planned from what pgvector and the ledger
         hold, not from this run's output, so a crash between the two writes converges."""
         started = time.perf_counter()
-        store, embedder = source_store(context, spec)
-        update, stats = plan_index_update(
-            spec,
-            store,
-            context.resources.qdrant.store(),
+        runtime = runtime_of(context, spec)
+        update, stats = runtime.qdrant.plan(
             shard_index(context.partition_key),
-            embedder.dimension,
+            runtime.embedder.dimension,
             spec.max_rows_per_run,
+            runtime.model_id,
         )
         seconds = time.perf_counter() - started
         context.add_output_metadata(
@@ -202,4 +196,57 @@ def build_source_defs(spec: SourceSpec, qdrant_embedded: bool) -> SourceDefs:
         tags={"embedding_assets/source": name},
     )
     sensor = build_sensor(spec, job)
-    return SourceDefs(assets, checks, job, sensor)
+    reconcile_job = build_reconcile_job(spec)
+    schedules = []
+    if spec.reconcile.cron:
+        schedules.append(
+            dg.ScheduleDefinition(
+                name=f"{name}_reconcile_schedule",
+                job=reconcile_job,
+                cron_schedule=spec.reconcile.cron,
+                execution_timezone=spec.reconcile.timezone,
+                default_status=dg.DefaultScheduleStatus.RUNNING,
+                description=f"The full diff of {name!r} against the ledger, on a schedule: "
+                "queues whatever the change feed missed.",
+            )
+        )
+    return SourceDefs(assets, checks, job, sensor, reconcile_job, schedules)
+
+
+def build_reconcile_job(spec: SourceSpec) -> dg.JobDefinition:
+    """A job that compares the whole source with the ledger and queues what differs; the
+    sensor then brings those shards up to date through the normal path."""
+
+    @dg.op(
+        name=f"{spec.name}_find_missed_changes",
+        required_resource_keys={"runtime", embedder_resource_key(spec.embedder)},
+        tags={"kind": "postgres"},
+    )
+    def reconcile(context: dg.OpExecutionContext) -> dg.Output[int]:
+        runtime = runtime_of(context, spec)
+        started = time.perf_counter()
+        found = runtime.feed.reconcile()
+        seconds = time.perf_counter() - started
+        context.log.info(
+            f"reconcile of {spec.name} ({runtime.feed.mode} capture): {found} rows queued"
+        )
+        return dg.Output(
+            found,
+            metadata={
+                "rows_found": found,
+                "change_capture": runtime.feed.mode,
+                "seconds": round(seconds, 3),
+            },
+        )
+
+    @dg.job(
+        name=f"{spec.name}_reconcile",
+        executor_def=dg.in_process_executor,
+        description=f"Full diff of source {spec.name!r} against the ledger: queue what the "
+        "change feed missed (triggers bypassed, restores, watermark deletes).",
+        tags={"embedding_assets/source": spec.name},
+    )
+    def reconcile_job() -> None:
+        reconcile()
+
+    return reconcile_job

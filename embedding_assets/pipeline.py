@@ -1,5 +1,6 @@
-"""The stages of a shard sync as plain functions: chunk, embed (reusing stored vectors),
-and plan/apply the Qdrant update. Dagster assets, the CLI and tests call these."""
+"""The stages of a shard sync as plain functions: chunk, embed (reusing stored vectors), and
+store (pgvector + ledger + change-feed acknowledgement in one transaction). The Qdrant
+stage lives in `destinations.qdrant`. Dagster assets, IO managers and tests call these."""
 
 from dataclasses import dataclass, replace
 
@@ -7,18 +8,11 @@ import numpy as np
 import pandas as pd
 
 from embedding_assets.core.chunking import chunk_text
-from embedding_assets.core.delta import (
-    CHUNK_COLUMNS,
-    ChunkedRows,
-    EmbeddedRows,
-    IndexUpdate,
-    PendingRows,
-)
-from embedding_assets.core.ids import point_id
+from embedding_assets.core.delta import CHUNK_COLUMNS, ChunkedRows, EmbeddedRows, PendingRows
 from embedding_assets.embedders.base import Embedder
+from embedding_assets.runtime import SourceRuntime
 from embedding_assets.settings import SourceSpec
-from embedding_assets.stores.pgvector import PgVectorStore, json_safe
-from embedding_assets.stores.qdrant import IndexPoint, QdrantStore
+from embedding_assets.state.ddl import shard_lock
 
 
 def effective_max_tokens(spec: SourceSpec, embedder: Embedder) -> int:
@@ -68,8 +62,11 @@ def embed_chunks(
                     failures.setdefault(chunks["row_id"].iat[position], failed[index])
     embedded = len(chunks) - reused
     if failures:
-        return _without_rows(chunked, vectors, embedded, reused, failures)
-    return EmbeddedRows(chunked, vectors, embedded_chunks=embedded, reused_chunks=reused)
+        result = _without_rows(chunked, vectors, embedded, reused, failures)
+    else:
+        result = EmbeddedRows(chunked, vectors, embedded_chunks=embedded, reused_chunks=reused)
+    result.model_id = embedder.model_id
+    return result
 
 
 def _embed(embedder: Embedder, texts: list[str]) -> tuple[np.ndarray, dict[int, str]]:
@@ -100,67 +97,64 @@ def _without_rows(
 
 
 @dataclass(frozen=True)
-class PlanStats:
-    lag_rows: int
-    reconciled: bool
-    created_collection: bool
+class WriteStats:
+    rows_written: int
+    chunks_written: int
+    rows_deleted: int
+    rows_skipped_stale: int
+    index_dropped: bool = False
+    index_built: bool = False
 
 
-def plan_index_update(
-    spec: SourceSpec,
-    pg: PgVectorStore,
-    qdrant: QdrantStore,
-    shard: int,
-    dimension: int,
-    limit: int,
-) -> tuple[IndexUpdate, PlanStats]:
-    """What Qdrant must change so the shard's points equal pgvector's chunks.
-
-    Derived from durable state, not from what this run produced, so a crash between the
-    pgvector and Qdrant writes is repaired by the next run. If Qdrant's point count for
-    the shard disagrees with what the state says it holds (store wiped, points removed by
-    hand, a crash mid-upsert), the shard's points are dropped and resent from pgvector.
-    """
-    collection = spec.qdrant_collection
-    with qdrant.session(collection):
-        created = qdrant.ensure_collection(collection, dimension)
-        if created:
-            pg.forget_qdrant()
-        reconciled = False
-        if qdrant.count(collection, shard=shard) != pg.qdrant_expected_points(shard):
-            qdrant.delete_shard(collection, shard)
-            pg.forget_qdrant(shard)
-            reconciled = True
-    lag, chunks = pg.qdrant_lag(shard, limit)
-    update = IndexUpdate(shard=shard, backlog=len(lag) >= limit)
-    for row in chunks.itertuples(index=False):
-        payload = {
-            "row_id": row.row_id,
-            "chunk_index": int(row.chunk_index),
-            "shard": shard,
-            "text": row.chunk_text,
-        }
-        for name in spec.metadata:
-            payload[name] = json_safe(getattr(row, name))
-        update.upserts.append(IndexPoint(id=row.point_id, vector=row.embedding, payload=payload))
-    for row in lag.itertuples(index=False):
-        # Points past the row's new chunk count are stale (all of them for a deleted row).
-        update.deletes.extend(
-            point_id(spec.name, row.row_id, index, pg.model_id)
-            for index in range(int(row.chunk_count), int(row.qdrant_chunk_count))
+def store_embeddings(runtime: SourceRuntime, batch: EmbeddedRows) -> WriteStats:
+    """Replace the chunks of every processed row and remove deleted rows, in one transaction
+    with the ledger and the change feed's acknowledgement. A row stored after this batch's
+    delta was read (by a newer run) is skipped: the newer write wins and nothing regresses.
+    Rows the embedder rejected stay in the feed for a later run."""
+    if batch.model_id and batch.model_id != runtime.model_id:
+        raise RuntimeError(
+            f"embeddings of source {runtime.spec.name!r} were computed by {batch.model_id} "
+            f"but the source now uses {runtime.model_id}; re-run the shard"
         )
-        update.synced.append((row.row_id, row.content_hash, int(row.chunk_count)))
-    return update, PlanStats(len(lag), reconciled, created)
+    pending = batch.pending
+    upsert_ids = pending.rows["row_id"].tolist()
+    all_ids = upsert_ids + pending.deleted
+    dimension = batch.vectors.shape[1] if batch.vectors.ndim == 2 else runtime.embedder.dimension
+    if all_ids:
+        runtime.ensure_target(dimension)
+    with runtime.engine.begin() as conn:
+        shard_lock(conn, runtime.target, pending.shard)
+        stale = runtime.ledger.newer_rows(conn, all_ids, pending.computed_at) if all_ids else set()
+        dropped = runtime.pgvector.drop_index_for_rewrite(conn, len(batch.chunked.chunks))
+        if dropped:
+            runtime.ledger.set_vector_index(conn, "deferred")
+        chunks_written = runtime.pgvector.replace_rows(conn, batch, stale, runtime.model_id)
+        chunks = batch.chunked.chunks
+        counts = chunks.groupby("row_id").size().to_dict() if len(chunks) else {}
+        hashes = dict(zip(pending.rows["row_id"], pending.rows["content_hash"], strict=True))
+        written = [r for r in upsert_ids if r not in stale]
+        runtime.ledger.record_written(
+            conn,
+            pending.shard,
+            written,
+            [hashes[r] for r in written],
+            [int(counts.get(r, 0)) for r in written],
+        )
+        removed = [r for r in pending.deleted if r not in stale]
+        runtime.ledger.record_deleted(conn, removed)
+        runtime.feed.acknowledge(conn, pending, set(batch.failures))
+    built = False
+    if not pending.backlog and _index_deferred(runtime) and not _work_left(runtime):
+        with runtime.engine.begin() as conn:
+            built = runtime.pgvector.build_index(conn)
+            runtime.ledger.set_vector_index(conn, "built")
+    return WriteStats(len(written), chunks_written, len(removed), len(stale), dropped, built)
 
 
-def apply_index_update(
-    spec: SourceSpec, pg: PgVectorStore, qdrant: QdrantStore, update: IndexUpdate
-) -> None:
-    collection = spec.qdrant_collection
-    with qdrant.session(collection):
-        if update.deletes:
-            qdrant.delete(collection, update.deletes)
-        if update.upserts:
-            qdrant.upsert(collection, update.upserts)
-    # Recorded only after Qdrant has the points: a crash before this line resends them.
-    pg.mark_qdrant_synced(update.synced)
+def _index_deferred(runtime: SourceRuntime) -> bool:
+    record = runtime.ledger.record()
+    return record is not None and record.vector_index == "deferred"
+
+
+def _work_left(runtime: SourceRuntime) -> bool:
+    return any(rows for rows, _ in runtime.feed.work().values())

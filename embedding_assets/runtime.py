@@ -1,13 +1,21 @@
-"""Builds the plain objects a source needs (embedder, pgvector store) from settings.
+"""Builds the plain objects a source needs from settings: its embedder, ledger, change feed
+and destinations, as one `SourceRuntime`.
 
 Shared by resources, IO managers, the sensor, checks and the CLI, so all of them agree on
-the model id and pipeline version of a source.
+the model id, pipeline version and capture mode of a source.
 """
 
 import functools
+import hashlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
+import sqlalchemy as sa
+
+from embedding_assets.destinations.pgvector import PgVectorDestination
+from embedding_assets.destinations.qdrant import QdrantDestination
+from embedding_assets.destinations.qdrant_stores import QdrantStore, open_qdrant_store
 from embedding_assets.embedders.base import Embedder
 from embedding_assets.settings import (
     EmbedderSpec,
@@ -15,9 +23,12 @@ from embedding_assets.settings import (
     Settings,
     SourceSpec,
 )
-from embedding_assets.stores.db import engine_for
-from embedding_assets.stores.pgvector import PgVectorStore, pipeline_version
-from embedding_assets.stores.qdrant import QdrantStore, open_qdrant_store
+from embedding_assets.state.db import engine_for
+from embedding_assets.state.ddl import ddl_lock
+from embedding_assets.state.diff import ShardWork, SourceDiff
+from embedding_assets.state.feeds import ChangeFeed, build_feed
+from embedding_assets.state.ledger import Ledger, pipeline_version
+from embedding_assets.state.queue import ChangeQueue
 
 BUNDLED_MODEL_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
 
@@ -75,24 +86,109 @@ def make_embedder(spec: EmbedderSpec) -> Embedder:
     return build_embedder(spec, os.environ.get(key_env) if key_env else None)
 
 
-def store_for(spec: SourceSpec, database_url: str, embedder: Embedder) -> PgVectorStore:
-    version = pipeline_version(embedder.model_id, spec.chunking.max_tokens, spec.chunking.overlap)
-    return PgVectorStore(engine_for(database_url), spec, embedder.model_id, version)
+@dataclass
+class SourceRuntime:
+    """Everything one source needs at run time, built in one place (`source_runtime`) and
+    shared by assets, checks, the sensor, IO managers and the CLI, so all of them agree on
+    the model id, pipeline version, change feed and destinations of the source."""
+
+    spec: SourceSpec
+    engine: sa.Engine
+    embedder: Embedder
+    version: str
+    ledger: Ledger
+    diff: SourceDiff
+    feed: ChangeFeed
+    pgvector: PgVectorDestination
+    qdrant: QdrantDestination
+    target_ready: bool = False
+
+    @property
+    def model_id(self) -> str:
+        return self.embedder.model_id
+
+    @property
+    def target(self) -> str:
+        return self.spec.target
+
+    def ensure_target(self, dimension: int) -> None:
+        """Record the target for this model (or refuse another model's table), create the
+        chunk table, and follow a change of the shard count, in one transaction."""
+        if self.target_ready:
+            return
+        with self.engine.begin() as conn:
+            ddl_lock(conn)
+            created = self.pgvector.ensure(conn, dimension)
+            recorded = self.ledger.claim_target(
+                conn,
+                self.model_id,
+                dimension,
+                self.spec.shards,
+                self.spec.qdrant_collection,
+                vector_index="deferred" if created else "built",
+            )
+            if recorded is not None and recorded.shards != self.spec.shards:
+                self.ledger.reshard(conn, self.spec.shards)
+                self.pgvector.reshard(conn, self.spec.shards)
+                ChangeQueue(self.engine, self.target).reshard(conn, self.spec.shards)
+        self.target_ready = True
+
+    def work(self) -> dict[int, ShardWork]:
+        """Per shard: pending rows and Qdrant lag from the change feed and the ledger's
+        lag index. Cost follows the changes (for trigger and watermark feeds)."""
+        pending = self.feed.work()
+        lag = self.qdrant.lag_by_shard()
+        work = {}
+        for shard in range(self.spec.shards):
+            rows, feed_print = pending.get(shard, (0, None))
+            lag_rows, lag_print = lag.get(shard, (0, None))
+            fingerprint = None
+            if rows or lag_rows:
+                fingerprint = hashlib.md5(f"{feed_print}|{lag_print}".encode()).hexdigest()
+            work[shard] = ShardWork(shard, rows, lag_rows, fingerprint)
+        return work
+
+    def exact_work(self, shard: int | None = None) -> dict[int, ShardWork]:
+        """The full diff: exact eligible, current and pending counts. Cost: the table."""
+        return self.diff.exact_work(shard)
 
 
-def pg_store(settings: Settings, source: str, database_url: str) -> PgVectorStore:
+_RUNTIMES: dict[tuple, SourceRuntime] = {}
+
+
+def source_runtime(
+    spec: SourceSpec, database_url: str, embedder: Embedder, qdrant: QdrantStore
+) -> SourceRuntime:
+    """The one place a source's runtime is built; one per configuration and process."""
+    key = (spec.model_dump_json(), database_url, id(embedder), id(qdrant))
+    if key not in _RUNTIMES:
+        engine = engine_for(database_url)
+        version = pipeline_version(
+            embedder.model_id, spec.chunking.max_tokens, spec.chunking.overlap
+        )
+        ledger = Ledger(engine, spec.target, spec.name, version)
+        diff = SourceDiff(engine, spec, spec.target, version)
+        pgvector = PgVectorDestination(engine, spec)
+        _RUNTIMES[key] = SourceRuntime(
+            spec=spec,
+            engine=engine,
+            embedder=embedder,
+            version=version,
+            ledger=ledger,
+            diff=diff,
+            feed=build_feed(engine, spec, diff),
+            pgvector=pgvector,
+            qdrant=QdrantDestination(engine, spec, spec.target, qdrant, pgvector),
+        )
+    return _RUNTIMES[key]
+
+
+def runtime_for(settings: Settings, source: str, database_url: str) -> SourceRuntime:
+    """A source's runtime outside Dagster (CLI, tests, benchmarks)."""
     spec = settings.source(source)
-    return store_for(spec, database_url, make_embedder(settings.embedder_for(spec)))
-
-
-def spec_and_store(
-    sources_file: str, source: str, database_url: str
-) -> tuple[SourceSpec, PgVectorStore]:
-    """A source's spec and pgvector store from the sources file (for the IO managers)."""
-    from embedding_assets.settings import load_settings
-
-    settings = load_settings(sources_file)
-    return settings.source(source), pg_store(settings, source, database_url)
+    return source_runtime(
+        spec, database_url, make_embedder(settings.embedder_for(spec)), qdrant_store_from_env()
+    )
 
 
 @functools.cache

@@ -5,7 +5,8 @@ import time
 
 import dagster as dg
 
-from embedding_assets.resources.embedders import embedder_resource_key, source_store
+from embedding_assets.resources.embedders import embedder_resource_key
+from embedding_assets.resources.runtime import runtime_of
 from embedding_assets.settings import SourceSpec
 
 IN_FLIGHT = {
@@ -42,15 +43,15 @@ def build_sensor(spec: SourceSpec, job) -> dg.SensorDefinition:
         job=job,
         minimum_interval_seconds=spec.sensor_interval_seconds,
         default_status=dg.DefaultSensorStatus.RUNNING,
-        required_resource_keys={"database", embedder_key},
+        required_resource_keys={"runtime", embedder_key},
         description=(
-            f"Compares {spec.name!r} with what is stored and requests one run per shard with "
-            "new, changed or deleted rows (or points Qdrant lacks)."
+            f"Reads {spec.name!r}'s change feed and requests one run per shard with new, "
+            "changed or deleted rows (or points Qdrant lacks)."
         ),
     )
     def source_changes(context: dg.SensorEvaluationContext):
-        store, _ = source_store(context, spec)
-        work = store.work_by_shard()
+        runtime = runtime_of(context, spec)
+        work = runtime.work()
         runs = recent_runs(context.instance, job.name)
         busy = {
             r.dagster_run.tags.get("dagster/partition")
@@ -66,8 +67,8 @@ def build_sensor(spec: SourceSpec, job) -> dg.SensorDefinition:
             if key in busy:
                 waiting.append(f"{key} (run in flight)")
                 continue
-            # The fingerprint covers the pending rows' ids, hashes and last write times:
-            # the same outstanding work never gets a second run, unless its runs failed.
+            # The fingerprint changes with the outstanding work (queue entries, watermark
+            # window, lagging rows): the same work never gets a second run, unless it failed.
             work_id = f"{spec.name}:{key}:{shard_work.fingerprint}"
             failed = [
                 r
@@ -92,12 +93,10 @@ def build_sensor(spec: SourceSpec, job) -> dg.SensorDefinition:
                 )
             )
         if not requests:
-            pending = sum(w.pending_rows for w in work.values())
             if waiting:
                 return dg.SkipReason(f"shards with work are waiting: {', '.join(waiting)}")
             return dg.SkipReason(
-                f"nothing pending: {pending} rows to embed, "
-                f"{sum(w.eligible_rows for w in work.values())} eligible rows all current"
+                f"nothing pending ({runtime.feed.mode} capture): every shard is current"
             )
         return dg.SensorResult(run_requests=requests)
 

@@ -174,6 +174,17 @@ def split_qualified(name: str, default_schema: str = "public") -> tuple[str, str
     raise ValueError(f"{name!r} is not a table name; write table or schema.table")
 
 
+class ReconcileSpec(_Spec):
+    """The scheduled full diff that catches what a change feed missed (triggers disabled,
+    `session_replication_role = replica`, restores, watermark deletes)."""
+
+    cron: str | None = "0 3 * * *"  # null: no schedule (`embedding-assets reconcile` still works)
+    timezone: str = "UTC"
+
+
+CaptureMode = Literal["auto", "trigger", "watermark", "diff"]
+
+
 class SourceSpec(_Spec):
     """One table (or query) whose rows are kept embedded."""
 
@@ -187,7 +198,13 @@ class SourceSpec(_Spec):
     embedder: str = "local"
     shards: int = Field(default=8, ge=1, le=256)
     max_rows_per_run: int = Field(default=20_000, ge=1)
-    sensor_interval_seconds: int = Field(default=30, ge=1)
+    sensor_interval_seconds: int = Field(default=5, ge=1)
+    # auto: triggers for `table:` sources when this role may create them, else diff.
+    change_capture: CaptureMode = "auto"
+    watermark_column: str | None = None
+    # Rows committed late with an older watermark value are still found within this window.
+    watermark_overlap_seconds: int = Field(default=60, ge=0)
+    reconcile: ReconcileSpec = ReconcileSpec()
     chunking: ChunkingSpec = ChunkingSpec()
     pgvector: PgvectorSpec = PgvectorSpec()
     qdrant: QdrantSpec = QdrantSpec()
@@ -217,6 +234,16 @@ class SourceSpec(_Spec):
             raise ValueError(f"source {self.name!r}: give exactly one of `table:` or `query:`")
         if self.table is not None:
             split_qualified(self.table)
+        if self.change_capture == "trigger" and self.table is None:
+            raise ValueError(
+                f"source {self.name!r}: change_capture: trigger needs a `table:` source; a "
+                "`query:` source uses diff (or watermark, with watermark_column)"
+            )
+        if (self.change_capture == "watermark") != (self.watermark_column is not None):
+            raise ValueError(
+                f"source {self.name!r}: change_capture: watermark and watermark_column go "
+                "together (e.g. change_capture: watermark, watermark_column: updated_at)"
+            )
         return self
 
     @property

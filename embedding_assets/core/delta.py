@@ -16,6 +16,7 @@ class PendingRows:
 
     `rows` has PENDING_COLUMNS plus one column per metadata column. `computed_at` is the
     database time the delta was read; a write skips rows stored after it (a newer run won).
+    `version` is the pipeline version (model, chunking) the rows are to be embedded with.
     """
 
     source: str
@@ -25,6 +26,10 @@ class PendingRows:
     rows: pd.DataFrame
     deleted: list[str]
     backlog: bool
+    # Change-feed entries (entry id, row id) this read consumed; acknowledged with the write.
+    consumed: list[tuple[int, str]] = field(default_factory=list)
+    # Watermark feeds: the highest watermark value read, as text; stored with the write.
+    watermark: str | None = None
 
     @property
     def empty_rows(self) -> int:
@@ -49,6 +54,7 @@ class EmbeddedRows:
     reused_chunks: int
     # Rows the embedder rejected: left out of the write (they stay pending), with the reason.
     failures: dict[str, str] = field(default_factory=dict)
+    model_id: str = ""  # the embedder that computed `vectors`; the write stamps it
 
     @property
     def pending(self) -> PendingRows:
@@ -60,7 +66,13 @@ class IndexUpdate:
     """What Qdrant must change for one shard to match pgvector, and the state to record."""
 
     shard: int
-    upserts: list = field(default_factory=list)  # stores.qdrant.IndexPoint
+    upserts: list = field(default_factory=list)  # destinations.qdrant_stores.IndexPoint
     deletes: list[str] = field(default_factory=list)
     synced: list[tuple[str, str | None, int]] = field(default_factory=list)  # row, hash, chunks
     backlog: bool = False
+    collection: str = ""
+    dimension: int = 0
+    # The collection is missing, or its point count disagrees with the ledger: create it
+    # and/or drop the shard's points and resend them all (the plan then covers every row).
+    create_collection: bool = False
+    reset_shard: bool = False

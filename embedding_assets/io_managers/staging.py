@@ -1,7 +1,7 @@
 import dagster as dg
 
 from embedding_assets.resources.database import DatabaseResource
-from embedding_assets.stores.staging import StagedOutputs
+from embedding_assets.state.staging import StagedOutputs
 
 
 class StagingIOManager(dg.ConfigurableIOManager):

@@ -2,7 +2,7 @@ import dagster as dg
 import sqlalchemy as sa
 from pydantic import Field
 
-from embedding_assets.stores.db import engine_for
+from embedding_assets.state.db import engine_for
 
 
 class DatabaseResource(dg.ConfigurableResource):

@@ -7,14 +7,12 @@ import dagster as dg
 from pydantic import TypeAdapter
 
 from embedding_assets.embedders.base import Embedder
-from embedding_assets.runtime import build_embedder, store_for
+from embedding_assets.runtime import build_embedder
 from embedding_assets.settings import (
     EmbedderSpec,
     RemoteEmbedderSpec,
     SentenceTransformersEmbedderSpec,
-    SourceSpec,
 )
-from embedding_assets.stores.pgvector import PgVectorStore
 
 _SPEC = TypeAdapter(EmbedderSpec)
 
@@ -90,10 +88,3 @@ def embedder_resource_key(embedder_name: str) -> str:
 def embedder_pool(embedder_name: str) -> str:
     """The Dagster pool bounding how many runs call this embedder at once."""
     return f"embedder_{embedder_name}"
-
-
-def source_store(context, spec: SourceSpec) -> tuple[PgVectorStore, Embedder]:
-    """The source's pgvector store and embedder from the resources of any Dagster context
-    (asset, check or sensor), so all of them agree on model id and pipeline version."""
-    embedder = getattr(context.resources, embedder_resource_key(spec.embedder)).embedder()
-    return store_for(spec, context.resources.database.url, embedder), embedder

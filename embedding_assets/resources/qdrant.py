@@ -1,7 +1,7 @@
 import dagster as dg
 
+from embedding_assets.destinations.qdrant_stores import QdrantStore
 from embedding_assets.runtime import qdrant_store
-from embedding_assets.stores.qdrant import QdrantStore
 
 
 class QdrantResource(dg.ConfigurableResource):

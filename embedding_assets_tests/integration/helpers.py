@@ -9,7 +9,7 @@ import sqlalchemy as sa
 
 from embedding_assets.definitions import build_definitions
 from embedding_assets.settings import Settings, load_settings
-from embedding_assets.stores.db import engine_for
+from embedding_assets.state.db import engine_for
 
 
 def unique_name(prefix: str = "src") -> str:

@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from click.testing import CliRunner
 
 from embedding_assets.cli import main
-from embedding_assets.stores.db import PgvectorMissingError, engine_for
+from embedding_assets.state.db import PgvectorMissingError, engine_for
 from embedding_assets_tests.integration.helpers import (
     create_docs_table,
     unique_name,
@@ -64,6 +64,19 @@ def test_sync_status_search_through_the_cli(source, home):
 
     one = run_cli("--sources", path, "sync", "--shard", "01")
     assert one.exit_code == 0 and "0 rows" in one.output
+    # Nothing changed: the change feed says so, and sync starts no run at all.
+    idle = run_cli("--sources", path, "sync", "--json")
+    assert json.loads(idle.output.strip().splitlines()[-1]) == []
+
+    assert after["change_capture"] == "trigger" and after["exact"] is False
+    exact = json.loads(run_cli("--sources", path, "status", "--exact", "--json").output)[0]
+    assert exact["exact"] is True
+    assert (exact["eligible_rows"], exact["embedded_rows"], exact["pending_rows"]) == (15, 15, 0)
+    assert exact["eligible_rows_counted"] == 15 and exact["counted_at"]
+    reconciled = json.loads(run_cli("--sources", path, "reconcile", "--json").output)
+    assert [(r["source"], r["rows_queued"]) for r in reconciled] == [(name, 0)]
+    sql = run_cli("--sources", path, "triggers", "sql", "--source", name).output
+    assert "SECURITY DEFINER" in sql and sql.count("CREATE TRIGGER") == 4
 
     # The runs are recorded in the instance the UI uses: Postgres storage, not SQLite.
     instance = dg.DagsterInstance.from_config(str(home / "dagster"))

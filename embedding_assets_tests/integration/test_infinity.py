@@ -122,7 +122,7 @@ def test_openai_provider_syncs_a_source_through_infinity(
     import dagster as dg
 
     from embedding_assets.cli import search_source
-    from embedding_assets.runtime import pg_store
+    from embedding_assets.runtime import runtime_for
     from embedding_assets.settings import load_settings
     from embedding_assets_tests.integration.helpers import (
         create_docs_table,
@@ -144,8 +144,8 @@ def test_openai_provider_syncs_a_source_through_infinity(
     with dg.DagsterInstance.ephemeral() as instance:
         results = sync_shards(settings, name, instance)
     assert all(r.success for r in results.values())
-    store = pg_store(settings, name, postgres)
-    stored = [store.stored_chunks(shard) for shard in (0, 1)]
+    store = runtime_for(settings, name, postgres)
+    stored = [store.pgvector.stored_chunks(shard) for shard in (0, 1)]
     got = np.stack([v for frame in stored for v in frame["embedding"]])
     texts = [t for frame in stored for t in frame["chunk_text"]]
     assert len(texts) == 20

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from embedding_assets.stores.qdrant import (
+from embedding_assets.destinations.qdrant_stores import (
     EmbeddedQdrantStore,
     IndexPoint,
     QdrantStore,

@@ -7,7 +7,7 @@ import dagster as dg
 import pytest
 from dagster._serdes import serialize_value
 
-from embedding_assets.runtime import pg_store
+from embedding_assets.runtime import runtime_for
 from embedding_assets.settings import load_settings
 from embedding_assets_tests.fakes.provider_server import Fault, ProviderServer
 from embedding_assets_tests.integration.helpers import (
@@ -77,7 +77,7 @@ def test_remote_provider_faults_rejected_row_and_no_key_leak(
             assert list(meta["failed_row_reasons"]) == ["13"]
             assert meta["embedder_retries"] >= 2
             assert meta["embedded_chunks"] == 20  # 19 stored + the rejected one attempted
-            work = pg_store(settings, name, postgres).work_by_shard()[0]
+            work = runtime_for(settings, name, postgres).exact_work()[0]
             assert (work.embedded_rows, work.pending_rows) == (19, 1)
             # Stored documents were embedded as documents, never as queries.
             assert {r.input_type for r in server.requests if r.inputs} == {

@@ -6,7 +6,7 @@ import sqlalchemy as sa
 
 from embedding_assets.core.sharding import shard_of
 from embedding_assets.definitions import build_definitions
-from embedding_assets.stores.db import engine_for
+from embedding_assets.state.db import engine_for
 from embedding_assets_tests.integration.helpers import (
     create_docs_table,
     sync_shards,

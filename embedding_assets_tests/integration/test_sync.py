@@ -7,8 +7,8 @@ import sqlalchemy as sa
 
 from embedding_assets.core.sharding import shard_of
 from embedding_assets.embedders.sentence_transformers import SentenceTransformerEmbedder
-from embedding_assets.runtime import make_embedder, pg_store, qdrant_store_from_env
-from embedding_assets.stores.db import engine_for
+from embedding_assets.runtime import make_embedder, qdrant_store_from_env, runtime_for
+from embedding_assets.state.db import engine_for
 from embedding_assets_tests.integration.helpers import (
     create_docs_table,
     materialization_metadata,
@@ -37,12 +37,12 @@ def docs(n: int) -> list[dict]:
 def stored_state(url: str, settings, source: str) -> dict:
     """Everything both sinks hold for the source: pgvector rows and Qdrant points."""
     spec = settings.source(source)
-    store = pg_store(settings, source, url)
+    store = runtime_for(settings, source, url)
     with engine_for(url).connect() as conn:
         rows = conn.execute(
             sa.text(
                 f"SELECT CAST(point_id AS text), row_id, chunk_index, chunk_hash, category, views,"
-                f" updated_at FROM {store.table} ORDER BY point_id"
+                f" updated_at FROM {store.pgvector.table} ORDER BY point_id"
             )
         ).fetchall()
     qdrant = qdrant_store_from_env()
@@ -95,8 +95,8 @@ def test_first_sync_then_rerun_changes_nothing(postgres, home, tmp_path, instanc
     )
     assert embedded == 40
 
-    store = pg_store(settings, name, postgres)
-    work = store.work_by_shard()
+    store = runtime_for(settings, name, postgres)
+    work = store.exact_work()
     assert sum(w.eligible_rows for w in work.values()) == 42
     assert sum(w.embedded_rows for w in work.values()) == 42
     assert not any(w.has_work for w in work.values())
@@ -119,8 +119,8 @@ def test_update_reuses_unchanged_chunks_and_deletes_leave_both_sinks(
     create_docs_table(postgres, name, rows)
     settings = write_settings(tmp_path, name, name)
     sync_shards(settings, name, instance)
-    store = pg_store(settings, name, postgres)
-    chunks_before = store.chunk_counts()
+    store = runtime_for(settings, name, postgres)
+    chunks_before = store.pgvector.chunk_counts()
     long_shard = shard_of("100", 4)
     long_chunks = chunks_before[long_shard] - sum(
         1 for r in docs(12) if shard_of(str(r["id"]), 4) == long_shard
@@ -137,11 +137,11 @@ def test_update_reuses_unchanged_chunks_and_deletes_leave_both_sinks(
         conn.execute(sa.text(f"UPDATE {name} SET archived = true WHERE id = 5"))
         conn.execute(sa.text(f"UPDATE {name} SET category = 'tools' WHERE id = 7"))
 
-    work = store.work_by_shard()
+    work = store.exact_work()
     assert sum(w.pending_rows for w in work.values()) == 4
     # One shard's figures (what the coverage check reads) equal its share of the full diff.
     for shard, shard_work in work.items():
-        assert store.work_by_shard(shard) == {shard: shard_work}
+        assert store.exact_work(shard) == {shard: shard_work}
     shards_with_work = sorted(
         settings.source(name).shard_keys[s] for s, w in work.items() if w.has_work
     )
@@ -164,7 +164,7 @@ def test_update_reuses_unchanged_chunks_and_deletes_leave_both_sinks(
         settings.source(name).qdrant_collection, [r[0] for r in state["pgvector"] if r[1] == "7"]
     )
     assert hits[0].payload["category"] == "tools"
-    assert not any(w.has_work for w in store.work_by_shard().values())
+    assert not any(w.has_work for w in store.exact_work().values())
 
 
 def test_long_text_chunks_within_max_tokens_with_overlap(postgres, home, tmp_path, instance):
@@ -172,10 +172,12 @@ def test_long_text_chunks_within_max_tokens_with_overlap(postgres, home, tmp_pat
     create_docs_table(postgres, name, [{"id": 1, "title": "Long", "body": long_body(5, 2000)}])
     settings = write_settings(tmp_path, name, name)
     sync_shards(settings, name, instance, [settings.source(name).shard_keys[shard_of("1", 4)]])
-    store = pg_store(settings, name, postgres)
+    store = runtime_for(settings, name, postgres)
     with engine_for(postgres).connect() as conn:
         chunks = conn.execute(
-            sa.text(f"SELECT chunk_text, token_count FROM {store.table} ORDER BY chunk_index")
+            sa.text(
+                f"SELECT chunk_text, token_count FROM {store.pgvector.table} ORDER BY chunk_index"
+            )
         ).fetchall()
     tokenizer = make_embedder(settings.embedders["local"]).tokenizer
     assert len(chunks) >= 20
@@ -213,14 +215,14 @@ def test_crash_between_pgvector_and_qdrant_converges(postgres, home, tmp_path, i
         asset_selection=[dg.AssetKey([name, s]) for s in ("pending_rows", "chunks", "embeddings")],
     )
     assert result.success
-    store = pg_store(settings, name, postgres)
-    work = store.work_by_shard()[0]
+    store = runtime_for(settings, name, postgres)
+    work = store.exact_work()[0]
     assert work.pending_rows == 0 and work.qdrant_lag_rows == 20
     # The next full run finds nothing to embed but converges Qdrant from durable state.
     sync_shards(settings, name, instance)
     state = stored_state(postgres, settings, name)
     assert state["qdrant_count"] == 20
-    assert not store.work_by_shard()[0].has_work
+    assert not store.exact_work()[0].has_work
 
     # Qdrant loses points behind our back: the next run notices and resends them.
     qdrant = qdrant_store_from_env()
@@ -235,16 +237,16 @@ def test_model_id_is_stored_with_every_vector(postgres, home, tmp_path, instance
     create_docs_table(postgres, name, docs(5))
     settings = write_settings(tmp_path, name, name, shards="1")
     sync_shards(settings, name, instance)
-    store = pg_store(settings, name, postgres)
+    store = runtime_for(settings, name, postgres)
     with engine_for(postgres).connect() as conn:
-        models = conn.scalars(sa.text(f"SELECT DISTINCT model FROM {store.table}")).all()
+        models = conn.scalars(sa.text(f"SELECT DISTINCT model FROM {store.pgvector.table}")).all()
     assert models == [SentenceTransformerEmbedder().model_id]
 
 
 def test_qdrant_client_code_path_in_memory(postgres, home, tmp_path, instance, monkeypatch):
     """QDRANT_URL selects the qdrant-client store; `:memory:` runs that code path in-process."""
     from embedding_assets.cli import search_source
-    from embedding_assets.stores.qdrant import ServerQdrantStore
+    from embedding_assets.destinations.qdrant_stores import ServerQdrantStore
 
     monkeypatch.setenv("QDRANT_URL", ":memory:")
     assert isinstance(qdrant_store_from_env(), ServerQdrantStore)
@@ -294,7 +296,7 @@ def test_text_and_uuid_keys_and_sql_sharding_matches_python(postgres, home, tmp_
 
 def test_model_or_chunking_change_is_handled_without_mixing(postgres, home, tmp_path, instance):
     """A chunking change makes every row pending; another model is refused for the table."""
-    from embedding_assets.stores.pgvector import ModelMismatchError, PgVectorStore
+    from embedding_assets.state.ledger import ModelMismatchError
 
     name = unique_name()
     create_docs_table(postgres, name, docs(6))
@@ -303,9 +305,11 @@ def test_model_or_chunking_change_is_handled_without_mixing(postgres, home, tmp_
     rechunked = write_settings(
         tmp_path, name, name, shards="1", chunking="{max_tokens: 32, overlap: 4}"
     )
-    assert pg_store(rechunked, name, postgres).work_by_shard()[0].pending_rows == 6
+    assert runtime_for(rechunked, name, postgres).exact_work()[0].pending_rows == 6
 
-    spec = settings.source(name)
-    other = PgVectorStore(engine_for(postgres), spec, "sentence_transformers:other", "v")
-    with pytest.raises(ModelMismatchError, match="One table holds one model"):
-        other.ensure_target(384, spec.qdrant_collection)
+    ledger = runtime_for(settings, name, postgres).ledger
+    with (
+        pytest.raises(ModelMismatchError, match="One table holds one model"),
+        engine_for(postgres).begin() as conn,
+    ):
+        ledger.claim_target(conn, "sentence_transformers:other", 384, 1, name, "built")

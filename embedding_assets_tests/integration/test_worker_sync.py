@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from embedding_assets.embedders.sentence_transformers import SentenceTransformerEmbedder
-from embedding_assets.runtime import pg_store
+from embedding_assets.runtime import runtime_for
 from embedding_assets.settings import load_settings
 from embedding_assets_tests.conftest import free_port
 from embedding_assets_tests.integration.helpers import (
@@ -113,7 +113,7 @@ def test_sync_through_the_worker_matches_in_process_vectors(postgres, home, tmp_
     meta = materialization_metadata(result, "embeddings")
     assert meta["embedded_chunks"] == 30
     assert meta["embedder_requests"] >= 4  # 8 inputs per request
-    stored = pg_store(settings, name, postgres).stored_chunks(0)
+    stored = runtime_for(settings, name, postgres).pgvector.stored_chunks(0)
     local = SentenceTransformerEmbedder().embed_documents(
         [f"Crate {r}: parses format {r}" for r in stored["row_id"]]
     )
@@ -155,7 +155,7 @@ def test_worker_killed_and_restarted_mid_run_converges(postgres, home, tmp_path,
     meta = materialization_metadata(result, "embeddings")
     assert meta["embedder_retries"] >= 1
     assert meta["embedded_chunks"] == 400
-    work = pg_store(settings, name, postgres).work_by_shard()[0]
+    work = runtime_for(settings, name, postgres).exact_work()[0]
     assert (work.eligible_rows, work.embedded_rows, work.pending_rows) == (400, 400, 0)
     assert work.qdrant_lag_rows == 0
 
@@ -171,9 +171,9 @@ def test_bfloat16_worker_serves_only_its_own_model_name(postgres, home, tmp_path
         settings = worker_settings(tmp_path, name, bf16.port, model="all-MiniLM-L6-v2@bf16")
         with dg.DagsterInstance.ephemeral() as instance:
             assert sync_shards(settings, name, instance)["00"].success
-            store = pg_store(settings, name, postgres)
+            store = runtime_for(settings, name, postgres)
             assert store.model_id == "openai:all-MiniLM-L6-v2@bf16"
-            assert store.work_by_shard()[0].embedded_rows == 10
+            assert store.exact_work()[0].embedded_rows == 10
             # A client configured for the float32 model is refused, not fed bf16 vectors.
             other = unique_name()
             create_docs_table(postgres, other, rows)

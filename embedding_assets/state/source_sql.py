@@ -73,32 +73,69 @@ class SourceSql:
         cols = ", ".join(self.column(c) for c in self.spec.metadata)
         return f"CAST(jsonb_build_array({cols}) AS text)"
 
-    def rows(self, shard: int | None = None) -> str:
-        """SELECT of eligible rows: row_id, shard, doc, is_empty, content_hash, m_0..m_n.
+    def rows(
+        self, shard: int | None = None, candidates: str | None = None, watermark: bool = False
+    ) -> str:
+        """SELECT of source rows: row_id, shard, eligible, doc, is_empty, content_hash, m_0..m_n.
 
+        Without `candidates`: every eligible row (`eligible` is true). With `candidates`, a
+        predicate over the source alias `s` (ids from a queue, a watermark window): only the
+        rows it selects, eligible or not, so a row that left `where` is seen as a delete.
         content_hash covers the composed text and the metadata values, so a metadata change
         rewrites the row (its chunks are reused, so it costs no embedding).
+        With `watermark`, also the watermark column's value and its text.
         """
+        wm = ""
+        if watermark:
+            wm_col = self.column(self.spec.watermark_column or "")
+            wm = f", {wm_col} AS watermark_value, CAST({wm_col} AS text) AS watermark"
         id_col = self.column(self.spec.id_column)
-        where = f"WHERE {id_col} IS NOT NULL"
-        if self.spec.where:
-            where += f" AND ({raw_sql(self.spec.where)})"
+        user_where = f"({raw_sql(self.spec.where)})" if self.spec.where else "true"
+        if candidates is None:
+            where = f"WHERE {id_col} IS NOT NULL AND {user_where}"
+            eligible = "true"
+        else:
+            where = f"WHERE {id_col} IS NOT NULL AND ({candidates})"
+            eligible = f"coalesce({user_where}, false)"
         inner = (
-            f"SELECT CAST({id_col} AS text) AS row_id, "
+            f"SELECT CAST({id_col} AS text) AS row_id, {eligible} AS eligible, "
             f"{self.doc_expr()} AS doc, {self.is_empty_expr()} AS is_empty, "
-            f"{self.meta_json()} AS meta_json{self.meta_select()} "
+            f"{self.meta_json()} AS meta_json{self.meta_select()}{wm} "
             f"FROM {self.relation} {where}"
         )
-        metas = "".join(f", r.{meta_alias(i)}" for i in range(len(self.spec.metadata)))
+        metas = ", r.watermark_value, r.watermark" if watermark else ""
+        metas += "".join(f", r.{meta_alias(i)}" for i in range(len(self.spec.metadata)))
         shard_expr = shard_sql("r.row_id", self.spec.shards)
         shard_filter = f"WHERE {shard_expr} = {int(shard)}" if shard is not None else ""
         return (
-            f"SELECT r.row_id, {shard_expr} AS shard, r.doc, r.is_empty, "
+            f"SELECT r.row_id, {shard_expr} AS shard, r.eligible, r.doc, r.is_empty, "
             f"md5(r.doc || chr(31) || r.meta_json) AS content_hash{metas} "
             f"FROM ({inner}) AS r {shard_filter}"
         )
 
+    def ids_predicate(self, id_type: str, param: str = "ids") -> str:
+        """Candidates by id: `s.id = ANY(:ids)` cast to the id column's own type, so the
+        lookup uses the source's primary-key index."""
+        return f"{self.column(self.spec.id_column)} = ANY(CAST(:{param} AS {id_type}[]))"
+
+    def column_types_probe(self, columns: list[str]) -> str:
+        """A query returning no rows whose columns carry these source columns' types."""
+        cols = ", ".join(self.column(c) for c in columns) or "1"
+        return f"SELECT {cols} FROM {self.relation} LIMIT 0"
+
     def metadata_probe(self) -> str:
         """A query returning no rows whose columns carry the metadata columns' types."""
-        cols = ", ".join(self.column(c) for c in self.spec.metadata) or "1"
-        return f"SELECT {cols} FROM {self.relation} LIMIT 0"
+        return self.column_types_probe(self.spec.metadata)
+
+
+def column_types(conn, probe_sql: str) -> list[str]:
+    """Postgres type names (format_type) of the columns a LIMIT 0 probe query returns."""
+    import sqlalchemy as sa
+
+    cursor = conn.connection.driver_connection.cursor()
+    try:
+        cursor.execute(probe_sql.replace(r"\:", ":"))
+        oids = [col.type_code for col in cursor.description]
+    finally:
+        cursor.close()
+    return [conn.scalar(sa.text("SELECT format_type(:oid, NULL)"), {"oid": oid}) for oid in oids]

@@ -6,7 +6,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from embedding_assets.stores.pgvector import STATE_DDL, STATE_SCHEMA, ensure_tables
+from embedding_assets.state.ddl import STATE_DDL, STATE_SCHEMA, ensure_tables
 
 STAGING_DDL = f"""
 CREATE TABLE IF NOT EXISTS {STATE_SCHEMA}.staged_outputs (

@@ -14,8 +14,9 @@ Facts about qdrant-edge 0.9 that shape the embedded store (measured on 2 cores, 
   5-70 ms, as it syncs the WAL; upserts run at 10-20k points/s. Sessions amortize the open.
 - ``EdgeShard.retrieve`` needs ``with_vector`` passed, despite the stub's default.
 - Updates go to a WAL that is replayed on load, so even a killed writer loses nothing applied.
-- The engine never optimizes on its own (``optimize()`` is explicit): segments stay plain, so
-  search is exact brute force, which is what the self-retrieval check relies on.
+- The engine never optimizes on its own (``optimize()`` is explicit): segments stay plain and
+  search is exact brute force until the Qdrant destination calls ``optimize()`` after a bulk
+  upsert.
 - Point ids come back as ``uuid.UUID`` objects; both stores return canonical ``str(UUID)``.
 """
 
@@ -118,6 +119,14 @@ class QdrantStore(Protocol):
 
     def retrieve(self, name: str, ids: Sequence[str]) -> list[IndexHit]:
         """The stored points among ``ids`` (score 0.0), for checks; [] if no collection."""
+        ...
+
+    def optimize(self, name: str) -> None:
+        """Merge segments and build the vector index after a bulk load."""
+        ...
+
+    def keep_open(self) -> contextlib.AbstractContextManager[None]:
+        """Keep collections opened in the block open until it ends (embedded store)."""
         ...
 
     def session(self, name: str) -> contextlib.AbstractContextManager[None]:
@@ -333,6 +342,14 @@ class EmbeddedQdrantStore:
             records = shard.retrieve([_canonical_id(i) for i in ids], True, False)
         return [IndexHit(_hit_id(r.id), 0.0, dict(r.payload or {})) for r in records]
 
+    def optimize(self, name: str) -> None:
+        # The engine never optimizes on its own: segments stay plain after a bulk load.
+        with self._open(name) as handle:
+            shard = handle.load()
+            if shard is not None:
+                handle.dirty = True
+                shard.optimize()
+
     def close(self) -> None:
         # Nothing stays open between operations; sessions close their own shards.
         return None
@@ -346,11 +363,37 @@ class EmbeddedQdrantStore:
             yield
 
     @contextlib.contextmanager
+    def keep_open(self) -> Iterator[None]:
+        """Within the block, a collection this thread opens stays open (and locked) until
+        the block ends, instead of closing after each operation: opening a large shard costs
+        more than most operations on it. The lock is taken on first use, not on entry."""
+        if getattr(self._local, "keeping", None) is not None:
+            yield  # already keeping: the outer block closes
+            return
+        self._local.keeping = contextlib.ExitStack()
+        try:
+            with self._local.keeping:
+                yield
+        finally:
+            self._local.keeping = None
+
+    @contextlib.contextmanager
     def _open(self, name: str) -> Iterator[_Handle]:
         handles = self._handles()
         if name in handles:  # inside this thread's session: reuse (a 2nd flock would deadlock)
             yield handles[name]
             return
+        keeping = getattr(self._local, "keeping", None)
+        if keeping is not None:
+            handle = keeping.enter_context(self._held(name))
+            yield handle
+            return
+        with self._held(name) as handle:
+            yield handle
+
+    @contextlib.contextmanager
+    def _held(self, name: str) -> Iterator[_Handle]:
+        handles = self._handles()
         path = self._path(name)
         # Hidden, so no collection name (never starting with ".") can collide with it.
         with self._locked(path.with_name(f".{path.name}.lock")):
@@ -585,6 +628,13 @@ class ServerQdrantStore:
             name, ids=[_canonical_id(i) for i in ids], with_payload=True, with_vectors=False
         )
         return [IndexHit(_hit_id(r.id), 0.0, dict(r.payload or {})) for r in records]
+
+    def optimize(self, name: str) -> None:
+        return None  # a server optimizes on its own
+
+    @contextlib.contextmanager
+    def keep_open(self) -> Iterator[None]:
+        yield  # nothing to open: a server keeps its collections
 
     @contextlib.contextmanager
     def session(self, name: str) -> Iterator[None]:

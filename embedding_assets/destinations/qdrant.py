@@ -1,0 +1,247 @@
+"""The Qdrant destination (a server, or Qdrant's engine embedded): the target's chunks as
+points, reconciled from the ledger and the pgvector chunks, never from a run's output.
+
+It tracks its own synced state in the ledger's `qdrant_hash` / `qdrant_chunk_count`
+columns: a row lags when they differ from what pgvector holds. A partial index on exactly
+that condition makes finding lagging rows cost O(lagging rows).
+"""
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import sqlalchemy as sa
+
+from embedding_assets.core.delta import IndexUpdate
+from embedding_assets.core.ids import point_id
+from embedding_assets.destinations.pgvector import PgVectorDestination
+from embedding_assets.destinations.qdrant_stores import IndexHit, IndexPoint, QdrantStore
+from embedding_assets.settings import SourceSpec
+from embedding_assets.state.ddl import STATE_SCHEMA
+
+LAGGING = "(qdrant_hash IS DISTINCT FROM content_hash OR qdrant_chunk_count <> chunk_count)"
+# A bulk upsert of at least this many points is followed by an optimize() of the embedded
+# engine (it never optimizes on its own).
+OPTIMIZE_AFTER_POINTS = 50_000
+
+
+def json_safe(value: Any) -> Any:
+    """A metadata value as JSON (Qdrant payload): numbers and strings kept, others as text."""
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        return None if np.isnan(value) else value
+    if isinstance(value, np.generic):
+        return json_safe(value.item())
+    if isinstance(value, dict | list):
+        return json.loads(json.dumps(value, default=str))
+    return str(value)
+
+
+@dataclass(frozen=True)
+class PlanStats:
+    lag_rows: int
+    reconciled: bool
+    created_collection: bool
+
+
+class QdrantDestination:
+    def __init__(
+        self,
+        engine: sa.Engine,
+        spec: SourceSpec,
+        target: str,
+        store: QdrantStore,
+        pgvector: PgVectorDestination,
+    ):
+        self.engine = engine
+        self.spec = spec
+        self.target = target
+        self.store = store
+        self.pgvector = pgvector
+        self.collection = spec.qdrant_collection
+
+    # -- what Qdrant lags on ------------------------------------------------------------
+
+    def lag_by_shard(self) -> dict[int, tuple[int, str]]:
+        """Per shard with lagging rows: (rows, fingerprint). Reads the partial index only."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.text(
+                    f"""SELECT shard, count(*) AS n,
+                        md5(string_agg(concat_ws(':', row_id, content_hash,
+                            CAST(pg_synced_at AS text)), ',' ORDER BY row_id)) AS digest
+                    FROM {STATE_SCHEMA}.row_state WHERE target = :t AND {LAGGING}
+                    GROUP BY shard"""
+                ),
+                {"t": self.target},
+            ).fetchall()
+        return {r.shard: (r.n, r.digest) for r in rows}
+
+    def expected_points(self, shard: int) -> int:
+        with self.engine.connect() as conn:
+            return int(
+                conn.scalar(
+                    sa.text(
+                        f"SELECT coalesce(sum(qdrant_chunk_count), 0) FROM {STATE_SCHEMA}.row_state"
+                        " WHERE target = :t AND shard = :shard"
+                    ),
+                    {"t": self.target, "shard": shard},
+                )
+            )
+
+    def forget(self, shard: int | None = None) -> None:
+        """Qdrant lost its points (new collection, or counts disagree): mark every row of
+        the shard (or all shards) as absent from Qdrant so the next sync resends it."""
+        shard_filter = "AND shard = :shard" if shard is not None else ""
+        with self.engine.begin() as conn:
+            conn.execute(
+                sa.text(
+                    f"""UPDATE {STATE_SCHEMA}.row_state SET qdrant_hash = NULL,
+                        qdrant_chunk_count = 0 WHERE target = :t {shard_filter}"""
+                ),
+                {"t": self.target, "shard": shard},
+            )
+            conn.execute(
+                sa.text(
+                    f"DELETE FROM {STATE_SCHEMA}.row_state WHERE target = :t AND deleted "
+                    f"{shard_filter}"
+                ),
+                {"t": self.target, "shard": shard},
+            )
+
+    # -- plan and apply -----------------------------------------------------------------
+
+    def plan(
+        self, shard: int, dimension: int, limit: int, model_id: str
+    ) -> tuple[IndexUpdate, PlanStats]:
+        """What Qdrant must change so the shard's points equal pgvector's chunks. Reads only.
+
+        If the collection is missing, or Qdrant's point count for the shard disagrees with
+        what the ledger says it holds (store wiped, points removed by hand, a crash
+        mid-upsert), the plan drops the shard's points and resends every row.
+        """
+        with self.store.session(self.collection):
+            exists = self.store.collection_exists(self.collection)
+            reset = not exists or (
+                self.store.count(self.collection, shard=shard) != self.expected_points(shard)
+            )
+        lag, chunks = self._lagging(shard, limit, every_row=reset)
+        update = IndexUpdate(
+            shard=shard,
+            backlog=len(lag) >= limit,
+            collection=self.collection,
+            dimension=dimension,
+            create_collection=not exists,
+            reset_shard=reset,
+        )
+        metadata = {name: chunks[name].tolist() for name in self.spec.metadata}
+        for position, (pid, row_id, chunk_index, text, vector) in enumerate(
+            zip(
+                chunks["point_id"],
+                chunks["row_id"],
+                chunks["chunk_index"].tolist(),
+                chunks["chunk_text"],
+                chunks["embedding"],
+                strict=True,
+            )
+        ):
+            payload = {"row_id": row_id, "chunk_index": int(chunk_index), "shard": shard}
+            payload["text"] = text
+            for name in self.spec.metadata:
+                payload[name] = json_safe(metadata[name][position])
+            update.upserts.append(IndexPoint(id=pid, vector=vector, payload=payload))
+        for row in lag.itertuples(index=False):
+            if not reset:
+                # Points past the row's new chunk count are stale (all, for a deleted row).
+                update.deletes.extend(
+                    point_id(self.spec.name, row.row_id, index, model_id)
+                    for index in range(int(row.chunk_count), int(row.qdrant_chunk_count))
+                )
+            update.synced.append((row.row_id, row.content_hash, int(row.chunk_count)))
+        return update, PlanStats(len(lag), reset and exists, not exists)
+
+    def _lagging(
+        self, shard: int, limit: int, every_row: bool
+    ) -> tuple[pd.DataFrame, pd.DataFrame]:
+        condition = "true" if every_row else LAGGING
+        with self.engine.connect() as conn:
+            conn.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            lag = pd.DataFrame(
+                conn.execute(
+                    sa.text(
+                        f"""SELECT row_id, content_hash, chunk_count, qdrant_chunk_count, deleted
+                        FROM {STATE_SCHEMA}.row_state WHERE target = :t AND shard = :shard
+                        AND {condition} ORDER BY row_id LIMIT :limit"""
+                    ),
+                    {"t": self.target, "shard": shard, "limit": limit},
+                ).fetchall(),
+                columns=["row_id", "content_hash", "chunk_count", "qdrant_chunk_count", "deleted"],
+                dtype=object,  # a deleted row's NULL hash must stay None, not NaN
+            )
+            live = lag.loc[~lag["deleted"].astype(bool), "row_id"].tolist()
+            chunks = self.pgvector.chunks_of_rows(conn, live)
+        return lag, chunks
+
+    def apply(self, update: IndexUpdate) -> None:
+        with self.store.session(self.collection):
+            if update.create_collection or update.reset_shard:
+                if self.store.ensure_collection(self.collection, update.dimension):
+                    self.forget()  # a new collection holds nothing of any shard
+                if update.reset_shard:
+                    self.store.delete_shard(self.collection, update.shard)
+                    self.forget(update.shard)
+            if update.deletes:
+                self.store.delete(self.collection, update.deletes)
+            if update.upserts:
+                self.store.upsert(self.collection, update.upserts)
+                if len(update.upserts) >= OPTIMIZE_AFTER_POINTS:
+                    self.store.optimize(self.collection)
+        # Recorded only after Qdrant has the points: a crash before this line resends them.
+        self.mark_synced(update.synced)
+
+    def mark_synced(self, synced: Sequence[tuple[str, str | None, int]]) -> None:
+        """Record what Qdrant now holds. A row rewritten meanwhile keeps its lag (its hash
+        differs) and its point count stays an upper bound, so no stale point is forgotten."""
+        if not synced:
+            return
+        with self.engine.begin() as conn:
+            conn.execute(
+                sa.text(
+                    f"""UPDATE {STATE_SCHEMA}.row_state AS s SET
+                        qdrant_hash = CASE WHEN s.content_hash IS NOT DISTINCT FROM u.hash
+                                      THEN u.hash ELSE s.qdrant_hash END,
+                        qdrant_chunk_count = CASE WHEN s.content_hash IS NOT DISTINCT FROM u.hash
+                                      THEN u.n ELSE greatest(s.qdrant_chunk_count, u.n) END
+                    FROM unnest(CAST(:ids AS text[]), CAST(:hashes AS text[]),
+                                CAST(:counts AS int[])) AS u(row_id, hash, n)
+                    WHERE s.target = :t AND s.row_id = u.row_id"""
+                ),
+                {
+                    "t": self.target,
+                    "ids": [s[0] for s in synced],
+                    "hashes": [s[1] for s in synced],
+                    "counts": [s[2] for s in synced],
+                },
+            )
+            conn.execute(
+                sa.text(
+                    f"""DELETE FROM {STATE_SCHEMA}.row_state WHERE target = :t AND deleted
+                    AND row_id = ANY(:ids) AND qdrant_chunk_count = 0 AND qdrant_hash IS NULL"""
+                ),
+                {"t": self.target, "ids": [s[0] for s in synced]},
+            )
+
+    # -- reads --------------------------------------------------------------------------
+
+    def count(self, shard: int | None = None) -> int:
+        return self.store.count(self.collection, shard=shard)
+
+    def search(self, vector: Sequence[float], limit: int) -> list[IndexHit]:
+        return self.store.search(self.collection, vector, limit)
+
+    def retrieve(self, ids: Sequence[str]) -> list[IndexHit]:
+        return self.store.retrieve(self.collection, ids)

@@ -1,0 +1,54 @@
+"""The `runtime` resource: every source's runtime (settings, engine, embedder, ledger, change
+feed, destinations), built in one place and shared by assets, checks, the sensor and the IO
+managers. sources.yaml is read once per resource instance (once per run or sensor tick), so
+a file edited during a run cannot stamp vectors with another model than computed them."""
+
+import contextlib
+from collections.abc import Iterator
+
+import dagster as dg
+from pydantic import PrivateAttr
+
+from embedding_assets.embedders.base import Embedder
+from embedding_assets.resources.database import DatabaseResource
+from embedding_assets.resources.qdrant import QdrantResource
+from embedding_assets.runtime import SourceRuntime, make_embedder, source_runtime
+from embedding_assets.settings import Settings, load_settings
+
+
+class RuntimeResource(dg.ConfigurableResource):
+    """Sources' runtimes: the ledger, change feed, pgvector and Qdrant destinations."""
+
+    database: DatabaseResource
+    qdrant: QdrantResource
+    sources_file: str
+    _settings: Settings | None = PrivateAttr(default=None)
+
+    @contextlib.contextmanager
+    def yield_for_execution(self, context: dg.InitResourceContext) -> Iterator["RuntimeResource"]:
+        # A run opens an embedded Qdrant collection once, on first use, not per operation.
+        with self.qdrant.store().keep_open():
+            yield self
+
+    def settings(self) -> Settings:
+        if self._settings is None:
+            self._settings = load_settings(self.sources_file)
+        return self._settings
+
+    def source(self, name: str, embedder: Embedder | None = None) -> SourceRuntime:
+        """The runtime of source `name`, with the embedder of the caller's embedder resource
+        (assets, checks, the sensor) or, for IO managers, the same one built from settings."""
+        settings = self.settings()
+        spec = settings.source(name)
+        if embedder is None:
+            embedder = make_embedder(settings.embedder_for(spec))
+        return source_runtime(spec, self.database.url, embedder, self.qdrant.store())
+
+
+def runtime_of(context, spec) -> SourceRuntime:
+    """The source's runtime from any Dagster context (asset, check or sensor), with the
+    embedder of the source's embedder resource."""
+    from embedding_assets.resources.embedders import embedder_resource_key
+
+    embedder = getattr(context.resources, embedder_resource_key(spec.embedder)).embedder()
+    return context.resources.runtime.source(spec.name, embedder)

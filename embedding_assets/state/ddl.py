@@ -1,0 +1,115 @@
+"""The `embedding_assets` schema in the data database: ledger, change queue, capture state.
+
+- `targets`: one row per pgvector target (source generation): model, dimension, shards.
+- `row_state`: the ledger, one row per (target, source row): the content hash, pipeline
+  version and chunk count that pgvector holds, and what Qdrant holds. Durable truth that
+  every destination is reconciled against.
+- `change_queue`: row ids with possible work, per target and shard, appended by capture
+  triggers and by reconciliation; a run deletes the entries it consumed in the same
+  transaction as its ledger write.
+- `capture`: per target, how changes are captured (mode, installed trigger signature,
+  watermarks per shard, last reconciliation).
+- `shard_counts`: per target and shard, the eligible-row count of the last full diff, so
+  status can report it without rescanning the source.
+"""
+
+import sqlalchemy as sa
+
+STATE_SCHEMA = "embedding_assets"
+DDL_LOCK = "embedding_assets.ddl"
+
+STATE_DDL = f"""
+CREATE SCHEMA IF NOT EXISTS {STATE_SCHEMA};
+CREATE TABLE IF NOT EXISTS {STATE_SCHEMA}.targets (
+    target text PRIMARY KEY,
+    source text NOT NULL,
+    model text NOT NULL,
+    dimension int NOT NULL,
+    shards int NOT NULL,
+    qdrant_collection text NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+ALTER TABLE {STATE_SCHEMA}.targets ADD COLUMN IF NOT EXISTS vector_index text NOT NULL
+    DEFAULT 'built';  -- 'built' | 'deferred' (a bulk load builds it once, at the end)
+CREATE TABLE IF NOT EXISTS {STATE_SCHEMA}.row_state (
+    target text NOT NULL,
+    row_id text NOT NULL,
+    shard int NOT NULL,
+    content_hash text,             -- what pgvector holds; NULL once the row is deleted
+    version text NOT NULL,         -- model and chunking that produced the chunks
+    chunk_count int NOT NULL,
+    pg_synced_at timestamptz NOT NULL,
+    deleted boolean NOT NULL DEFAULT false,
+    qdrant_hash text,              -- content_hash of the points Qdrant holds
+    qdrant_chunk_count int NOT NULL DEFAULT 0,  -- upper bound of the row's points in Qdrant
+    PRIMARY KEY (target, row_id)
+);
+CREATE INDEX IF NOT EXISTS row_state_target_shard ON {STATE_SCHEMA}.row_state (target, shard);
+-- Only rows Qdrant lags on: finding them costs O(lagging rows), not O(ledger).
+CREATE INDEX IF NOT EXISTS row_state_qdrant_lag ON {STATE_SCHEMA}.row_state (target, shard)
+    WHERE qdrant_hash IS DISTINCT FROM content_hash OR qdrant_chunk_count <> chunk_count;
+CREATE TABLE IF NOT EXISTS {STATE_SCHEMA}.change_queue (
+    id bigserial PRIMARY KEY,
+    target text NOT NULL,
+    shard int NOT NULL,
+    row_id text NOT NULL,
+    queued_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS change_queue_target_shard
+    ON {STATE_SCHEMA}.change_queue (target, shard, id);
+CREATE TABLE IF NOT EXISTS {STATE_SCHEMA}.capture (
+    target text PRIMARY KEY,
+    mode text NOT NULL,
+    signature text,                -- of the installed trigger SQL; NULL when none
+    installed_at timestamptz,
+    reconciled_at timestamptz,
+    reconcile_found int
+);
+CREATE TABLE IF NOT EXISTS {STATE_SCHEMA}.watermarks (
+    target text NOT NULL,
+    shard int NOT NULL,
+    value text NOT NULL,           -- max watermark column value consumed, as text
+    PRIMARY KEY (target, shard)
+);
+CREATE TABLE IF NOT EXISTS {STATE_SCHEMA}.shard_counts (
+    target text NOT NULL,
+    shard int NOT NULL,
+    eligible_rows bigint NOT NULL,
+    counted_at timestamptz NOT NULL,
+    PRIMARY KEY (target, shard)
+);
+"""
+
+_DDL_DONE: set[tuple[str, str]] = set()  # (database URL, DDL) already applied by this process
+
+
+def ensure_tables(engine: sa.Engine, ddl: str = STATE_DDL) -> None:
+    """Apply idempotent DDL once per database and process, serialised across processes."""
+    key = (engine.url.render_as_string(hide_password=False), ddl)
+    if key in _DDL_DONE:
+        return
+    with engine.begin() as conn:
+        ddl_lock(conn)
+        execute_script(conn, ddl)
+    _DDL_DONE.add(key)
+
+
+def execute_script(conn: sa.Connection, sql: str) -> None:
+    """Run SQL text as is (several statements, `%` operators) on the connection's driver."""
+    cursor = conn.connection.driver_connection.cursor()
+    try:
+        cursor.execute(sql)
+    finally:
+        cursor.close()
+
+
+def ddl_lock(conn: sa.Connection) -> None:
+    """Serialise DDL of this project across processes, until the transaction ends."""
+    conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext(:k))"), {"k": DDL_LOCK})
+
+
+def shard_lock(conn: sa.Connection, target: str, shard: int) -> None:
+    """One writer per (target, shard) at a time, until the transaction ends."""
+    conn.execute(
+        sa.text("SELECT pg_advisory_xact_lock(hashtext(:t), :s)"), {"t": target, "s": shard}
+    )

@@ -1,0 +1,202 @@
+"""The diff of source rows against the ledger, over a scope: a whole shard (full diff), the
+ids a queue names, or a watermark window. Every change feed asks it which of its candidate
+rows really need work, so correctness never rests on a cursor or a trigger alone.
+"""
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import pandas as pd
+import sqlalchemy as sa
+
+from embedding_assets.core.delta import PendingRows
+from embedding_assets.settings import SourceSpec
+from embedding_assets.state.ddl import STATE_SCHEMA
+from embedding_assets.state.source_sql import SourceSql, meta_alias
+
+
+class DuplicateIdError(ValueError):
+    """The source returns several rows for one id."""
+
+
+@dataclass(frozen=True)
+class ShardWork:
+    """What a shard has to do. Counts that a cheap read cannot give are None."""
+
+    shard: int
+    pending_rows: int
+    qdrant_lag_rows: int
+    fingerprint: str | None  # changes whenever the shard's outstanding work changes
+    eligible_rows: int | None = None
+    embedded_rows: int | None = None
+
+    @property
+    def has_work(self) -> bool:
+        return self.pending_rows > 0 or self.qdrant_lag_rows > 0
+
+
+@dataclass(frozen=True)
+class Scope:
+    """Which rows to compare: `candidates` is a predicate over the source alias `s` (None:
+    every row of the shard), `ledger` one over the ledger alias `st` (None: the shard)."""
+
+    candidates: str | None = None
+    ledger: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    order_by: str = "j.row_id"
+    watermark: bool = False  # carry the source's watermark column (watermark feeds)
+
+
+class SourceDiff:
+    def __init__(self, engine: sa.Engine, spec: SourceSpec, target: str, version: str):
+        self.engine = engine
+        self.spec = spec
+        self.sql = SourceSql(spec)
+        self.target = target
+        self.version = version
+
+    def _joined(self, shard: int | None, scope: Scope) -> str:
+        """Source rows FULL JOIN the ledger, with the flags every count is made of."""
+        if scope.ledger is not None:
+            ledger = f"AND ({scope.ledger})"
+        else:
+            ledger = "AND shard = :shard" if shard is not None else ""
+        return f"""
+            WITH src AS ({self.sql.rows(shard, scope.candidates, scope.watermark)}),
+            st AS (SELECT * FROM {STATE_SCHEMA}.row_state WHERE target = :target {ledger})
+            SELECT coalesce(src.row_id, st.row_id) AS row_id,
+                   coalesce(src.shard, st.shard) AS shard,
+                   coalesce(src.eligible, false) AS eligible,
+                   (coalesce(src.eligible, false) AND st.row_id IS NOT NULL AND NOT st.deleted
+                    AND st.content_hash = src.content_hash AND st.version = :version) AS current,
+                   ((NOT coalesce(src.eligible, false) AND st.row_id IS NOT NULL AND NOT st.deleted)
+                    OR (coalesce(src.eligible, false) AND (st.row_id IS NULL OR st.deleted
+                        OR st.content_hash IS DISTINCT FROM src.content_hash
+                        OR st.version <> :version))) AS pending,
+                   (st.row_id IS NOT NULL AND (st.qdrant_hash IS DISTINCT FROM st.content_hash
+                    OR st.qdrant_chunk_count <> st.chunk_count)) AS qdrant_lag,
+                   NOT coalesce(src.eligible, false) AS is_delete,
+                   src.doc, src.is_empty, src.content_hash,
+                   st.content_hash AS stored_hash, st.pg_synced_at
+                   {", src.watermark_value, src.watermark" if scope.watermark else ""}
+                   {"".join(f", src.{meta_alias(i)}" for i in range(len(self.spec.metadata)))}
+            FROM src FULL OUTER JOIN st ON st.row_id = src.row_id"""
+
+    def _params(self, shard: int | None, scope: Scope, **extra: Any) -> dict[str, Any]:
+        return {
+            "target": self.target,
+            "version": self.version,
+            "shard": shard,
+            **scope.params,
+            **extra,
+        }
+
+    def pending(self, shard: int, limit: int, scope: Scope = Scope()) -> PendingRows:
+        """The scope's rows to (re)embed and row ids to remove, in `scope.order_by` order."""
+        query = f"""
+            SELECT j.*, now() AS computed_at FROM ({self._joined(shard, scope)}) AS j
+            WHERE j.pending ORDER BY {scope.order_by} LIMIT :limit"""
+        with self.engine.connect() as conn:
+            result = conn.execute(sa.text(query), self._params(shard, scope, limit=limit + 1))
+            # object dtype keeps metadata values as the driver returned them (an integer
+            # column with NULLs must not turn into floats).
+            frame = pd.DataFrame(result.fetchall(), columns=list(result.keys()), dtype=object)
+            computed_at: datetime = conn.scalar(sa.text("SELECT now()"))
+        backlog = len(frame) > limit
+        frame = frame.iloc[:limit]
+        if len(frame) and not frame["computed_at"].isna().all():
+            computed_at = frame["computed_at"].iloc[0]
+        duplicated = frame["row_id"][frame["row_id"].duplicated()].tolist()
+        if duplicated:
+            raise DuplicateIdError(
+                f"source {self.spec.name!r} returns several rows for id(s) {duplicated[:5]}: "
+                f"`{self.spec.id_column}` must identify one row; fix the query or id_column"
+            )
+        is_delete = frame["is_delete"].astype(bool)
+        upserts = frame[~is_delete].rename(
+            columns={meta_alias(i): c for i, c in enumerate(self.spec.metadata)}
+        )
+        keep = ["row_id", "doc", "is_empty", "content_hash", *self.spec.metadata]
+        marks = frame["watermark"].dropna().tolist() if scope.watermark else []
+        return PendingRows(
+            source=self.spec.name,
+            shard=shard,
+            version=self.version,
+            computed_at=computed_at,
+            rows=upserts[keep].reset_index(drop=True),
+            deleted=frame.loc[is_delete, "row_id"].tolist(),
+            backlog=backlog,
+            watermark=marks[-1] if marks else None,
+        )
+
+    def exact_work(self, shard: int | None = None) -> dict[int, ShardWork]:
+        """Per shard (or for one shard only), by a full diff: eligible, current, pending and
+        Qdrant-lagging rows, and a fingerprint of the outstanding work (row ids, source and
+        stored hashes, last write time). Cost: the whole source, hashed."""
+        query = f"""
+            SELECT shard,
+                   count(*) FILTER (WHERE eligible) AS eligible_rows,
+                   count(*) FILTER (WHERE current) AS embedded_rows,
+                   count(*) FILTER (WHERE pending) AS pending_rows,
+                   count(*) FILTER (WHERE qdrant_lag) AS qdrant_lag_rows,
+                   md5(string_agg(concat_ws(':', row_id, content_hash, stored_hash,
+                                            CAST(pg_synced_at AS text)),
+                       ',' ORDER BY row_id) FILTER (WHERE pending OR qdrant_lag)) AS fingerprint
+            FROM ({self._joined(shard, Scope())}) AS j GROUP BY shard"""
+        with self.engine.begin() as conn:
+            rows = conn.execute(sa.text(query), self._params(shard, Scope())).fetchall()
+            work = {
+                i: ShardWork(i, 0, 0, None, 0, 0)
+                for i in (range(self.spec.shards) if shard is None else [shard])
+            }
+            for row in rows:
+                work[row.shard] = ShardWork(
+                    row.shard,
+                    row.pending_rows,
+                    row.qdrant_lag_rows,
+                    row.fingerprint,
+                    row.eligible_rows,
+                    row.embedded_rows,
+                )
+            self._remember_counts(conn, work)
+        return work
+
+    def _remember_counts(self, conn: sa.Connection, work: dict[int, ShardWork]) -> None:
+        """Keep each shard's eligible-row count, so status can show it without a rescan."""
+        conn.execute(
+            sa.text(
+                f"""INSERT INTO {STATE_SCHEMA}.shard_counts AS c
+                    (target, shard, eligible_rows, counted_at)
+                SELECT :t, u.shard, u.n, now()
+                FROM unnest(CAST(:shards AS int[]), CAST(:counts AS bigint[])) AS u(shard, n)
+                ON CONFLICT (target, shard) DO UPDATE SET
+                    eligible_rows = EXCLUDED.eligible_rows, counted_at = EXCLUDED.counted_at"""
+            ),
+            {
+                "t": self.target,
+                "shards": list(work),
+                "counts": [w.eligible_rows or 0 for w in work.values()],
+            },
+        )
+
+    def pending_ids(self, conn: sa.Connection) -> list[tuple[int, str]]:
+        """(shard, row id) of every row a full diff finds pending, in the caller's
+        transaction (for reconciliation and for seeding a new change queue)."""
+        query = (
+            f"SELECT j.shard, j.row_id FROM ({self._joined(None, Scope())}) AS j WHERE j.pending"
+        )
+        rows = conn.execute(sa.text(query), self._params(None, Scope())).fetchall()
+        return [(r.shard, r.row_id) for r in rows]
+
+    def counted(self) -> tuple[int | None, str | None]:
+        """The last full diff's eligible-row total and when it ran (None if never)."""
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                sa.text(
+                    f"""SELECT sum(eligible_rows) AS n, CAST(min(counted_at) AS text) AS at
+                    FROM {STATE_SCHEMA}.shard_counts WHERE target = :t"""
+                ),
+                {"t": self.target},
+            ).one()
+        return (int(row.n) if row.n is not None else None, row.at)

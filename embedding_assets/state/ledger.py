@@ -1,0 +1,197 @@
+"""The ledger: per (target, source row) what is stored (content hash, pipeline version, chunk
+count), written in the same transaction as the pgvector chunks. Pending work is always
+derived by comparing source rows with it, never from a cursor alone, so a crash anywhere
+converges. Destinations that are written later (Qdrant) track their own columns beside it.
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+import sqlalchemy as sa
+
+from embedding_assets.core.sharding import shard_sql
+from embedding_assets.state.ddl import STATE_SCHEMA, ensure_tables
+
+
+class ModelMismatchError(RuntimeError):
+    """The target holds another model's vectors than the configured embedder's."""
+
+
+def pipeline_version(model_id: str, max_tokens: int, overlap: int) -> str:
+    """Everything that shapes a row's chunks and vectors; a change makes every row pending."""
+    return f"{model_id}|max_tokens={max_tokens}|overlap={overlap}"
+
+
+@dataclass(frozen=True)
+class TargetRecord:
+    model: str
+    dimension: int
+    shards: int
+    vector_index: str
+
+
+class Ledger:
+    """The row-state ledger of one target (a source's pgvector table)."""
+
+    def __init__(self, engine: sa.Engine, target: str, source: str, version: str):
+        self.engine = engine
+        self.target = target
+        self.source = source
+        self.version = version
+        ensure_tables(engine)
+
+    # -- the target ---------------------------------------------------------------------
+
+    def record(self, conn: sa.Connection | None = None) -> TargetRecord | None:
+        query = sa.text(
+            f"SELECT model, dimension, shards, vector_index FROM {STATE_SCHEMA}.targets "
+            "WHERE target = :t"
+        )
+        if conn is None:
+            with self.engine.connect() as own:
+                row = own.execute(query, {"t": self.target}).one_or_none()
+        else:
+            row = conn.execute(query, {"t": self.target}).one_or_none()
+        return TargetRecord(*row) if row is not None else None
+
+    def claim_target(
+        self,
+        conn: sa.Connection,
+        model_id: str,
+        dimension: int,
+        shards: int,
+        qdrant_collection: str,
+        vector_index: str,
+    ) -> TargetRecord | None:
+        """Record the target for this model, or refuse one holding another model's vectors
+        (that needs a new table, never a mix). Returns what was recorded before, if any."""
+        recorded = self.record(conn)
+        if recorded is not None and (recorded.model, recorded.dimension) != (model_id, dimension):
+            raise ModelMismatchError(
+                f"pgvector table {self.target} holds vectors of {recorded.model} "
+                f"({recorded.dimension}-d) but source {self.source!r} now uses "
+                f"{model_id} ({dimension}-d). One table holds one model: set a new "
+                f"`pgvector: {{table: ...}}` and `qdrant: {{collection: ...}}` for the new "
+                "model (the old table stays readable), or drop the old table first."
+            )
+        conn.execute(
+            sa.text(
+                f"INSERT INTO {STATE_SCHEMA}.targets "
+                "(target, source, model, dimension, shards, qdrant_collection, vector_index) "
+                "VALUES (:t, :s, :m, :d, :n, :q, :vi) ON CONFLICT (target) DO NOTHING"
+            ),
+            {
+                "t": self.target,
+                "s": self.source,
+                "m": model_id,
+                "d": dimension,
+                "n": shards,
+                "q": qdrant_collection,
+                "vi": vector_index,
+            },
+        )
+        return recorded
+
+    def set_vector_index(self, conn: sa.Connection, state: str) -> None:
+        conn.execute(
+            sa.text(f"UPDATE {STATE_SCHEMA}.targets SET vector_index = :v WHERE target = :t"),
+            {"v": state, "t": self.target},
+        )
+
+    def reshard(self, conn: sa.Connection, shards: int) -> None:
+        """The shard count changed: recompute every ledger row's shard."""
+        conn.execute(
+            sa.text(
+                f"UPDATE {STATE_SCHEMA}.row_state SET shard = {shard_sql('row_id', shards)} "
+                "WHERE target = :t"
+            ),
+            {"t": self.target},
+        )
+        conn.execute(
+            sa.text(f"UPDATE {STATE_SCHEMA}.targets SET shards = :n WHERE target = :t"),
+            {"n": shards, "t": self.target},
+        )
+
+    # -- writes (inside the destination's transaction) ----------------------------------
+
+    def newer_rows(self, conn: sa.Connection, ids: Sequence[str], read_at: datetime) -> set[str]:
+        """Rows stored after `read_at` (by a newer run), locked until the transaction ends:
+        the newer write wins and nothing regresses."""
+        return set(
+            conn.scalars(
+                sa.text(
+                    f"SELECT row_id FROM {STATE_SCHEMA}.row_state WHERE target = :t "
+                    "AND row_id = ANY(:ids) AND pg_synced_at > :at FOR UPDATE"
+                ),
+                {"t": self.target, "ids": list(ids), "at": read_at},
+            )
+        )
+
+    def record_written(
+        self,
+        conn: sa.Connection,
+        shard: int,
+        ids: Sequence[str],
+        hashes: Sequence[str],
+        chunk_counts: Sequence[int],
+    ) -> None:
+        if not ids:
+            return
+        conn.execute(
+            sa.text(
+                f"""INSERT INTO {STATE_SCHEMA}.row_state AS s
+                    (target, row_id, shard, content_hash, version, chunk_count,
+                     pg_synced_at, deleted)
+                SELECT :t, u.row_id, :shard, u.hash, :v, u.n, clock_timestamp(), false
+                FROM unnest(CAST(:ids AS text[]), CAST(:hashes AS text[]),
+                            CAST(:counts AS int[])) AS u(row_id, hash, n)
+                ON CONFLICT (target, row_id) DO UPDATE SET
+                    shard = EXCLUDED.shard, content_hash = EXCLUDED.content_hash,
+                    version = EXCLUDED.version, chunk_count = EXCLUDED.chunk_count,
+                    pg_synced_at = EXCLUDED.pg_synced_at, deleted = false"""
+            ),
+            {
+                "t": self.target,
+                "shard": shard,
+                "v": self.version,
+                "ids": list(ids),
+                "hashes": list(hashes),
+                "counts": [int(n) for n in chunk_counts],
+            },
+        )
+
+    def record_deleted(self, conn: sa.Connection, ids: Sequence[str]) -> None:
+        """Tombstones stay until Qdrant has dropped the row's points too."""
+        if not ids:
+            return
+        conn.execute(
+            sa.text(
+                f"""UPDATE {STATE_SCHEMA}.row_state SET deleted = true,
+                    content_hash = NULL, chunk_count = 0, pg_synced_at = clock_timestamp()
+                WHERE target = :t AND row_id = ANY(:ids)"""
+            ),
+            {"t": self.target, "ids": list(ids)},
+        )
+        conn.execute(
+            sa.text(
+                f"""DELETE FROM {STATE_SCHEMA}.row_state WHERE target = :t
+                AND row_id = ANY(:ids) AND qdrant_hash IS NULL AND qdrant_chunk_count = 0"""
+            ),
+            {"t": self.target, "ids": list(ids)},
+        )
+
+    # -- reads --------------------------------------------------------------------------
+
+    def current_rows_by_shard(self, shard: int | None = None) -> dict[int, int]:
+        """Per shard, ledger rows stored with the current pipeline version."""
+        only = "AND shard = :s" if shard is not None else ""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.text(
+                    f"""SELECT shard, count(*) AS n FROM {STATE_SCHEMA}.row_state
+                    WHERE target = :t AND NOT deleted AND version = :v {only} GROUP BY shard"""
+                ),
+                {"t": self.target, "v": self.version, "s": shard},
+            ).fetchall()
+        return {row.shard: row.n for row in rows}

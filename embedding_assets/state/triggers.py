@@ -1,0 +1,210 @@
+"""Capture triggers: statement-level AFTER INSERT / UPDATE / DELETE / TRUNCATE triggers on a
+`table:` source that append (target, shard, row id) to `embedding_assets.change_queue`.
+
+- Transition tables: one INSERT per statement, however many rows it touched.
+- UPDATE enqueues a row only when a column the source uses changed: the id, the text
+  template's columns, the metadata columns, and every column the `where` filter names.
+  Columns are compared as text, so types without an equality operator (json) work too.
+- An id change enqueues the old id (its vectors must go) and the new one.
+- TRUNCATE enqueues every row the ledger holds, so their vectors are removed.
+- The shard is computed at capture time with the same md5 expression as everywhere else.
+- The function is SECURITY DEFINER: the application's role writes the source table and needs
+  no privilege on our schema.
+"""
+
+import hashlib
+import re
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+
+from embedding_assets.core.sharding import shard_sql
+from embedding_assets.settings import SourceSpec, split_qualified
+from embedding_assets.state.ddl import STATE_DDL, STATE_SCHEMA
+from embedding_assets.state.source_sql import quote_ident, quote_literal, quote_table
+
+OPERATIONS = ("insert", "update", "delete", "truncate")
+SIGNATURE_PREFIX = "embedding_assets capture "
+_IDENTIFIER = re.compile(r'"((?:[^"]|"")+)"|([A-Za-z_][A-Za-z0-9_$]*)')
+
+
+class TriggerPrivilegeError(RuntimeError):
+    """This role may not create the capture triggers; the message carries the SQL."""
+
+
+def where_columns(where: str | None, table_columns: list[str]) -> list[str]:
+    """Table columns the raw `where` SQL names. A superset is harmless (a changed column
+    that does not matter only enqueues a row that turns out current)."""
+    if not where:
+        return []
+    named: set[str] = set()
+    for quoted, bare in _IDENTIFIER.findall(re.sub(r"'(?:[^']|'')*'", "''", where)):
+        named.add(quoted.replace('""', '"') if quoted else bare.lower())
+    return [c for c in table_columns if c in named or c.lower() in named]
+
+
+@dataclass(frozen=True)
+class CaptureTriggers:
+    """The trigger SQL of one source over its table."""
+
+    spec: SourceSpec
+    target: str
+    table_columns: tuple[str, ...]
+
+    @property
+    def table(self) -> str:
+        return quote_table(split_qualified(self.spec.table or ""))
+
+    @property
+    def function(self) -> str:
+        return f"{STATE_SCHEMA}.{quote_ident('capture_' + self.spec.name)}"
+
+    def trigger_name(self, operation: str) -> str:
+        return quote_ident(f"ea_{self.spec.name}_{operation}")
+
+    @property
+    def watched_columns(self) -> list[str]:
+        used = [
+            self.spec.id_column,
+            *self.spec.text_columns,
+            *self.spec.metadata,
+            *where_columns(self.spec.where, list(self.table_columns)),
+        ]
+        return list(dict.fromkeys(c for c in used if c in self.table_columns))
+
+    def _enqueue(self, ids_select: str) -> str:
+        return (
+            f"INSERT INTO {STATE_SCHEMA}.change_queue (target, shard, row_id) "
+            f"SELECT {quote_literal(self.target)}, {shard_sql('c.k', self.spec.shards)}, c.k "
+            f"FROM ({ids_select}) AS c;"
+        )
+
+    def function_sql(self) -> str:
+        key = quote_ident(self.spec.id_column)
+
+        def row(alias: str) -> str:
+            return (
+                "ROW("
+                + ", ".join(f"CAST({alias}.{quote_ident(c)} AS text)" for c in self.watched_columns)
+                + ")"
+            )
+
+        inserted = f"SELECT CAST(n.{key} AS text) AS k FROM new_rows AS n WHERE n.{key} IS NOT NULL"
+        updated = (
+            f"SELECT CAST(n.{key} AS text) AS k FROM new_rows AS n "
+            f"LEFT JOIN old_rows AS o ON o.{key} = n.{key} WHERE n.{key} IS NOT NULL "
+            f"AND (o.{key} IS NULL OR {row('o')} IS DISTINCT FROM {row('n')}) "
+            f"UNION SELECT CAST(o.{key} AS text) FROM old_rows AS o "
+            f"LEFT JOIN new_rows AS n ON n.{key} = o.{key} "
+            f"WHERE o.{key} IS NOT NULL AND n.{key} IS NULL"
+        )
+        deleted = f"SELECT CAST(o.{key} AS text) AS k FROM old_rows AS o WHERE o.{key} IS NOT NULL"
+        truncated = (
+            f"INSERT INTO {STATE_SCHEMA}.change_queue (target, shard, row_id) "
+            f"SELECT target, shard, row_id FROM {STATE_SCHEMA}.row_state "
+            f"WHERE target = {quote_literal(self.target)} AND NOT deleted;"
+        )
+        return f"""CREATE OR REPLACE FUNCTION {self.function}() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $capture$
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        {self._enqueue(inserted)}
+    ELSIF TG_OP = 'UPDATE' THEN
+        {self._enqueue(updated)}
+    ELSIF TG_OP = 'DELETE' THEN
+        {self._enqueue(deleted)}
+    ELSE
+        {truncated}
+    END IF;
+    RETURN NULL;
+END
+$capture$;"""
+
+    def install_sql(self) -> str:
+        """Every statement that installs (or replaces) the triggers, for a DBA to run."""
+        transitions = {
+            "insert": "REFERENCING NEW TABLE AS new_rows",
+            "update": "REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows",
+            "delete": "REFERENCING OLD TABLE AS old_rows",
+            "truncate": "",
+        }
+        statements = [
+            self.function_sql(),
+            f"COMMENT ON FUNCTION {self.function}() IS "
+            f"{quote_literal(SIGNATURE_PREFIX + self.body_signature)};",
+        ]
+        for op in OPERATIONS:
+            statements.append(f"DROP TRIGGER IF EXISTS {self.trigger_name(op)} ON {self.table};")
+            statements.append(
+                f"CREATE TRIGGER {self.trigger_name(op)} AFTER {op.upper()} ON {self.table} "
+                f"{transitions[op]} FOR EACH STATEMENT EXECUTE FUNCTION {self.function}();"
+            )
+        return "\n".join(statements)
+
+    def drop_sql(self) -> str:
+        statements = [
+            f"DROP TRIGGER IF EXISTS {self.trigger_name(op)} ON {self.table};" for op in OPERATIONS
+        ]
+        statements.append(f"DROP FUNCTION IF EXISTS {self.function}();")
+        return "\n".join(statements)
+
+    @property
+    def body_signature(self) -> str:
+        return hashlib.md5(self.function_sql().encode()).hexdigest()
+
+    @property
+    def signature(self) -> str:
+        return hashlib.md5(self.install_sql().encode()).hexdigest()
+
+    def dba_sql(self) -> str:
+        """What a DBA runs for a role that may not create triggers: our schema first (the
+        trigger writes into it), then the triggers."""
+        return STATE_DDL.strip() + "\n\n" + self.install_sql()
+
+
+def installed_signature(conn: sa.Connection, triggers: CaptureTriggers) -> str | None:
+    """The signature in the installed capture function's comment (whoever installed it)."""
+    comment = conn.scalar(
+        sa.text("SELECT obj_description(to_regprocedure(:f), 'pg_proc')"),
+        {"f": f"{triggers.function}()"},
+    )
+    if comment and comment.startswith(SIGNATURE_PREFIX):
+        return comment.removeprefix(SIGNATURE_PREFIX)
+    return None
+
+
+def table_columns(conn: sa.Connection, spec: SourceSpec) -> tuple[str, ...]:
+    schema, table = split_qualified(spec.table or "")
+    rows = conn.execute(
+        sa.text(
+            """SELECT attname FROM pg_attribute
+            WHERE attrelid = to_regclass(:rel) AND attnum > 0 AND NOT attisdropped
+            ORDER BY attnum"""
+        ),
+        {"rel": f"{quote_ident(schema)}.{quote_ident(table)}"},
+    ).fetchall()
+    return tuple(r.attname for r in rows)
+
+
+def installed_triggers(conn: sa.Connection, triggers: CaptureTriggers) -> int:
+    """How many of the source's capture triggers exist (enabled or not)."""
+    return int(
+        conn.scalar(
+            sa.text(
+                """SELECT count(*) FROM pg_trigger
+                WHERE tgrelid = to_regclass(:rel) AND tgname = ANY(:names)"""
+            ),
+            {
+                "rel": triggers.table,
+                "names": [f"ea_{triggers.spec.name}_{op}" for op in OPERATIONS],
+            },
+        )
+    )
+
+
+def may_create_triggers(conn: sa.Connection, table: str) -> bool:
+    return bool(
+        conn.scalar(
+            sa.text("SELECT has_table_privilege(to_regclass(:rel), 'TRIGGER')"), {"rel": table}
+        )
+    )
