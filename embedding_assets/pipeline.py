@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pandas as pd
 
-from embedding_assets.core.chunking import chunk_text
+from embedding_assets.core.chunking import chunk_texts
 from embedding_assets.core.delta import CHUNK_COLUMNS, ChunkedRows, EmbeddedRows, PendingRows
 from embedding_assets.embedders.base import Embedder
 from embedding_assets.runtime import SourceRuntime
@@ -23,13 +23,15 @@ def effective_max_tokens(spec: SourceSpec, embedder: Embedder) -> int:
 def chunk_rows(pending: PendingRows, spec: SourceSpec, embedder: Embedder) -> ChunkedRows:
     max_tokens = effective_max_tokens(spec, embedder)
     overlap = min(spec.chunking.overlap, max_tokens - 1)
+    rows = pending.rows
+    # NULL/blank text: the row is recorded with no chunks, never embedded.
+    texts = rows.loc[~rows["is_empty"].astype(bool), ["row_id", "doc"]] if len(rows) else rows
     records = []
-    for row in pending.rows.itertuples(index=False):
-        if row.is_empty:
-            continue  # NULL/blank text: the row is recorded with no chunks, never embedded
-        for chunk in chunk_text(row.doc, embedder.tokenizer, max_tokens, overlap):
+    chunked = chunk_texts(texts["doc"].tolist(), embedder.tokenizer, max_tokens, overlap)
+    for row_id, chunks in zip(texts["row_id"].tolist(), chunked, strict=True):
+        for chunk in chunks:
             records.append(
-                (row.row_id, chunk.chunk_index, chunk.text, chunk.token_count, chunk.chunk_hash)
+                (row_id, chunk.chunk_index, chunk.text, chunk.token_count, chunk.chunk_hash)
             )
     return ChunkedRows(pending, pd.DataFrame(records, columns=CHUNK_COLUMNS))
 

@@ -8,6 +8,7 @@ silently truncated by the model.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -64,19 +65,36 @@ def chunk_text(text: str, tokenizer: Tokenizer, max_tokens: int, overlap: int) -
     chunk is re-counted and its window shrunk until it fits; ``token_count`` is that re-count.
     Text without any token (empty, whitespace, only characters the tokenizer drops) gives [].
     """
+    return chunk_texts([text], tokenizer, max_tokens, overlap)[0]
+
+
+def chunk_texts(
+    texts: Sequence[str], tokenizer: Tokenizer, max_tokens: int, overlap: int
+) -> list[list[Chunk]]:
+    """`chunk_text` of many texts, tokenized in one batch when the tokenizer offers
+    ``encode_offsets_batch`` (a Rust-side batch on all cores, instead of one call per text)."""
     validate_chunking(max_tokens, overlap)
-    doc = text.strip()
-    if not doc:
-        return []
-    offsets = tokenizer.encode_offsets(doc)
+    docs = [text.strip() for text in texts]
+    batch = getattr(tokenizer, "encode_offsets_batch", None)
+    if batch is not None:
+        offsets = batch(docs)
+    else:
+        offsets = [tokenizer.encode_offsets(doc) if doc else [] for doc in docs]
+    return [
+        _windows(doc, spans, tokenizer, max_tokens, overlap) if doc else []
+        for doc, spans in zip(docs, offsets, strict=True)
+    ]
+
+
+def _windows(
+    doc: str, offsets: list[tuple[int, int]], tokenizer: Tokenizer, max_tokens: int, overlap: int
+) -> list[Chunk]:
     n = len(offsets)
     if n == 0:
         return []
     if n <= max_tokens:
-        # Common case (short rows): one chunk, no slicing needed beyond the strip.
-        count = tokenizer.count(doc)
-        if count <= max_tokens:
-            return [Chunk(0, doc, count, chunk_hash_of(doc))]
+        # Common case (short rows): one chunk; the offsets are the whole doc's own tokens.
+        return [Chunk(0, doc, n, chunk_hash_of(doc))]
 
     chunks: list[Chunk] = []
     start = 0

@@ -62,6 +62,20 @@ def with_arrays(frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
+def fetch_binary(
+    conn: sa.Connection, query: str, params: dict[str, Any], columns: list[str]
+) -> pd.DataFrame:
+    """Rows with vectors fetched in binary (pgvector's binary loader is a buffer copy; the
+    text form is parsed float by float). `query` uses psycopg's %(name)s placeholders."""
+    cursor = conn.connection.driver_connection.cursor(binary=True)
+    try:
+        cursor.execute(query, params)
+        frame = pd.DataFrame(cursor.fetchall(), columns=columns)
+    finally:
+        cursor.close()
+    return with_arrays(frame)
+
+
 def copy_value(value: Any, binary: bool = False) -> Any:
     """A metadata value for COPY: pandas NA as NULL; JSON values as JSON text (text COPY)."""
     if value is None or (isinstance(value, float) and np.isnan(value)) or value is pd.NA:
@@ -154,6 +168,8 @@ class PgVectorDestination:
         if self.has_index(conn):
             return False
         conn.execute(sa.text(f"SET LOCAL maintenance_work_mem = '{INDEX_BUILD_MEMORY}'"))
+        # One parallel worker beside the leader: both cores of a small machine.
+        conn.execute(sa.text("SET LOCAL max_parallel_maintenance_workers = 1"))
         conn.execute(
             sa.text(
                 f"CREATE INDEX IF NOT EXISTS {self.hnsw_index} "
@@ -268,14 +284,14 @@ class PgVectorDestination:
         if not chunk_hashes or not self.table_exists():
             return {}
         with self.engine.connect() as conn:
-            rows = conn.execute(
-                sa.text(
-                    f"SELECT DISTINCT ON (chunk_hash) chunk_hash, embedding FROM {self.table} "
-                    "WHERE chunk_hash = ANY(:hashes)"
-                ),
+            found = fetch_binary(
+                conn,
+                f"SELECT DISTINCT ON (chunk_hash) chunk_hash, embedding FROM {self.table} "
+                "WHERE chunk_hash = ANY(%(hashes)s)",
                 {"hashes": list(set(chunk_hashes))},
-            ).fetchall()
-        return {row.chunk_hash: as_array(row.embedding) for row in rows}
+                ["chunk_hash", "embedding"],
+            )
+        return dict(zip(found["chunk_hash"], found["embedding"], strict=True))
 
     def _columns(self) -> list[str]:
         return ["point_id", "row_id", "chunk_index", "chunk_text", "embedding", *self.spec.metadata]
@@ -284,33 +300,32 @@ class PgVectorDestination:
         """The chunks of these rows with vectors and metadata, in row and chunk order."""
         if not ids:
             return pd.DataFrame(columns=self._columns())
-        meta_cols = "".join(f", c.{quote_ident(m)}" for m in self.spec.metadata)
-        result = conn.execute(
-            sa.text(
-                f"""SELECT CAST(c.point_id AS text) AS point_id, c.row_id, c.chunk_index,
-                    c.chunk_text, c.embedding{meta_cols}
-                FROM {self.table} AS c WHERE c.row_id = ANY(:ids)
-                ORDER BY c.row_id, c.chunk_index"""
-            ),
+        return fetch_binary(
+            conn,
+            f"""SELECT CAST(c.point_id AS text) AS point_id, c.row_id, c.chunk_index,
+                c.chunk_text, c.embedding{self._meta_select("c.")}
+            FROM {self.table} AS c WHERE c.row_id = ANY(%(ids)s)
+            ORDER BY c.row_id, c.chunk_index""",
             {"ids": list(ids)},
+            self._columns(),
         )
-        return with_arrays(pd.DataFrame(result.fetchall(), columns=self._columns()))
 
     def stored_chunks(self, shard: int) -> pd.DataFrame:
         """The shard's stored chunks with vectors and metadata, in row and chunk order."""
         if not self.table_exists():
             return pd.DataFrame(columns=self._columns())
-        meta_cols = "".join(f", {quote_ident(m)}" for m in self.spec.metadata)
         with self.engine.connect() as conn:
-            result = conn.execute(
-                sa.text(
-                    f"""SELECT CAST(point_id AS text) AS point_id, row_id, chunk_index,
-                        chunk_text, embedding{meta_cols}
-                    FROM {self.table} WHERE shard = :shard ORDER BY row_id, chunk_index"""
-                ),
+            return fetch_binary(
+                conn,
+                f"""SELECT CAST(point_id AS text) AS point_id, row_id, chunk_index,
+                    chunk_text, embedding{self._meta_select()}
+                FROM {self.table} WHERE shard = %(shard)s ORDER BY row_id, chunk_index""",
                 {"shard": shard},
+                self._columns(),
             )
-            return with_arrays(pd.DataFrame(result.fetchall(), columns=self._columns()))
+
+    def _meta_select(self, alias: str = "") -> str:
+        return "".join(f", {alias}{quote_ident(m)}" for m in self.spec.metadata)
 
     def chunk_counts(self) -> dict[int, int]:
         if not self.table_exists():
@@ -352,15 +367,14 @@ class PgVectorDestination:
         if not self.table_exists():
             return pd.DataFrame(columns=columns)
         with self.engine.connect() as conn:
-            result = conn.execute(
-                sa.text(
-                    f"""SELECT CAST(point_id AS text) AS point_id, row_id, chunk_text, embedding
-                    FROM {self.table} WHERE shard = :shard ORDER BY md5(CAST(point_id AS text))
-                    LIMIT :n"""
-                ),
+            return fetch_binary(
+                conn,
+                f"""SELECT CAST(point_id AS text) AS point_id, row_id, chunk_text, embedding
+                FROM {self.table} WHERE shard = %(shard)s ORDER BY md5(CAST(point_id AS text))
+                LIMIT %(n)s""",
                 {"shard": shard, "n": size},
+                columns,
             )
-            return with_arrays(pd.DataFrame(result.fetchall(), columns=columns))
 
     def search(self, vector: np.ndarray, limit: int) -> list[SearchHit]:
         if not self.table_exists():

@@ -23,9 +23,6 @@ from embedding_assets.settings import SourceSpec
 from embedding_assets.state.ddl import STATE_SCHEMA
 
 LAGGING = "(qdrant_hash IS DISTINCT FROM content_hash OR qdrant_chunk_count <> chunk_count)"
-# A bulk upsert of at least this many points is followed by an optimize() of the embedded
-# engine (it never optimizes on its own).
-OPTIMIZE_AFTER_POINTS = 50_000
 
 
 def json_safe(value: Any) -> Any:
@@ -198,8 +195,6 @@ class QdrantDestination:
                 self.store.delete(self.collection, update.deletes)
             if update.upserts:
                 self.store.upsert(self.collection, update.upserts)
-                if len(update.upserts) >= OPTIMIZE_AFTER_POINTS:
-                    self.store.optimize(self.collection)
         # Recorded only after Qdrant has the points: a crash before this line resends them.
         self.mark_synced(update.synced)
 

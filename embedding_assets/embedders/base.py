@@ -78,6 +78,13 @@ class HFTokenizer:
             (int(s), int(e)) for s, e in self._tok.encode(text, add_special_tokens=False).offsets
         ]
 
+    def encode_offsets_batch(self, texts: Sequence[str]) -> list[list[tuple[int, int]]]:
+        """`encode_offsets` of many texts in one Rust-side batch."""
+        if not texts:
+            return []
+        encodings = self._tok.encode_batch(list(texts), add_special_tokens=False)
+        return [[(int(s), int(e)) for s, e in encoding.offsets] for encoding in encodings]
+
     def count(self, text: str) -> int:
         return len(self._tok.encode(text, add_special_tokens=False).ids)
 

@@ -30,7 +30,7 @@ CREATE TABLE IF NOT EXISTS {STATE_SCHEMA}.targets (
     created_at timestamptz NOT NULL DEFAULT now()
 );
 ALTER TABLE {STATE_SCHEMA}.targets ADD COLUMN IF NOT EXISTS vector_index text NOT NULL
-    DEFAULT 'built';  -- 'built' | 'deferred' (a bulk load builds it once, at the end)
+    DEFAULT 'built';  -- pgvector HNSW: 'built' | 'deferred' (a bulk load builds it at the end)
 CREATE TABLE IF NOT EXISTS {STATE_SCHEMA}.row_state (
     target text NOT NULL,
     row_id text NOT NULL,

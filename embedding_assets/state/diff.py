@@ -180,14 +180,26 @@ class SourceDiff:
             },
         )
 
-    def pending_ids(self, conn: sa.Connection) -> list[tuple[int, str]]:
-        """(shard, row id) of every row a full diff finds pending, in the caller's
-        transaction (for reconciliation and for seeding a new change queue)."""
-        query = (
-            f"SELECT j.shard, j.row_id FROM ({self._joined(None, Scope())}) AS j WHERE j.pending"
-        )
-        rows = conn.execute(sa.text(query), self._params(None, Scope())).fetchall()
-        return [(r.shard, r.row_id) for r in rows]
+    def enqueue_pending(self, conn: sa.Connection) -> int:
+        """Queue (in the caller's transaction) every row a full diff finds pending and not
+        queued yet; returns how many rows the diff found pending. For reconciliation and
+        for seeding a new change queue."""
+        joined = self._joined(None, Scope())
+        found = conn.execute(
+            sa.text(
+                f"""WITH pending AS (SELECT j.shard, j.row_id FROM ({joined}) AS j WHERE j.pending),
+                queued AS (
+                    INSERT INTO {STATE_SCHEMA}.change_queue (target, shard, row_id)
+                    SELECT :target, p.shard, p.row_id FROM pending AS p
+                    WHERE NOT EXISTS (SELECT 1 FROM {STATE_SCHEMA}.change_queue AS q
+                                      WHERE q.target = :target AND q.row_id = p.row_id)
+                    ORDER BY p.row_id
+                    RETURNING 1)
+                SELECT (SELECT count(*) FROM pending) AS found, (SELECT count(*) FROM queued)"""
+            ),
+            self._params(None, Scope()),
+        ).one()
+        return int(found.found)
 
     def counted(self) -> tuple[int | None, str | None]:
         """The last full diff's eligible-row total and when it ran (None if never)."""

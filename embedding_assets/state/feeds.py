@@ -108,28 +108,10 @@ class _QueueFeed(_Feed):
                 self._id_type = column_types(conn, probe)[0]
         return self._id_type
 
-    def _enqueue_pending(self, conn: sa.Connection) -> int:
-        """Queue every row a full diff finds pending and that is not queued already."""
-        found = self.diff.pending_ids(conn)
-        if not found:
-            return 0
-        queued = set(
-            conn.scalars(
-                sa.text(
-                    f"SELECT DISTINCT row_id FROM {STATE_SCHEMA}.change_queue "
-                    "WHERE target = :t AND row_id = ANY(:ids)"
-                ),
-                {"t": self.target, "ids": [r for _, r in found]},
-            )
-        )
-        fresh = [(s, r) for s, r in found if r not in queued]
-        self.queue.enqueue(conn, fresh)
-        return len(found)
-
     def reconcile(self) -> int:
         self.ensure()
         with self.engine.begin() as conn:
-            found = self._enqueue_pending(conn)
+            found = self.diff.enqueue_pending(conn)
             conn.execute(
                 sa.text(
                     f"""UPDATE {STATE_SCHEMA}.capture SET reconciled_at = now(),
@@ -177,7 +159,7 @@ class TriggerFeed(_QueueFeed):
         self._ensured = True
 
     def _seed(self, conn: sa.Connection, triggers: CaptureTriggers) -> int:
-        found = self._enqueue_pending(conn)
+        found = self.diff.enqueue_pending(conn)
         _record_capture(conn, self.target, self.mode, triggers.signature)
         log.info("capture triggers of %s in place; queued %d rows", self.spec.name, found)
         return found

@@ -45,8 +45,8 @@ class Ledger:
 
     def record(self, conn: sa.Connection | None = None) -> TargetRecord | None:
         query = sa.text(
-            f"SELECT model, dimension, shards, vector_index FROM {STATE_SCHEMA}.targets "
-            "WHERE target = :t"
+            "SELECT model, dimension, shards, vector_index "
+            f"FROM {STATE_SCHEMA}.targets WHERE target = :t"
         )
         if conn is None:
             with self.engine.connect() as own:
@@ -94,6 +94,7 @@ class Ledger:
         return recorded
 
     def set_vector_index(self, conn: sa.Connection, state: str) -> None:
+        """The pgvector HNSW index: 'built', or 'deferred' during a bulk load."""
         conn.execute(
             sa.text(f"UPDATE {STATE_SCHEMA}.targets SET vector_index = :v WHERE target = :t"),
             {"v": state, "t": self.target},

@@ -10,7 +10,13 @@ import textwrap
 
 import pytest
 
-from embedding_assets.core.chunking import Chunk, Tokenizer, chunk_hash_of, chunk_text
+from embedding_assets.core.chunking import (
+    Chunk,
+    Tokenizer,
+    chunk_hash_of,
+    chunk_text,
+    chunk_texts,
+)
 from embedding_assets.demo import read_demo_rows
 from embedding_assets.embedders.base import HFTokenizer
 
@@ -229,3 +235,23 @@ def test_chunking_and_tokenizer_do_not_import_torch() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
     )
     assert out.stdout.split() == ["4", "384", "[]"], out.stdout + out.stderr
+
+
+class OneAtATime:
+    """The HF tokenizer without its batch method: chunking falls back to a call per text."""
+
+    def __init__(self, tokenizer: HFTokenizer) -> None:
+        self.encode_offsets = tokenizer.encode_offsets
+        self.count = tokenizer.count
+
+
+def test_batched_chunking_equals_one_text_at_a_time(hf_tokenizer: HFTokenizer, long_text) -> None:
+    texts = ["", "  short text  ", long_text, "emoji 🙂 and 漢字", "   ", long_text[:300]]
+    batched = chunk_texts(texts, hf_tokenizer, 32, 4)
+    assert batched == chunk_texts(texts, OneAtATime(hf_tokenizer), 32, 4)
+    assert batched == [chunk_text(t, hf_tokenizer, 32, 4) for t in texts]
+    assert [len(c) for c in batched][:2] == [0, 1] and len(batched[2]) > 3
+    # Without a batch method the same chunks come from one call per text.
+    assert chunk_texts(texts, WhitespaceTokenizer(), 8, 2) == [
+        chunk_text(t, WhitespaceTokenizer(), 8, 2) for t in texts
+    ]

@@ -1,0 +1,280 @@
+"""Scale figures: the cost of keeping a large table in sync when little changes, and of a
+first load, against a throwaway embedded Postgres and the embedded Qdrant engine, with a free
+embedder (benchmarks/free_embedder.py) so only the pipeline's own cost shows. Prints the
+figures; asserts nothing.
+
+    .venv/bin/python benchmarks/scale.py --rows 1000000 [--skip-dev]
+
+Rows are real package descriptions (../shared/data/pypi_packages_100k.tsv.gz), repeated with
+a numbered name past 100,000. Steps: first `sync` (a subprocess: wall time and its peak
+RSS), then with nothing changed a warm sensor tick and `status`, then 100 updated rows and
+`sync`, then a running `embedding-assets dev` stack: 100 updated rows from commit until both
+sinks hold them (5 times, median).
+"""
+
+import argparse
+import gzip
+import json
+import os
+import random
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT.parent / "shared" / "data" / "pypi_packages_100k.tsv.gz"
+CLI = [sys.executable, "-m", "embedding_assets.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def load_rows(engine, rows: int, data: Path) -> None:
+    import sqlalchemy as sa
+
+    lines = gzip.decompress(data.read_bytes()).decode().split("\n")[1:]
+    records = [line.split("\t") for line in lines if line.count("\t") == 3]
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "CREATE TABLE bench_docs (id bigint PRIMARY KEY, name text NOT NULL, "
+                "version text, summary text, notes text)"
+            )
+        )
+        cursor = conn.connection.driver_connection.cursor()
+        with cursor.copy("COPY bench_docs (id, name, version, summary) FROM STDIN") as copy:
+            for i in range(rows):
+                name, version, _month, summary = records[i % len(records)]
+                suffix = f"-{i // len(records)}" if i >= len(records) else ""
+                copy.write_row([i, name + suffix, version, summary])
+        conn.execute(sa.text("ANALYZE bench_docs"))
+
+
+def write_sources(path: Path, base_url: str, shards: int, max_rows: int) -> None:
+    path.write_text(
+        f"""embedders:
+  free:
+    provider: openai
+    model: all-MiniLM-L6-v2
+    base_urls: ["{base_url}"]
+    dimension: 384
+    encoding_format: base64
+    max_inputs_per_request: 2048
+    max_tokens_per_request: 1000000
+sources:
+  - name: bench
+    table: public.bench_docs
+    id_column: id
+    text: "{{name}}: {{summary}}"
+    metadata: [version]
+    embedder: free
+    shards: {shards}
+    max_rows_per_run: {max_rows}
+"""
+    )
+
+
+def timed(command: list[str], env: dict) -> tuple[float, str]:
+    started = time.perf_counter()
+    out = subprocess.run(command, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if out.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{out.stdout[-2000:]}{out.stderr[-3000:]}")
+    return seconds, out.stdout
+
+
+def update_rows(engine, ids: list[int], marker: str) -> None:
+    import sqlalchemy as sa
+
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text("UPDATE bench_docs SET summary = summary || :m WHERE id = ANY(:ids)"),
+            {"m": f" [{marker}]", "ids": ids},
+        )
+
+
+def in_both_sinks(engine, ids: list[int], marker: str) -> bool:
+    """Every updated row's new text is in pgvector and the ledger says Qdrant holds it."""
+    import sqlalchemy as sa
+
+    with engine.connect() as conn:
+        return conn.scalar(
+            sa.text(
+                """SELECT count(DISTINCT c.row_id) FROM public.bench_embeddings AS c
+                JOIN embedding_assets.row_state AS r
+                  ON r.target = 'public.bench_embeddings' AND r.row_id = c.row_id
+                WHERE c.row_id = ANY(:ids) AND c.chunk_text LIKE :m
+                  AND r.qdrant_hash = r.content_hash"""
+            ),
+            {"ids": [str(i) for i in ids], "m": f"%[{marker}]%"},
+        ) == len(ids)
+
+
+def sensor_tick_ms(settings, repeats: int = 10) -> tuple[float, str]:
+    import dagster as dg
+
+    from embedding_assets.definitions import build_definitions
+
+    defs = build_definitions(settings)
+    sensor = defs.resolve_sensor_def("bench_changes")
+    timings = []
+    with dg.DagsterInstance.ephemeral() as instance:
+        for i in range(repeats + 1):
+            with dg.build_sensor_context(
+                instance=instance, resources=defs.resources, definitions=defs
+            ) as context:
+                started = time.perf_counter()
+                result = sensor.evaluate_tick(context)
+                if i:  # the first tick is the warm-up
+                    timings.append((time.perf_counter() - started) * 1000)
+    return statistics.median(timings), result.skip_message or f"{len(result.run_requests)} runs"
+
+
+def dev_latencies(env: dict, engine, rows: int, repeats: int, updates: int) -> list[float]:
+    home = Path(env["EMBEDDING_ASSETS_HOME"])
+    log = (home / "dev.log").open("w")
+    dev = subprocess.Popen(
+        [*CLI, "dev", "--port", str(free_port())],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    latencies = []
+    try:
+        warm_ids = random.Random(0).sample(range(rows), 5)
+        update_rows(engine, warm_ids, "warm")
+        deadline = time.monotonic() + 300
+        while not in_both_sinks(engine, warm_ids, "warm"):  # the stack is up and idle
+            if time.monotonic() > deadline or dev.poll() is not None:
+                raise SystemExit(f"dev stack did not sync; see {home / 'dev.log'}")
+            time.sleep(0.5)
+        for round_ in range(repeats):
+            ids = random.Random(round_ + 1).sample(range(rows), updates)
+            marker = f"dev{round_}"
+            update_rows(engine, ids, marker)
+            committed = time.perf_counter()
+            while not in_both_sinks(engine, ids, marker):
+                if time.perf_counter() - committed > 180:
+                    raise SystemExit(f"round {round_} did not converge in 180 s")
+                time.sleep(0.1)
+            latencies.append(time.perf_counter() - committed)
+            print(f"  dev round {round_}: {latencies[-1]:.1f} s", flush=True)
+    finally:
+        os.killpg(dev.pid, signal.SIGINT)
+        try:
+            dev.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(dev.pid, signal.SIGKILL)
+    return latencies
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=200_000)
+    parser.add_argument("--shards", type=int, default=8)
+    parser.add_argument("--max-rows-per-run", type=int, default=20_000)
+    parser.add_argument("--updates", type=int, default=100)
+    parser.add_argument("--dev-repeats", type=int, default=5)
+    parser.add_argument("--skip-dev", action="store_true")
+    parser.add_argument("--data", type=Path, default=DATA)
+    args = parser.parse_args()
+
+    home = Path(tempfile.mkdtemp(prefix="ea-scale-"))
+    env_updates = {
+        "EMBEDDING_ASSETS_HOME": str(home),
+        "EMBEDDING_ASSETS_PG_PORT": str(free_port()),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }
+    os.environ.update(env_updates)
+    for name in ("DATABASE_URL", "QDRANT_URL", "EMBEDDING_ASSETS_SOURCES", "DAGSTER_HOME"):
+        os.environ.pop(name, None)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+
+    from free_embedder import FreeEmbedder
+
+    from embedding_assets.cli import status_report
+    from embedding_assets.embedded import EmbeddedPostgres
+    from embedding_assets.settings import load_settings
+    from embedding_assets.state.db import engine_for
+
+    server = EmbeddedPostgres.from_env()
+    server.start()
+    embedder = FreeEmbedder().start()
+    try:
+        os.environ["DATABASE_URL"] = server.url()
+        engine = engine_for(server.url())
+        started = time.perf_counter()
+        load_rows(engine, args.rows, args.data)
+        print(f"loaded {args.rows} rows in {time.perf_counter() - started:.1f} s")
+        sources = home / "sources.yaml"
+        write_sources(sources, embedder.base_url, args.shards, args.max_rows_per_run)
+        os.environ["EMBEDDING_ASSETS_SOURCES"] = str(sources)
+        env = dict(os.environ)
+        settings = load_settings(sources)
+
+        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        seconds, out = timed([*CLI, "sync", "--json"], env)
+        peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        reports = json.loads(out.strip().splitlines()[-1])
+        done = sum(r["rows"] for r in reports)
+        print(
+            f"first sync: {seconds:.1f} s for {done} rows in {len(reports)} runs = "
+            f"{done / seconds:,.0f} rows/s; peak RSS of the sync process {peak_mb:,.0f} MB "
+            f"(max_rows_per_run {args.max_rows_per_run}; before: {before / 1024:.0f} MB)"
+        )
+
+        tick_ms, said = sensor_tick_ms(settings)
+        print(f"sensor tick, nothing changed (warm, median of 10): {tick_ms:.1f} ms ({said})")
+        started = time.perf_counter()
+        report = status_report(settings, "bench")
+        status_in_process = time.perf_counter() - started
+        status_cli, _ = timed([*CLI, "status", "--json"], env)
+        print(
+            f"status, nothing changed: {status_in_process:.2f} s in-process, "
+            f"{status_cli:.2f} s as a command (exact={report['exact']}, "
+            f"pending={report['pending_rows']}, embedded={report['embedded_rows']})"
+        )
+        started = time.perf_counter()
+        exact = status_report(settings, "bench", exact=True)
+        print(
+            f"status --exact (full diff): {time.perf_counter() - started:.2f} s in-process "
+            f"(eligible={exact['eligible_rows']}, pending={exact['pending_rows']})"
+        )
+
+        ids = random.Random(42).sample(range(args.rows), args.updates)
+        update_rows(engine, ids, "sync")
+        seconds, out = timed([*CLI, "sync", "--json"], env)
+        runs = json.loads(out.strip().splitlines()[-1])
+        print(
+            f"{args.updates} updated rows, `sync` start to exit: {seconds:.1f} s "
+            f"({len(runs)} shard runs, {sum(r['rows'] for r in runs)} rows; converged: "
+            f"{in_both_sinks(engine, ids, 'sync')})"
+        )
+
+        if not args.skip_dev:
+            latencies = dev_latencies(env, engine, args.rows, args.dev_repeats, args.updates)
+            print(
+                f"dev stack, {args.updates} updated rows from commit to both sinks: median "
+                f"{statistics.median(latencies):.1f} s (all: "
+                f"{', '.join(f'{s:.1f}' for s in latencies)})"
+            )
+    finally:
+        embedder.stop()
+        server.stop()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
