@@ -138,6 +138,7 @@ class ShardReport:
     reused_chunks: int = 0
     points_upserted: int = 0
     seconds: float = 0.0
+    index_build_seconds: float = 0.0  # the pgvector HNSW build after a bulk load, if this run
     error: str | None = None
 
 
@@ -196,6 +197,7 @@ def _run_shard(job, source: str, key: str, instance) -> tuple[ShardReport, bool]
             report.chunks = meta["chunks"]
             report.embedded_chunks = meta["embedded_chunks"]
             report.reused_chunks = meta["reused_chunks"]
+            report.index_build_seconds = meta.get("seconds_building_vector_index", 0.0)
         elif stage == "vector_index":
             report.points_upserted = meta.get("points_upserted", 0)
             backlog = backlog or bool(meta.get("backlog"))
@@ -351,11 +353,13 @@ def status_report(settings: Settings, source: str, exact: bool = False) -> dict:
     """Per source and shard: eligible rows, rows with a current embedding, pending rows,
     pgvector chunks and Qdrant points.
 
-    Exact (a full diff of the source) for diff capture or with `exact`. Otherwise from the
-    ledger and the change feed without scanning the source: `pending_rows` counts queued
-    changes and `eligible_rows` is embedded + pending (an update of an embedded row counts
-    twice until it is done); `eligible_rows_counted` is the last full diff's count, with
-    its time in `counted_at`.
+    Exact for diff capture or with `exact`: a full diff of the source, and the chunks and
+    points counted in pgvector and Qdrant. Otherwise read from the ledger and the change
+    feed, touching neither the source nor a destination: `pending_rows` counts queued
+    changes, `eligible_rows` is embedded + pending (an update of an embedded row counts
+    twice until it is done), and `pgvector_chunks` / `qdrant_points` are what the ledger
+    records the destinations hold. `eligible_rows_counted` is the last full diff's count,
+    with its time in `counted_at`.
     """
     from embedding_assets.environment import database_url
     from embedding_assets.runtime import runtime_for
@@ -364,30 +368,32 @@ def status_report(settings: Settings, source: str, exact: bool = False) -> dict:
     runtime = runtime_for(settings, source, database_url())
     runtime.feed.ensure()
     is_exact = exact or runtime.feed.mode == "diff"
-    chunks = runtime.pgvector.chunk_counts()
     shards = {}
     if is_exact:
         work = runtime.exact_work()
+        chunks = runtime.pgvector.chunk_counts()
+        with runtime.qdrant.store.session(runtime.qdrant.collection):
+            points = {index: runtime.qdrant.count(index) for index in range(spec.shards)}
         for index, key in enumerate(spec.shard_keys):
             shards[key] = {
                 "eligible_rows": work[index].eligible_rows,
                 "embedded_rows": work[index].embedded_rows,
                 "pending_rows": work[index].pending_rows,
+                "pgvector_chunks": chunks.get(index, 0),
+                "qdrant_points": points[index],
             }
     else:
         work = runtime.work()
-        embedded = runtime.ledger.current_rows_by_shard()
+        held = runtime.ledger.holdings_by_shard()
         for index, key in enumerate(spec.shard_keys):
-            current = embedded.get(index, 0)
+            current, chunks, points = held.get(index, (0, 0, 0))
             shards[key] = {
                 "eligible_rows": current + work[index].pending_rows,
                 "embedded_rows": current,
                 "pending_rows": work[index].pending_rows,
+                "pgvector_chunks": chunks,
+                "qdrant_points": points,
             }
-    with runtime.qdrant.store.session(runtime.qdrant.collection):
-        for index, key in enumerate(spec.shard_keys):
-            shards[key]["pgvector_chunks"] = chunks.get(index, 0)
-            shards[key]["qdrant_points"] = runtime.qdrant.count(index)
     totals = {f: sum(s[f] for s in shards.values()) for f in STATUS_FIELDS}
     counted = runtime.diff.counted()
     return {
@@ -434,9 +440,10 @@ def status(ctx: click.Context, source: str | None, exact: bool, as_json: bool) -
             counted = report["eligible_rows_counted"]
             when = report["counted_at"] or "never"
             click.echo(
-                "  eligible and pending rows are from the ledger and the change feed, not a "
-                f"scan; last full count: {counted if counted is not None else '-'} "
-                f"({when}). `status --exact` scans the source."
+                "  from the ledger and the change feed, not a scan: eligible = embedded + "
+                "queued changes; chunks and points are what the ledger records. Last full "
+                f"count: {counted if counted is not None else '-'} eligible rows ({when}). "
+                "`status --exact` scans the source and counts both sinks."
             )
 
 

@@ -2,6 +2,7 @@
 store (pgvector + ledger + change-feed acknowledgement in one transaction). The Qdrant
 stage lives in `destinations.qdrant`. Dagster assets, IO managers and tests call these."""
 
+import time
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -106,6 +107,7 @@ class WriteStats:
     rows_skipped_stale: int
     index_dropped: bool = False
     index_built: bool = False
+    index_seconds: float = 0.0
 
 
 def store_embeddings(runtime: SourceRuntime, batch: EmbeddedRows) -> WriteStats:
@@ -145,12 +147,15 @@ def store_embeddings(runtime: SourceRuntime, batch: EmbeddedRows) -> WriteStats:
         removed = [r for r in pending.deleted if r not in stale]
         runtime.ledger.record_deleted(conn, removed)
         runtime.feed.acknowledge(conn, pending, set(batch.failures))
-    built = False
+    built, started = False, time.perf_counter()
     if not pending.backlog and _index_deferred(runtime) and not _work_left(runtime):
         with runtime.engine.begin() as conn:
             built = runtime.pgvector.build_index(conn)
             runtime.ledger.set_vector_index(conn, "built")
-    return WriteStats(len(written), chunks_written, len(removed), len(stale), dropped, built)
+    seconds = round(time.perf_counter() - started, 3) if built else 0.0
+    return WriteStats(
+        len(written), chunks_written, len(removed), len(stale), dropped, built, seconds
+    )
 
 
 def _index_deferred(runtime: SourceRuntime) -> bool:

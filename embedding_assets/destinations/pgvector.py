@@ -8,6 +8,7 @@ rewrites most of a table drops it first. Until it exists, search is an exact sca
 """
 
 import json
+import os
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,7 +29,9 @@ from embedding_assets.state.source_sql import SourceSql, column_types, quote_ide
 # the HNSW index afterwards instead of maintaining it.
 REBUILD_SHARE = 0.5
 REBUILD_MIN_CHUNKS = 20_000
-INDEX_BUILD_MEMORY = "1GB"
+# maintenance_work_mem of the one HNSW build: the build is many times faster while the graph
+# fits (1M 384-d vectors need about 2-3 GB).
+INDEX_BUILD_MEMORY = os.environ.get("EMBEDDING_ASSETS_INDEX_BUILD_MEMORY", "3GB")
 # Metadata types whose Python values psycopg writes in binary COPY as they come from the
 # source; any other type makes the write use text COPY.
 BINARY_SAFE_TYPES = frozenset(
@@ -168,6 +171,8 @@ class PgVectorDestination:
         if self.has_index(conn):
             return False
         conn.execute(sa.text(f"SET LOCAL maintenance_work_mem = '{INDEX_BUILD_MEMORY}'"))
+        # A build over millions of rows runs for minutes: past the usual statement limit.
+        conn.execute(sa.text("SET LOCAL statement_timeout = 0"))
         # One parallel worker beside the leader: both cores of a small machine.
         conn.execute(sa.text("SET LOCAL max_parallel_maintenance_workers = 1"))
         conn.execute(
@@ -376,17 +381,20 @@ class PgVectorDestination:
                 columns,
             )
 
-    def search(self, vector: np.ndarray, limit: int) -> list[SearchHit]:
+    def search(self, vector: np.ndarray, limit: int, shard: int | None = None) -> list[SearchHit]:
+        """Nearest chunks by cosine distance (only the shard's, if given)."""
         if not self.table_exists():
             return []
+        only = "WHERE shard = :shard" if shard is not None else ""
         with self.engine.connect() as conn:
             rows = conn.execute(
                 sa.text(
                     f"""SELECT CAST(point_id AS text) AS point_id, row_id, chunk_index,
                         chunk_text, 1 - (embedding <=> CAST(:q AS vector)) AS score
-                    FROM {self.table} ORDER BY embedding <=> CAST(:q AS vector) LIMIT :k"""
+                    FROM {self.table} {only}
+                    ORDER BY embedding <=> CAST(:q AS vector) LIMIT :k"""
                 ),
-                {"q": np.asarray(vector, dtype=np.float32), "k": limit},
+                {"q": np.asarray(vector, dtype=np.float32), "k": limit, "shard": shard},
             ).fetchall()
         return [
             SearchHit(r.row_id, r.chunk_index, float(r.score), r.chunk_text, r.point_id)

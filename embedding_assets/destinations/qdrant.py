@@ -235,8 +235,10 @@ class QdrantDestination:
     def count(self, shard: int | None = None) -> int:
         return self.store.count(self.collection, shard=shard)
 
-    def search(self, vector: Sequence[float], limit: int) -> list[IndexHit]:
-        return self.store.search(self.collection, vector, limit)
+    def search(
+        self, vector: Sequence[float], limit: int, shard: int | None = None
+    ) -> list[IndexHit]:
+        return self.store.search(self.collection, vector, limit, shard)
 
     def retrieve(self, ids: Sequence[str]) -> list[IndexHit]:
         return self.store.retrieve(self.collection, ids)

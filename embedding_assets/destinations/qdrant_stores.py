@@ -113,8 +113,11 @@ class QdrantStore(Protocol):
         """Exact number of points (with payload ``shard`` == shard); 0 if no collection."""
         ...
 
-    def search(self, name: str, vector: Sequence[float], limit: int) -> list[IndexHit]:
-        """Nearest points by cosine similarity, best first; [] if no collection."""
+    def search(
+        self, name: str, vector: Sequence[float], limit: int, shard: int | None = None
+    ) -> list[IndexHit]:
+        """Nearest points by cosine similarity, best first (only the shard's, if given);
+        [] if no collection."""
         ...
 
     def retrieve(self, name: str, ids: Sequence[str]) -> list[IndexHit]:
@@ -312,20 +315,23 @@ class EmbeddedQdrantStore:
                 return 0
             return edge_shard.count(edge.CountRequest(exact=True, filter=flt))
 
-    def search(self, name: str, vector: Sequence[float], limit: int) -> list[IndexHit]:
+    def search(
+        self, name: str, vector: Sequence[float], limit: int, shard: int | None = None
+    ) -> list[IndexHit]:
         if limit < 1:
             return []
         with self._open(name) as handle:
-            shard = handle.load()
-            if shard is None:
+            edge_shard = handle.load()
+            if edge_shard is None:
                 return []
             request = edge.QueryRequest(
                 limit=limit,
                 query=edge.Query.Nearest(_as_floats(vector)),
+                filter=None if shard is None else self._shard_filter(shard),
                 with_payload=True,
                 with_vector=False,
             )
-            scored = shard.query(request)
+            scored = edge_shard.query(request)
         return [IndexHit(_hit_id(p.id), float(p.score), dict(p.payload or {})) for p in scored]
 
     def retrieve(self, name: str, ids: Sequence[str]) -> list[IndexHit]:
@@ -599,11 +605,18 @@ class ServerQdrantStore:
             return 0
         return int(self._client.count(name, count_filter=flt, exact=True).count)
 
-    def search(self, name: str, vector: Sequence[float], limit: int) -> list[IndexHit]:
+    def search(
+        self, name: str, vector: Sequence[float], limit: int, shard: int | None = None
+    ) -> list[IndexHit]:
         if limit < 1 or not self._client.collection_exists(name):
             return []
         response = self._client.query_points(
-            name, query=_as_floats(vector), limit=limit, with_payload=True, with_vectors=False
+            name,
+            query=_as_floats(vector),
+            query_filter=None if shard is None else self._shard_filter(shard),
+            limit=limit,
+            with_payload=True,
+            with_vectors=False,
         )
         return [
             IndexHit(_hit_id(p.id), float(p.score), dict(p.payload or {})) for p in response.points

@@ -31,6 +31,7 @@ class PgVectorIOManager(dg.ConfigurableIOManager):
                 "rows_skipped_newer_write": stats.rows_skipped_stale,
                 "vector_index_dropped_for_rewrite": stats.index_dropped,
                 "vector_index_built": stats.index_built,
+                "seconds_building_vector_index": stats.index_seconds,
                 "seconds_writing": round(seconds, 3),
             }
         )

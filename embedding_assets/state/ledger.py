@@ -184,6 +184,25 @@ class Ledger:
 
     # -- reads --------------------------------------------------------------------------
 
+    def holdings_by_shard(self) -> dict[int, tuple[int, int, int]]:
+        """Per shard, what the ledger records: rows current with this pipeline version, the
+        chunks pgvector holds, and the points Qdrant was last recorded to hold. One pass over
+        the target's ledger rows; no destination is read."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.text(
+                    f"""SELECT shard,
+                        count(*) FILTER (WHERE NOT deleted AND version = :v) AS current,
+                        coalesce(sum(chunk_count), 0) AS chunks,
+                        coalesce(sum(qdrant_chunk_count)
+                            FILTER (WHERE qdrant_hash IS NOT DISTINCT FROM content_hash), 0)
+                            AS points
+                    FROM {STATE_SCHEMA}.row_state WHERE target = :t GROUP BY shard"""
+                ),
+                {"t": self.target, "v": self.version},
+            ).fetchall()
+        return {r.shard: (r.current, int(r.chunks), int(r.points)) for r in rows}
+
     def current_rows_by_shard(self, shard: int | None = None) -> dict[int, int]:
         """Per shard, ledger rows stored with the current pipeline version."""
         only = "AND shard = :s" if shard is not None else ""
