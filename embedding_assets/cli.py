@@ -521,15 +521,11 @@ def triggers_sql(ctx: click.Context, source: str) -> None:
 @click.pass_context
 def triggers_install(ctx: click.Context, source: str) -> None:
     """Install (or replace) the triggers and queue what a full diff finds pending."""
-    from embedding_assets.state.triggers import TriggerPrivilegeError
-
     ensure_database()
     feed = _trigger_feed(ctx, source)
-    try:
-        with feed.engine.begin() as conn:
-            found = feed.install(conn, feed.triggers(conn))
-    except TriggerPrivilegeError as exc:
-        raise click.ClickException(str(exc)) from exc
+    # A TriggerPrivilegeError reaches the user as its message through _Commands.
+    with feed.engine.begin() as conn:
+        found = feed.install(conn, feed.triggers(conn))
     click.echo(f"installed capture triggers for {source}; {found} rows queued")
 
 

@@ -15,7 +15,6 @@ out current costs a lookup, never a write, and the feed never decides correctnes
 The queue feeds acknowledge consumed entries in the same transaction as the ledger write.
 """
 
-import hashlib
 import logging
 from dataclasses import replace
 from typing import Protocol
@@ -25,7 +24,7 @@ import sqlalchemy as sa
 from embedding_assets.core.delta import PendingRows
 from embedding_assets.settings import SourceSpec, split_qualified
 from embedding_assets.state.ddl import STATE_SCHEMA, ddl_lock, execute_script
-from embedding_assets.state.diff import Scope, ShardWork, SourceDiff
+from embedding_assets.state.diff import Scope, SourceDiff
 from embedding_assets.state.queue import ChangeQueue
 from embedding_assets.state.source_sql import column_types, quote_ident, quote_table
 from embedding_assets.state.triggers import (
@@ -302,10 +301,12 @@ class WatermarkFeed(_QueueFeed):
         queued = self.queue.summary_by_shard()
         work: dict[int, tuple[int, str | None]] = {}
         unmarked = [s for s in range(self.spec.shards) if s not in marks]
-        for shard in unmarked:
-            pending = self.diff.exact_work(shard)[shard]
-            if pending.pending_rows:
-                work[shard] = (pending.pending_rows, f"full:{pending.fingerprint}")
+        if unmarked:
+            # One diff serves every unmarked shard: a shard's diff scans the whole source too.
+            full = self.diff.exact_work()
+            for shard in unmarked:
+                if full[shard].pending_rows:
+                    work[shard] = (full[shard].pending_rows, f"full:{full[shard].fingerprint}")
         if marks:
             counts = self._window_pending(marks)
             for shard, (n, digest) in counts.items():
@@ -415,10 +416,3 @@ FEEDS = {"trigger": TriggerFeed, "watermark": WatermarkFeed, "diff": DiffFeed}
 def build_feed(engine: sa.Engine, spec: SourceSpec, diff: SourceDiff) -> ChangeFeed:
     queue = ChangeQueue(engine, diff.target)
     return FEEDS[resolve_mode(engine, spec)](engine, spec, diff, queue)
-
-
-def fingerprint(*parts: object) -> str:
-    return hashlib.md5("|".join(str(p) for p in parts).encode()).hexdigest()
-
-
-__all__ = ["ChangeFeed", "ShardWork", "build_feed", "fingerprint"]

@@ -39,17 +39,6 @@ class ChangeQueue:
             ).fetchall()
         return {r.shard: QueueSummary(r.n, r.first, r.last) for r in rows}
 
-    def distinct_rows_by_shard(self) -> dict[int, int]:
-        with self.engine.connect() as conn:
-            rows = conn.execute(
-                sa.text(
-                    f"""SELECT shard, count(DISTINCT row_id) AS n
-                    FROM {STATE_SCHEMA}.change_queue WHERE target = :t GROUP BY shard"""
-                ),
-                {"t": self.target},
-            ).fetchall()
-        return {r.shard: r.n for r in rows}
-
     def read(self, shard: int, limit: int) -> list[tuple[int, str]]:
         """The shard's oldest entries (entry id, row id): at most `limit` distinct rows."""
         with self.engine.connect() as conn:
