@@ -7,8 +7,9 @@ cheap (importing sentence-transformers costs 6-11 s per process on this machine)
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -17,7 +18,30 @@ from embedding_assets.core.chunking import Tokenizer
 if TYPE_CHECKING:
     import tokenizers
 
-__all__ = ["Embedder", "HFTokenizer", "Tokenizer", "check_embeddings"]
+__all__ = [
+    "Embedder",
+    "FailureKind",
+    "HFTokenizer",
+    "InputFailure",
+    "Tokenizer",
+    "check_embeddings",
+]
+
+# Why one input could not be embedded:
+# - rejected: the provider refused this input (content filter, too large, any 400 it alone gets);
+# - transient: no good answer within the retries (timeout, 5xx, 429, connection);
+# - bad_output: the provider answered, but not with a usable vector (wrong length, missing,
+#   NaN or all-zero).
+FailureKind = Literal["rejected", "transient", "bad_output"]
+
+
+@dataclass(frozen=True)
+class InputFailure:
+    kind: FailureKind
+    message: str  # the provider's reason, redacted and shortened; never a key
+
+    def __str__(self) -> str:
+        return self.message
 
 
 @runtime_checkable

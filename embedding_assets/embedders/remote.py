@@ -8,8 +8,16 @@ share:
   caps, and batches are sent concurrently from a small thread pool;
 - 429 / 5xx / connection errors / timeouts are retried by tenacity with exponential backoff and
   jitter, honouring ``Retry-After`` exactly, with bounded attempts and a deadline per batch;
-- "too large" answers split the batch in halves; an answer rejecting one input bisects the
-  batch to isolate it, so the others are still embedded and the bad one is reported alone;
+- "too large" answers split the batch in halves; an answer rejecting one input, a 400/422 of
+  any other wording, or an unusable answer (wrong vector length or count, unreadable body)
+  bisects the batch to isolate the offending input, so the others are still embedded and the
+  bad one is reported alone (``InputFailure``: rejected / bad_output). A 400 or unusable answer
+  is a configuration error (unknown model, wrong ``dimensions``) only when a harmless probe
+  text fails the same way: the probe is sent once, before the embedder's first good answer;
+- a batch that times out after its retries is split too, each half sent once: a single slow
+  input ends up alone (transient) while the rest is embedded; when both halves time out the
+  service is slow, not one input, and splitting stops. Other transient errors (5xx, 429,
+  connection) are never bisected: an outage must not multiply requests;
 - requests/second and tokens/minute are limited per embedder *name*, across all threads of the
   process (pyrate-limiter token buckets in a module-level registry);
 - several base URLs are used round-robin; one failing is cooled off for a while and used again
@@ -30,7 +38,7 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 from urllib.parse import urlsplit
@@ -41,7 +49,12 @@ import pyrate_limiter
 import tenacity
 
 from embedding_assets.core.batching import token_batches
-from embedding_assets.embedders.base import HFTokenizer, Tokenizer, check_embeddings
+from embedding_assets.embedders.base import (
+    HFTokenizer,
+    InputFailure,
+    Tokenizer,
+    check_embeddings,
+)
 
 __all__ = [
     "EmbedderConfigError",
@@ -56,6 +69,7 @@ logger = logging.getLogger(__name__)
 
 InputType = Literal["document", "query"]
 _REASON_CHARS = 300
+_PROBE_TEXT = "dimension probe"  # harmless input: sent to learn the dimension or the config
 
 
 class WireFormat(Protocol):
@@ -92,7 +106,7 @@ class EmbedderConfigError(RuntimeError):
 class EmbeddingFailed(ValueError):
     """Some inputs could not be embedded, or the provider answered with invalid vectors."""
 
-    def __init__(self, message: str, failures: dict[int, str] | None = None) -> None:
+    def __init__(self, message: str, failures: dict[int, InputFailure] | None = None) -> None:
         super().__init__(message)
         self.failures = dict(failures or {})
 
@@ -104,11 +118,16 @@ class _Transient(Exception):
     """Worth retrying: 429, 5xx, connection error, timeout."""
 
     def __init__(
-        self, reason: str, retry_after: float | None = None, failover: bool = False
+        self,
+        reason: str,
+        retry_after: float | None = None,
+        failover: bool = False,
+        timed_out: bool = False,
     ) -> None:
         super().__init__(reason)
         self.retry_after = retry_after
         self.failover = failover  # another base URL is up: retry there at once
+        self.timed_out = timed_out  # sent, but no answer in time: maybe one slow input
 
 
 class _TooLarge(Exception):
@@ -117,6 +136,38 @@ class _TooLarge(Exception):
 
 class _Rejected(Exception):
     pass
+
+
+class _BadRequest(Exception):
+    """A 400/422 of no known wording: one input at fault, or the configuration (model)."""
+
+    def __init__(self, status: int, url: str, detail: str) -> None:
+        super().__init__(f"HTTP {status}: {detail}")
+        self.status, self.url, self.detail = status, url, detail
+
+
+class _BadOutput(Exception):
+    """An answer without usable vectors: wrong length or count, unreadable body.
+
+    ``str()`` describes it for one input; ``config_message`` names the settings to check,
+    for when every input gets such answers."""
+
+    def __init__(self, message: str, config_message: str) -> None:
+        super().__init__(message)
+        self.config_message = config_message
+
+
+class _Stopped(Exception):
+    """Another batch of the same call failed for good: send nothing more."""
+
+
+@dataclass
+class _Call:
+    """One embed_documents_partial/embed_query call, shared by its batches' threads."""
+
+    input_type: InputType
+    dim: int
+    stop: threading.Event = field(default_factory=threading.Event)
 
 
 # -- tokenizers for chunking ------------------------------------------------------------------
@@ -423,6 +474,8 @@ class RemoteEmbedder:
         self._stats = _Stats()
         self._stats_lock = threading.Lock()
         self._dimension_lock = threading.Lock()
+        self._probe_lock = threading.Lock()
+        self._answered_ok = False  # set by the first response with usable vectors
 
     def __repr__(self) -> str:
         urls = [display_url(u) for u in self._endpoints.urls]
@@ -446,7 +499,13 @@ class RemoteEmbedder:
 
     def _probe_dimension(self) -> int:
         try:
-            probe = self._send(["dimension probe"], 2, "document", dimension=None)
+            probe = self._send([_PROBE_TEXT], 2, "document", dimension=None)
+        except _BadRequest as exc:
+            raise EmbedderConfigError(
+                self._fatal_message(exc.status, exc.url, exc.detail)
+            ) from None
+        except _BadOutput as exc:
+            raise EmbeddingFailed(exc.config_message) from None
         except (_Transient, _TooLarge, _Rejected) as exc:
             raise EmbeddingFailed(
                 f"{self.model_id}: could not learn the vector dimension ({exc}); set `dimension`"
@@ -472,38 +531,50 @@ class RemoteEmbedder:
             first = min(failures)
             raise EmbeddingFailed(
                 f"{self.model_id}: {len(failures)} of {len(vectors)} inputs failed; "
-                f"input {first}: {failures[first]}",
+                f"input {first} ({failures[first].kind}): {failures[first].message}",
                 failures,
             )
         return vectors
 
     embed = embed_documents  # DESIGN.md's name
 
-    def embed_documents_partial(self, texts: Sequence[str]) -> tuple[np.ndarray, dict[int, str]]:
-        """Embed what can be embedded: (vectors, {index: reason}); failed rows are zeros.
+    def embed_documents_partial(
+        self, texts: Sequence[str]
+    ) -> tuple[np.ndarray, dict[int, InputFailure]]:
+        """Embed what can be embedded: (vectors, {index: InputFailure}); failed rows are zeros.
 
-        Raises EmbedderConfigError when nothing can succeed (key, URL, model) and
-        EmbeddingFailed when the provider answers with vectors of the wrong count or length.
+        Raises EmbedderConfigError when nothing can succeed (key, URL, model: a 401/403/404,
+        or a 400 that a harmless probe text gets too) and EmbeddingFailed when a probe text
+        gets vectors of the wrong length or count as well (wrong `dimension`/`dimensions`).
         """
         texts = _as_text_list(texts)
         dim = self.dimension
         n = len(texts)
         out = np.zeros((n, dim), dtype=np.float32)
-        failures: dict[int, str] = {}
+        failures: dict[int, InputFailure] = {}
         if n == 0:
             return out, failures
         counts = self._count(texts)
         batches = token_batches(counts, self.max_inputs, self.max_tokens)
+        call = _Call("document", dim)
+
+        def run(batch: list[int]) -> tuple[dict[int, np.ndarray], dict[int, InputFailure]]:
+            try:
+                return self._embed_group(call, texts, counts, batch)
+            except BaseException:
+                call.stop.set()  # the call fails: the other batches send nothing more
+                raise
+
         pool = ThreadPoolExecutor(
             max_workers=min(self.concurrency, len(batches)), thread_name_prefix="embed"
         )
         try:
-            futures = [
-                pool.submit(self._embed_group, texts, counts, batch, "document", dim)
-                for batch in batches
-            ]
+            futures = [pool.submit(run, batch) for batch in batches]
             for future in futures:
-                ok, bad = future.result()
+                try:
+                    ok, bad = future.result()
+                except _Stopped:  # stopped by the batch whose error is raised below
+                    continue
                 for i, vector in ok.items():
                     out[i] = vector
                 failures.update(bad)
@@ -519,9 +590,9 @@ class RemoteEmbedder:
         """float32 (dimension,), L2-normalized, embedded as a query (Cohere/Voyage/Jina)."""
         (text,) = _as_text_list([text])
         dim = self.dimension
-        ok, bad = self._embed_group([text], self._count([text]), [0], "query", dim)
+        ok, bad = self._embed_group(_Call("query", dim), [text], self._count([text]), [0])
         if bad:
-            raise EmbeddingFailed(f"{self.model_id}: query failed: {bad[0]}", bad)
+            raise EmbeddingFailed(f"{self.model_id}: query failed: {bad[0].message}", bad)
         return check_embeddings(ok[0][None, :], 1, dim, self.model_id)[0]
 
     def stats(self) -> dict[str, float]:
@@ -535,43 +606,143 @@ class RemoteEmbedder:
         return list(batch(texts)) if batch else [self._tokenizer.count(t) for t in texts]
 
     def _embed_group(
-        self, texts: list[str], counts: list[int], idx: list[int], input_type: InputType, dim: int
-    ) -> tuple[dict[int, np.ndarray], dict[int, str]]:
-        """Embed texts[idx]: halve on "too large", bisect on a rejected input."""
+        self,
+        call: _Call,
+        texts: list[str],
+        counts: list[int],
+        idx: list[int],
+        *,
+        once_on_timeout: bool = False,
+    ) -> tuple[dict[int, np.ndarray], dict[int, InputFailure]]:
+        """Embed texts[idx], narrowing every bad answer down to the inputs it is about.
+
+        Too large, rejected, any other 400/422 and unusable answers bisect the group until the
+        offending input is alone; a group that times out is split by ``_split_slow``.
+        ``once_on_timeout``: a timeout is not retried but raised (``_split_slow`` decides).
+        """
+        if call.stop.is_set():
+            raise _Stopped
         try:
             vectors = self._send(
-                [texts[i] for i in idx], sum(counts[i] for i in idx), input_type, dimension=dim
+                [texts[i] for i in idx],
+                sum(counts[i] for i in idx),
+                call.input_type,
+                dimension=call.dim,
+                retry_timeouts=not once_on_timeout,
             )
-        except (_TooLarge, _Rejected) as exc:
+        except (_TooLarge, _Rejected, _BadRequest, _BadOutput) as exc:
             if len(idx) == 1:
-                prefix = "too large for the provider: " if isinstance(exc, _TooLarge) else ""
-                return {}, {idx[0]: (prefix + str(exc))[:_REASON_CHARS]}
+                return {}, {idx[0]: self._single_failure(call, exc)}
             mid = len(idx) // 2
-            ok, bad = self._embed_group(texts, counts, idx[:mid], input_type, dim)
-            ok2, bad2 = self._embed_group(texts, counts, idx[mid:], input_type, dim)
+            ok, bad = self._embed_group(call, texts, counts, idx[:mid])
+            ok2, bad2 = self._embed_group(call, texts, counts, idx[mid:])
             return {**ok, **ok2}, {**bad, **bad2}
-        except _Transient as exc:  # retries exhausted: these inputs fail, the call goes on
-            reason = f"gave up after retries: {exc}"[:_REASON_CHARS]
-            return {}, dict.fromkeys(idx, reason)
+        except _Transient as exc:  # retries exhausted
+            if exc.timed_out and once_on_timeout:
+                raise
+            if exc.timed_out and len(idx) > 1:
+                return self._split_slow(call, texts, counts, idx, exc)
+            # 5xx / 429 / connection: an outage, not an input; these fail, the call goes on.
+            failure = InputFailure("transient", f"gave up after retries: {exc}"[:_REASON_CHARS])
+            return {}, dict.fromkeys(idx, failure)
         ok: dict[int, np.ndarray] = {}
-        bad: dict[int, str] = {}
+        bad: dict[int, InputFailure] = {}
         norms = np.linalg.norm(vectors, axis=1)
         for i, vector, norm in zip(idx, vectors, norms, strict=True):
             if not np.isfinite(norm) or norm == 0:
-                bad[i] = "the provider returned a NaN or all-zero vector"
+                bad[i] = InputFailure(
+                    "bad_output", "the provider returned a NaN or all-zero vector"
+                )
             else:
                 ok[i] = vector / norm  # providers normalize; this makes it a guarantee
         with self._stats_lock:
             self._stats.tokens += sum(counts[i] for i in ok)
         return ok, bad
 
+    def _split_slow(
+        self,
+        call: _Call,
+        texts: list[str],
+        counts: list[int],
+        idx: list[int],
+        timeout: _Transient,
+    ) -> tuple[dict[int, np.ndarray], dict[int, InputFailure]]:
+        """texts[idx] timed out (after its retries): send each half once, recurse into the
+        halves that time out again; both halves timing out means a slow service: all fail."""
+        mid = len(idx) // 2
+        ok: dict[int, np.ndarray] = {}
+        bad: dict[int, InputFailure] = {}
+        slow: list[tuple[list[int], _Transient]] = []
+        for half in (idx[:mid], idx[mid:]):
+            try:
+                half_ok, half_bad = self._embed_group(
+                    call, texts, counts, half, once_on_timeout=True
+                )
+            except _Transient as exc:  # timed out again (raised only for timeouts)
+                slow.append((half, exc))
+                continue
+            ok.update(half_ok)
+            bad.update(half_bad)
+        if len(slow) == 2:
+            failure = InputFailure("transient", f"gave up after retries: {timeout}"[:_REASON_CHARS])
+            return {}, dict.fromkeys(idx, failure)
+        for half, exc in slow:
+            if len(half) == 1:
+                reason = f"timed out also when sent alone: {exc}"[:_REASON_CHARS]
+                bad[half[0]] = InputFailure("transient", reason)
+            else:
+                half_ok, half_bad = self._split_slow(call, texts, counts, half, exc)
+                ok.update(half_ok)
+                bad.update(half_bad)
+        return ok, bad
+
+    def _single_failure(self, call: _Call, exc: Exception) -> InputFailure:
+        """Why one input failed alone; raises if the configuration is at fault instead."""
+        if isinstance(exc, _TooLarge):
+            return InputFailure("rejected", f"too large for the provider: {exc}"[:_REASON_CHARS])
+        if isinstance(exc, (_BadRequest, _BadOutput)) and not self._answered_ok:
+            self._check_config(call)
+        kind = "bad_output" if isinstance(exc, _BadOutput) else "rejected"
+        return InputFailure(kind, str(exc)[:_REASON_CHARS])
+
+    def _check_config(self, call: _Call) -> None:
+        """Before the first good answer, one input's 400 or unusable answer may be the
+        configuration's (unknown model, wrong `dimensions`): a harmless text failing the same
+        way proves it. One probe per embedder, unless it gets no verdict (transient)."""
+        with self._probe_lock:
+            if call.stop.is_set():
+                raise _Stopped
+            if self._answered_ok:  # another thread's probe or batch answered meanwhile
+                return
+            try:
+                self._send([_PROBE_TEXT], 2, call.input_type, dimension=call.dim)
+            except _BadRequest as probe:
+                call.stop.set()  # before the lock is released: no other batch probes again
+                raise EmbedderConfigError(
+                    self._fatal_message(probe.status, probe.url, probe.detail)
+                ) from None
+            except _BadOutput as probe:
+                call.stop.set()
+                raise EmbeddingFailed(probe.config_message) from None
+            except (_Transient, _TooLarge, _Rejected):
+                pass  # no verdict: the input's own failure stands
+
     # -- one request, with retries ----------------------------------------------------------
 
     def _send(
-        self, texts: list[str], tokens: int, input_type: InputType, *, dimension: int | None
+        self,
+        texts: list[str],
+        tokens: int,
+        input_type: InputType,
+        *,
+        dimension: int | None,
+        retry_timeouts: bool = True,
     ) -> np.ndarray:
+        def retryable(exc: BaseException) -> bool:
+            return isinstance(exc, _Transient) and (retry_timeouts or not exc.timed_out)
+
         retrying = tenacity.Retrying(
-            retry=tenacity.retry_if_exception_type(_Transient),
+            retry=tenacity.retry_if_exception(retryable),
             stop=(
                 tenacity.stop_after_attempt(self.max_attempts)
                 | tenacity.stop_before_delay(self.batch_deadline_s)
@@ -620,9 +791,12 @@ class RemoteEmbedder:
             response = self._client.post(url, json=body, headers=self._headers())
         except httpx.TimeoutException as exc:
             raise _Transient(
-                f"no answer within {self.timeout_s} s from {display_url(url)} "
+                f"timed out: no answer within {self.timeout_s} s from {display_url(url)} "
                 f"({type(exc).__name__})",
                 failover=self._endpoints.mark_down(base),
+                # The request went out: one slow input may be the cause (a connect or pool
+                # timeout is about the service, not the inputs).
+                timed_out=isinstance(exc, (httpx.ReadTimeout, httpx.WriteTimeout)),
             ) from None
         except httpx.TransportError as exc:  # no exception text: it could quote the request
             raise _Transient(
@@ -632,24 +806,28 @@ class RemoteEmbedder:
         if response.status_code >= 400:
             self._raise_for(response, base, url)
         self._endpoints.mark_up(base)
+        shown = display_url(url)
         try:
             vectors, usage = self.wire.parse(response.json(), len(texts))
         except (ValueError, KeyError, TypeError) as exc:
-            raise EmbeddingFailed(
-                f"{self.model_id}: unreadable response from {display_url(url)}: "
-                f"{self._redact(str(exc))[:_REASON_CHARS]}"
+            problem = f"unreadable response from {shown}: {self._redact(str(exc))}"
+            raise _BadOutput(
+                problem[:_REASON_CHARS], f"{self.model_id}: {problem}"[:_REASON_CHARS]
             ) from None
         if vectors.ndim != 2 or vectors.shape[0] != len(texts):
-            raise EmbeddingFailed(
-                f"{self.model_id}: {display_url(url)} returned {vectors.shape[0]} vectors for "
-                f"{len(texts)} inputs; nothing from this response is used"
+            problem = f"{shown} returned {vectors.shape[0]} vectors for {len(texts)} inputs"
+            raise _BadOutput(
+                problem[:_REASON_CHARS],
+                f"{self.model_id}: {problem}; nothing from this response is used",
             )
         if dimension is not None and vectors.shape[1] != dimension:
-            raise EmbeddingFailed(
-                f"{self.model_id}: {display_url(url)} returned vectors of length "
-                f"{vectors.shape[1]}, expected {dimension}; check the model, `dimension` and "
-                "`dimensions` settings (nothing from this response is stored)"
+            problem = f"{shown} returned vectors of length {vectors.shape[1]}, expected {dimension}"
+            raise _BadOutput(
+                problem[:_REASON_CHARS],
+                f"{self.model_id}: {problem}; check the model, `dimension` and `dimensions` "
+                "settings (nothing from this response is stored)",
             )
+        self._answered_ok = True
         with self._stats_lock:
             self._stats.usage_prompt_tokens += usage.get("prompt_tokens", 0)
             self._stats.usage_total_tokens += usage.get(
@@ -674,6 +852,8 @@ class RemoteEmbedder:
             raise _TooLarge(f"HTTP {status}: {detail}")
         if kind == "rejected_input":
             raise _Rejected(f"HTTP {status}: {detail}")
+        if status in (400, 422):  # no known wording: bisected like a rejected input
+            raise _BadRequest(status, display_url(url), detail)
         raise EmbedderConfigError(self._fatal_message(status, display_url(url), detail))
 
     def _fatal_message(self, status: int, url: str, detail: str) -> str:

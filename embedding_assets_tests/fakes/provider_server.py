@@ -6,9 +6,11 @@ bearer key checked where the real service checks one (openai, cohere, voyage, ji
 
 Faults are scripted per request (``server.script(Fault.status(429, retry_after="1"), ...)``:
 each request takes the next one) or set as rules that hold for every request (``reject_text``,
-``max_inputs``, ``max_chars``, ``zero_text``). Every request is recorded with its arrival time,
-path, body size, inputs and the input type the provider saw, so tests can assert attempts and
-waits. Vectors are deterministic: ``fake_vector(text, dim, input_type)``.
+``reject_containing``, ``max_inputs``, ``max_chars``, ``zero_text``, ``slow_text``,
+``bad_request_text``, ``unknown_model``, ``wrong_dim_text``, ``missing_vector_text``).
+Every request is recorded with its arrival time, path, body size, inputs and the input type
+the provider saw, so tests can assert attempts and waits. Vectors are deterministic:
+``fake_vector(text, dim, input_type)``.
 """
 
 from __future__ import annotations
@@ -111,9 +113,17 @@ class ProviderServer:
         self.api_key = api_key
         self.port = port
         self.reject_text: str | None = None  # 400 naming this input, whenever it is sent
+        self.reject_containing: str | None = None  # the same for every input holding it
         self.max_inputs: int | None = None  # 413 for requests with more inputs
         self.max_chars: int | None = None  # "context length exceeded" for longer inputs
         self.zero_text: str | None = None  # answered with an all-zero vector
+        self.slow_text: str | None = None  # a request holding it answers after slow_seconds
+        self.slow_seconds = 5.0  # longer than the tests' client timeouts
+        self.bad_request_text: str | None = None  # 400 of odd wording (bad_request_message)
+        self.bad_request_message = "something odd"
+        self.unknown_model = False  # 400 "model ... is not supported" for every request
+        self.wrong_dim_text: str | None = None  # its vector is one element longer
+        self.missing_vector_text: str | None = None  # its vector is left out of the answer
         self.requests: list[Recorded] = []
         self._faults: collections.deque[Fault] = collections.deque()
         self._lock = threading.Lock()
@@ -299,6 +309,11 @@ class _Handler(BaseHTTPRequestHandler):
                 fake._stopping.wait(fault.seconds)
             dim += fault.kind == "wrong_dim"
             count -= fault.kind == "wrong_count"
+        if fake.unknown_model:  # wording no client pattern knows: only a probe can tell
+            message = f"model {body.get('model', 'default')!r} is not supported by this service"
+            return self._json(entry, 400, fake.error_body(message))
+        if fake.slow_text is not None and fake.slow_text in inputs:
+            fake._stopping.wait(fake.slow_seconds)
         if fake.max_inputs is not None and len(inputs) > fake.max_inputs:
             message = f"batch size {len(inputs)} > maximum allowed batch size {fake.max_inputs}"
             return self._json(entry, 413, fake.error_body(message))
@@ -306,13 +321,20 @@ class _Handler(BaseHTTPRequestHandler):
             if fake.max_chars is not None and len(text) > fake.max_chars:
                 status, message = fake.too_long(i, len(text))
                 return self._json(entry, status, fake.error_body(message))
-            if text == fake.reject_text:
+            if text == fake.reject_text or (
+                fake.reject_containing is not None and fake.reject_containing in text
+            ):
                 message = f"Invalid input at index {i}: {text!r} was rejected by the content filter"
                 status = 422 if fake.provider == "tei" else 400
                 return self._json(entry, status, fake.error_body(message, "tokenizer"))
+            if text == fake.bad_request_text:
+                return self._json(entry, 400, fake.error_body(fake.bad_request_message))
         vectors = [
-            np.zeros(dim, np.float32) if t == fake.zero_text else fake_vector(t, dim, input_type)
+            np.zeros(dim, np.float32)
+            if t == fake.zero_text
+            else fake_vector(t, dim + (t == fake.wrong_dim_text), input_type)
             for t in inputs[:count]
+            if t != fake.missing_vector_text
         ]
         tokens = sum(len(t.split()) for t in inputs)
         self._json(entry, 200, fake.embeddings_body(vectors, body, tokens))

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from embedding_assets.core.chunking import chunk_text
-from embedding_assets.embedders.base import Embedder, HFTokenizer
+from embedding_assets.embedders.base import Embedder, HFTokenizer, InputFailure
 from embedding_assets.embedders.providers import WIRE_FORMATS
 from embedding_assets.embedders.remote import (
     EmbedderConfigError,
@@ -225,7 +225,9 @@ def test_bounded_attempts_then_inputs_fail(servers):
     embedder = make(server, max_attempts=3, max_inputs=4)
     vectors, failures = embedder.embed_documents_partial(TEXTS[:4])
     assert len(server.requests) == 3
-    assert set(failures) == {0, 1, 2, 3} and "gave up after retries: HTTP 500" in failures[0]
+    assert set(failures) == {0, 1, 2, 3}
+    assert all(f.kind == "transient" for f in failures.values())
+    assert "gave up after retries: HTTP 500" in failures[0].message
     assert not vectors.any()
     assert embedder.stats()["failed_inputs"] == 4
 
@@ -237,7 +239,7 @@ def test_deadline_stops_before_a_long_retry_after(servers):
     start = time.monotonic()
     _, failures = embedder.embed_documents_partial(TEXTS)
     assert time.monotonic() - start < 1.0 and len(server.requests) == 1
-    assert "HTTP 429" in failures[0]
+    assert "HTTP 429" in failures[0].message and failures[0].kind == "transient"
 
 
 # -- too large, rejected inputs, bad answers --------------------------------------------------
@@ -260,7 +262,8 @@ def test_single_input_too_large_fails_alone(servers, provider):
     texts = [*TEXTS[:3], "x" * 80, *TEXTS[3:6]]
     embedder = make(server)
     vectors, failures = embedder.embed_documents_partial(texts)
-    assert list(failures) == [3] and failures[3].startswith("too large for the provider")
+    assert list(failures) == [3] and failures[3].kind == "rejected"
+    assert failures[3].message.startswith("too large for the provider")
     ok = [t for i, t in enumerate(texts) if i != 3]
     np.testing.assert_allclose(np.delete(vectors, 3, axis=0), expected(ok), rtol=1e-6)
     assert not vectors[3].any()
@@ -272,8 +275,9 @@ def test_rejected_input_is_isolated_by_bisection(servers, provider):
     server.reject_text = TEXTS[5]
     embedder = make(server)
     vectors, failures = embedder.embed_documents_partial(TEXTS)
-    assert list(failures) == [5]
-    assert "rejected by the content filter" in failures[5] and len(failures[5]) <= 300
+    assert list(failures) == [5] and failures[5].kind == "rejected"
+    assert "rejected by the content filter" in failures[5].message
+    assert len(failures[5].message) <= 300
     np.testing.assert_allclose(
         np.delete(vectors, 5, axis=0), expected(TEXTS[:5] + TEXTS[6:]), rtol=1e-6
     )
@@ -282,27 +286,160 @@ def test_rejected_input_is_isolated_by_bisection(servers, provider):
     assert len(server.requests) == 7
     with pytest.raises(EmbeddingFailed) as info:
         embedder.embed_documents(TEXTS)
-    assert list(info.value.failures) == [5] and "input 5" in str(info.value)
+    assert list(info.value.failures) == [5] and "input 5 (rejected)" in str(info.value)
+    assert isinstance(info.value.failures[5], InputFailure)
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
-def test_wrong_dimension_or_count_is_an_error(servers, provider):
+def test_one_unusable_answer_is_bisected_away(servers, provider):
     server = servers(provider)
     embedder = make(server)
-    server.script(Fault.wrong_dim())
-    with pytest.raises(EmbeddingFailed, match=f"expected {DIM}"):
-        embedder.embed_documents_partial(TEXTS)
-    server.script(Fault.wrong_count())
-    with pytest.raises(EmbeddingFailed, match="7 vectors for 8 inputs"):
-        embedder.embed_documents(TEXTS)
+    for fault in (Fault.wrong_dim(), Fault.wrong_count()):
+        server.requests.clear()
+        server.script(fault)
+        # Only the first answer (8 inputs) is unusable: its two halves are answered well.
+        np.testing.assert_allclose(embedder.embed_documents(TEXTS), expected(TEXTS), rtol=1e-6)
+        assert [len(r.inputs) for r in server.requests] == [8, 4, 4]
 
 
 def test_zero_vector_fails_that_input_only(servers):
     server = servers("ollama")
     server.zero_text = TEXTS[2]
     vectors, failures = make(server).embed_documents_partial(TEXTS)
-    assert list(failures) == [2] and "all-zero" in failures[2]
+    assert list(failures) == [2] and failures[2].kind == "bad_output"
+    assert "all-zero" in failures[2].message
     assert np.allclose(np.linalg.norm(np.delete(vectors, 2, axis=0), axis=1), 1.0)
+
+
+def assert_only_failed(vectors, failures, index, kind, texts=TEXTS):
+    assert list(failures) == [index] and failures[index].kind == kind, failures
+    assert len(failures[index].message) <= 300
+    others = [t for i, t in enumerate(texts) if i != index]
+    np.testing.assert_allclose(np.delete(vectors, index, axis=0), expected(others), rtol=1e-6)
+    assert not vectors[index].any()
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize(("index", "requests"), [(0, 8), (5, 7)])
+def test_400_of_odd_wording_fails_that_input_only(servers, provider, index, requests):
+    server = servers(provider)
+    server.bad_request_text = TEXTS[index]
+    server.bad_request_message = f"something odd about {KEY}"
+    embedder = make(server)
+    vectors, failures = embedder.embed_documents_partial(TEXTS)
+    assert_only_failed(vectors, failures, index, "rejected")
+    assert failures[index].message == "HTTP 400: something odd about ***"
+    # 8 -> 4+4 -> 2+2 -> 1+1; input 0 is alone before any good answer: one probe text too.
+    assert len(server.requests) == requests
+    probes = [r for r in server.requests if r.inputs == ["dimension probe"]]
+    assert len(probes) == (index == 0)
+    server.requests.clear()
+    _, failures = embedder.embed_documents_partial(TEXTS)  # answered well before: no probe
+    assert list(failures) == [index] and len(server.requests) == 7
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_400_for_every_input_is_a_config_error_fast(servers, provider):
+    server = servers(provider)
+    server.unknown_model = True
+    texts = [f"text {i}" for i in range(64)]
+    embedder = make(server, max_inputs=16, concurrency=4)  # four batches at once
+    with pytest.raises(EmbedderConfigError, match="Check the model name") as info:
+        embedder.embed_documents_partial(texts)
+    assert "HTTP 400" in str(info.value) and "is not supported" in str(info.value)
+    # One batch bisects to a single input (16, 8, 4, 2, 1) and probes; the other batches,
+    # running meanwhile, stop at their next request: far fewer requests than inputs.
+    assert len(server.requests) <= 4 * 5 + 1
+    assert sum(r.inputs == ["dimension probe"] for r in server.requests) == 1
+    server.requests.clear()
+    with pytest.raises(EmbedderConfigError, match="Check the model name"):
+        make(server).embed_query("what is it")
+    assert [len(r.inputs) for r in server.requests] == [1, 1]  # the query, then the probe
+    with pytest.raises(EmbedderConfigError, match="Check the model name"):
+        make(server, dimension=None).embed_documents(TEXTS)  # the dimension probe tells
+
+
+def test_400_for_every_input_one_batch_request_count(servers):
+    server = servers("voyage")
+    server.unknown_model = True
+    with pytest.raises(EmbedderConfigError, match="Check the model name"):
+        make(server).embed_documents(TEXTS)
+    assert [len(r.inputs) for r in server.requests] == [8, 4, 2, 1, 1]
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_wrong_dimension_for_one_input_fails_it_only(servers, provider):
+    server = servers(provider)
+    server.wrong_dim_text = TEXTS[2]
+    vectors, failures = make(server).embed_documents_partial(TEXTS)
+    assert_only_failed(vectors, failures, 2, "bad_output")
+    assert f"vectors of length {DIM + 1}, expected {DIM}" in failures[2].message
+    assert len(server.requests) == 7
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_wrong_dimension_for_every_input_is_a_clear_error(servers, provider):
+    server = servers(provider)
+    server.dim = DIM + 1  # the service runs another model than configured
+    with pytest.raises(EmbeddingFailed, match=f"expected {DIM}; check the model, `dimension`"):
+        make(server).embed_documents_partial(TEXTS)
+    assert [len(r.inputs) for r in server.requests] == [8, 4, 2, 1, 1]
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_missing_vector_fails_that_input_only(servers, provider):
+    server = servers(provider)
+    server.missing_vector_text = TEXTS[6]
+    vectors, failures = make(server).embed_documents_partial(TEXTS)
+    assert_only_failed(vectors, failures, 6, "bad_output")
+    assert "returned 0 vectors for 1 inputs" in failures[6].message
+    assert len(server.requests) == 7
+
+
+def test_missing_vector_for_every_input_is_a_clear_error(servers):
+    server = servers("cohere")
+    server.script(*[Fault.wrong_count()] * 10)
+    with pytest.raises(EmbeddingFailed, match="0 vectors for 1 inputs; nothing"):
+        make(server).embed_documents(TEXTS)
+    assert [len(r.inputs) for r in server.requests] == [8, 4, 2, 1, 1]
+
+
+def test_one_slow_input_times_out_alone(servers):
+    server = servers("openai")
+    server.slow_text = TEXTS[3]
+    embedder = make(server, timeout_s=0.5, max_attempts=2)
+    start = time.monotonic()
+    vectors, failures = embedder.embed_documents_partial(TEXTS)
+    elapsed = time.monotonic() - start
+    assert_only_failed(vectors, failures, 3, "transient")
+    assert "timed out also when sent alone" in failures[3].message
+    # 2 attempts of 8, then each half once: 4+4, 2+2, 1+1 (the slow one alone last).
+    assert [len(r.inputs) for r in server.requests] == [8, 8, 4, 4, 2, 2, 1, 1]
+    assert [len(r.inputs) for r in server.requests if TEXTS[3] in r.inputs] == [8, 8, 4, 2, 1]
+    assert elapsed < 4.0  # five timeouts of 0.5 s, not retries of each half
+    assert embedder.stats()["failed_inputs"] == 1
+
+
+def test_slow_service_is_not_split_further(servers):
+    server = servers("openai")
+    server.script(*[Fault.hang(3.0)] * 20)  # every request hangs: the service, not an input
+    embedder = make(server, timeout_s=0.5, max_attempts=2)
+    vectors, failures = embedder.embed_documents_partial(TEXTS)
+    assert set(failures) == set(range(8)) and not vectors.any()
+    assert all(f.kind == "transient" and "timed out" in f.message for f in failures.values())
+    assert [len(r.inputs) for r in server.requests] == [8, 8, 4, 4]  # both halves slow: stop
+
+
+def test_503_everywhere_is_not_bisected(servers):
+    server = servers("tei")
+    server.script(*[Fault.http(503, "service unavailable")] * 100)
+    embedder = make(server, max_attempts=3, max_inputs=4, concurrency=2)
+    vectors, failures = embedder.embed_documents_partial(TEXTS)
+    assert set(failures) == set(range(8)) and not vectors.any()
+    assert all(f.kind == "transient" for f in failures.values())
+    assert "gave up after retries: HTTP 503" in failures[0].message
+    assert len(server.requests) == 2 * 3  # two batches, three attempts each, no halves
+    assert sorted(len(r.inputs) for r in server.requests) == [4] * 6
 
 
 # -- configuration errors and key hygiene -----------------------------------------------------
