@@ -1,8 +1,10 @@
-"""Asset checks of a source, per shard: vector validity, coverage, parity, self-retrieval."""
+"""Asset checks of a source, per shard: vector validity, coverage, dead rows, parity with the
+ledger, self-retrieval."""
 
 import dagster as dg
 
 from embedding_assets.core.sharding import shard_index
+from embedding_assets.destinations.audit import audit_destinations
 from embedding_assets.resources.embedders import embedder_resource_key
 from embedding_assets.resources.runtime import runtime_of
 from embedding_assets.settings import SourceSpec
@@ -77,15 +79,48 @@ def build_checks(
         name="pgvector_qdrant_parity",
         partitions_def=shards,
         required_resource_keys=resources,
-        description="The shard has as many points in Qdrant as chunks in pgvector.",
+        description="The shard's chunks in pgvector and points in Qdrant are as many as the "
+        "ledger records. A destination that lost data (a TRUNCATE, rows deleted by hand, a "
+        "removed store) fails this check and is marked for repair: the next run restores it "
+        "(from the other destination's vectors where they exist).",
     )
     def parity(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
         runtime = runtime_of(context, spec)
         shard = shard_index(context.partition_key)
-        chunks = runtime.pgvector.chunk_count(shard)
-        points = runtime.qdrant.count(shard)
+        found = audit_destinations(runtime, qdrant="count", shard=shard)
+        if not found:
+            return dg.AssetCheckResult(passed=True, metadata={"ledger_chunks": 0})
+        audit = found[0]
         return dg.AssetCheckResult(
-            passed=chunks == points, metadata={"pgvector_chunks": chunks, "qdrant_points": points}
+            passed=audit.consistent,
+            metadata={
+                "ledger_chunks": audit.ledger_chunks,
+                "pgvector_chunks": audit.pgvector_chunks,
+                "ledger_points": audit.ledger_points,
+                "qdrant_points": audit.qdrant_points or 0,
+                "rows_marked_for_restore": audit.rows_marked_lost,
+                "stray_chunks_removed": audit.orphan_chunks_removed,
+                "qdrant_shard_resent": audit.qdrant_forgotten,
+            },
+        )
+
+    @dg.asset_check(
+        asset=embeddings,
+        name="no_dead_rows",
+        partitions_def=shards,
+        required_resource_keys=resources,
+        description="No row of the shard is dead in the error table: failed "
+        "`retries.max_attempts` times with the same content. `embedding-assets errors "
+        "--dead` lists them with the provider's reason; `errors replay` tries them again.",
+    )
+    def no_dead_rows(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+        runtime = runtime_of(context, spec)
+        shard = shard_index(context.partition_key)
+        failed, dead = runtime.errors.counts_by_shard().get(shard, (0, 0))
+        return dg.AssetCheckResult(
+            passed=dead == 0,
+            severity=dg.AssetCheckSeverity.WARN,
+            metadata={"dead_rows": dead, "rows_waiting_for_retry": failed},
         )
 
     @dg.asset_check(
@@ -121,4 +156,4 @@ def build_checks(
             metadata={"sampled": sampled, **{f"found_{k}": v for k, v in found.items()}},
         )
 
-    return [vectors_valid, coverage, parity, self_retrieval]
+    return [vectors_valid, coverage, no_dead_rows, parity, self_retrieval]

@@ -137,6 +137,7 @@ class ShardReport:
     embedded_chunks: int = 0
     reused_chunks: int = 0
     points_upserted: int = 0
+    failed_rows: int = 0  # rows the embedder failed on: in the error table, retried later
     seconds: float = 0.0
     index_build_seconds: float = 0.0  # the pgvector HNSW build after a bulk load, if this run
     error: str | None = None
@@ -152,18 +153,27 @@ def sync_source(
     Qdrant lag show no work are skipped (the feed makes asking cheap).
     """
     from embedding_assets.definitions import build_definitions
+    from embedding_assets.destinations.audit import audit_destinations
+    from embedding_assets.environment import database_url
+    from embedding_assets.runtime import qdrant_store_from_env, runtime_for
 
     spec = settings.source(source)
     if shard is not None and shard not in spec.shard_keys:
         raise click.ClickException(f"source {source!r} has shards {spec.shard_keys}, not {shard!r}")
     keys = [shard] if shard else spec.shard_keys
+    runtime = runtime_for(settings, source, database_url())
+    # A destination that lost data (TRUNCATE, a removed Qdrant store) becomes work here.
+    # An embedded store is only checked for existence (counting waits for its lock); each
+    # shard run counts its own points, and `--all-shards` runs every shard.
+    qdrant_mode = "exists" if runtime.qdrant.store_is_embedded else "count"
+    for audit in audit_destinations(runtime, qdrant=qdrant_mode):
+        if not audit.consistent:
+            click.echo(
+                f"{source}/{spec.shard_keys[audit.shard]}: {describe_audit(audit)}", err=True
+            )
     if not every_shard:
-        from embedding_assets.environment import database_url
-        from embedding_assets.runtime import runtime_for
-
-        work = runtime_for(settings, source, database_url()).work()
+        work = runtime.work()
         keys = [key for key in keys if work[spec.shard_keys.index(key)].has_work]
-    from embedding_assets.runtime import qdrant_store_from_env
 
     job = build_definitions(settings).resolve_job_def(f"{source}_sync")
     reports = []
@@ -179,9 +189,35 @@ def sync_source(
     return reports
 
 
+def describe_audit(audit) -> str:
+    parts = []
+    if audit.pgvector_chunks != audit.ledger_chunks:
+        parts.append(
+            f"pgvector holds {audit.pgvector_chunks} of {audit.ledger_chunks} chunks "
+            f"({audit.rows_marked_lost} rows to restore, {audit.orphan_chunks_removed} stray "
+            "chunks removed)"
+        )
+    if audit.qdrant_points is not None and audit.qdrant_points != audit.ledger_points:
+        parts.append(
+            f"Qdrant holds {audit.qdrant_points} of {audit.ledger_points} points (shard resent)"
+        )
+    return "; ".join(parts)
+
+
 def _run_shard(job, source: str, key: str, instance) -> tuple[ShardReport, bool]:
+    import uuid
+
+    from embedding_assets.run_health import worker_tag
+
     started = time.perf_counter()
-    result = job.execute_in_process(partition_key=key, instance=instance, raise_on_error=False)
+    run_id = str(uuid.uuid4())
+    result = job.execute_in_process(
+        partition_key=key,
+        instance=instance,
+        raise_on_error=False,
+        run_id=run_id,
+        tags=worker_tag(run_id),  # a later sync fails this run if this process dies
+    )
     report = ShardReport(
         source, key, result.success, seconds=round(time.perf_counter() - started, 2)
     )
@@ -197,14 +233,28 @@ def _run_shard(job, source: str, key: str, instance) -> tuple[ShardReport, bool]
             report.chunks = meta["chunks"]
             report.embedded_chunks = meta["embedded_chunks"]
             report.reused_chunks = meta["reused_chunks"]
+            report.failed_rows = meta.get("failed_rows", 0)
             report.index_build_seconds = meta.get("seconds_building_vector_index", 0.0)
         elif stage == "vector_index":
             report.points_upserted = meta.get("points_upserted", 0)
             backlog = backlog or bool(meta.get("backlog"))
     if not result.success:
-        failures = [e for e in result.all_events if e.is_failure]
-        report.error = failures[0].message if failures else "run failed"
+        report.error = failure_cause(result.all_events)
     return report, backlog
+
+
+def failure_cause(events) -> str:
+    """The exception message at the root of a failed run, not Dagster's step wrapper."""
+    for event in events:
+        if not event.is_failure:
+            continue
+        error = getattr(event.event_specific_data, "error", None)
+        while error is not None and error.cause is not None:
+            error = error.cause
+        if error is not None:
+            return f"{error.cls_name}: {error.message.strip()}"
+        return event.message or "run failed"
+    return "run failed"
 
 
 @main.command()
@@ -227,6 +277,7 @@ def sync(
 
     from embedding_assets.environment import prepare_dagster_home
     from embedding_assets.pools import apply_pool_limits, pool_limits
+    from embedding_assets.run_health import fail_dead_runs
 
     ensure_database()
     settings = _settings(ctx)
@@ -236,23 +287,48 @@ def sync(
     reports: list[ShardReport] = []
     with dg.DagsterInstance.get() as instance:
         apply_pool_limits(instance, pool_limits(settings, not os.environ.get("QDRANT_URL")))
+        dead = fail_dead_runs(instance)
+        if dead and not as_json:
+            click.echo(
+                f"failed {len(dead)} earlier runs whose process is gone (their pool slots are "
+                f"free again): {', '.join(dead)}",
+                err=True,
+            )
         for name in names:
             for report in sync_source(
                 settings, name, shard, instance, every_shard=all_shards or shard is not None
             ):
                 reports.append(report)
                 if not as_json:
-                    status = "ok" if report.success else f"FAILED: {report.error}"
-                    click.echo(
-                        f"{report.source}/{report.shard}: {report.rows} rows, "
-                        f"{report.rows_deleted} deleted, {report.chunks} chunks "
-                        f"({report.embedded_chunks} embedded, {report.reused_chunks} reused), "
-                        f"{report.points_upserted} points, {report.seconds}s  {status}"
-                    )
+                    click.echo(shard_line(report))
     if as_json:
         click.echo(json.dumps([asdict(r) for r in reports]))
-    if not all(r.success for r in reports):
+    failed_rows = sum(r.failed_rows for r in reports)
+    failed_shards = [f"{r.source}/{r.shard}" for r in reports if not r.success]
+    if failed_rows and not as_json:
+        click.echo(
+            f"{failed_rows} rows failed to embed; they are in the error table and retried "
+            "later: `embedding-assets errors` lists them with the reason.",
+            err=True,
+        )
+    if failed_shards and not as_json:
+        click.echo(f"failed shards: {', '.join(failed_shards)}", err=True)
+    if failed_rows or failed_shards:
         sys.exit(1)
+
+
+def shard_line(report: ShardReport) -> str:
+    if not report.success:
+        status = f"FAILED: {report.error}"
+    elif report.failed_rows:
+        status = f"{report.failed_rows} rows FAILED (see `embedding-assets errors`)"
+    else:
+        status = "ok"
+    return (
+        f"{report.source}/{report.shard}: {report.rows} rows, {report.rows_deleted} deleted, "
+        f"{report.chunks} chunks ({report.embedded_chunks} embedded, {report.reused_chunks} "
+        f"reused), {report.points_upserted} points, {report.seconds}s  {status}"
+    )
 
 
 def require_reachable_embedders(settings: Settings, sources: list[str]) -> None:
@@ -344,6 +420,8 @@ STATUS_FIELDS = (
     "eligible_rows",
     "embedded_rows",
     "pending_rows",
+    "failed_rows",
+    "dead_rows",
     "pgvector_chunks",
     "qdrant_points",
 )
@@ -351,16 +429,18 @@ STATUS_FIELDS = (
 
 def status_report(settings: Settings, source: str, exact: bool = False) -> dict:
     """Per source and shard: eligible rows, rows with a current embedding, pending rows,
-    pgvector chunks and Qdrant points.
+    rows in the error table (waiting for a retry, dead), pgvector chunks and Qdrant points.
 
     Exact for diff capture or with `exact`: a full diff of the source, and the chunks and
     points counted in pgvector and Qdrant. Otherwise read from the ledger and the change
-    feed, touching neither the source nor a destination: `pending_rows` counts queued
-    changes, `eligible_rows` is embedded + pending (an update of an embedded row counts
-    twice until it is done), and `pgvector_chunks` / `qdrant_points` are what the ledger
-    records the destinations hold. `eligible_rows_counted` is the last full diff's count,
-    with its time in `counted_at`.
+    feed, without scanning the source: `pending_rows` counts queued changes,
+    `eligible_rows` is embedded + pending (an update of an embedded row counts twice until
+    it is done), and `pgvector_chunks` / `qdrant_points` are what the ledger records the
+    destinations hold, after the ledger was checked against pgvector's chunk counts (and
+    Qdrant's, for a server). `eligible_rows_counted` is the last full diff's count, with its
+    time in `counted_at`.
     """
+    from embedding_assets.destinations.audit import audit_destinations
     from embedding_assets.environment import database_url
     from embedding_assets.runtime import runtime_for
 
@@ -368,6 +448,12 @@ def status_report(settings: Settings, source: str, exact: bool = False) -> dict:
     runtime = runtime_for(settings, source, database_url())
     runtime.feed.ensure()
     is_exact = exact or runtime.feed.mode == "diff"
+    # First make the ledger honest about what the destinations hold (a TRUNCATE or a
+    # removed store turns into rows to restore), so no row is reported as embedded that a
+    # destination lacks. An embedded Qdrant store is counted only by --exact (its lock).
+    qdrant_mode = "count" if is_exact or not runtime.qdrant.store_is_embedded else "exists"
+    audit_destinations(runtime, qdrant=qdrant_mode)
+    errors = runtime.errors.counts_by_shard()
     shards = {}
     if is_exact:
         work = runtime.exact_work()
@@ -394,6 +480,9 @@ def status_report(settings: Settings, source: str, exact: bool = False) -> dict:
                 "pgvector_chunks": chunks,
                 "qdrant_points": points,
             }
+    for index, key in enumerate(spec.shard_keys):
+        failed, dead = errors.get(index, (0, 0))
+        shards[key].update(failed_rows=failed, dead_rows=dead)
     totals = {f: sum(s[f] for s in shards.values()) for f in STATUS_FIELDS}
     counted = runtime.diff.counted()
     return {
@@ -447,6 +536,101 @@ def status(ctx: click.Context, source: str | None, exact: bool, as_json: bool) -
             )
 
 
+# -- errors ---------------------------------------------------------------------------
+
+
+def errors_report(settings: Settings, source: str, dead_only: bool, limit: int) -> list[dict]:
+    from embedding_assets.environment import database_url
+    from embedding_assets.runtime import runtime_for
+
+    runtime = runtime_for(settings, source, database_url())
+    spec = runtime.spec
+    return [
+        {
+            "source": source,
+            "row_id": e.row_id,
+            "shard": spec.shard_keys[e.shard] if e.shard < spec.shards else str(e.shard),
+            "state": e.state,
+            "kind": e.kind,
+            "attempts": e.attempts,
+            "max_attempts": spec.retries.max_attempts,
+            "first_failed_at": e.first_failed_at.isoformat(),
+            "last_failed_at": e.last_failed_at.isoformat(),
+            "next_retry_at": e.next_retry_at.isoformat() if e.next_retry_at else None,
+            "content_hash": e.content_hash,
+            "message": e.message,
+        }
+        for e in runtime.errors.list(limit, dead_only)
+    ]
+
+
+@main.group(invoke_without_command=True)
+@click.option("--source", help="Only this source (default: all).")
+@click.option("--dead", "dead_only", is_flag=True, help="Only rows that are no longer retried.")
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(1))
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def errors(
+    ctx: click.Context, source: str | None, dead_only: bool, limit: int, as_json: bool
+) -> None:
+    """Rows the embedder failed on: why, how often, and when they are tried again. A row is
+    retried after a growing wait and is dead after `retries.max_attempts` failures of the
+    same content (it is tried again when it changes, or by `errors replay`)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    ensure_database()
+    settings = _settings(ctx)
+    found = [
+        e
+        for name in _sources(settings, source)
+        for e in errors_report(settings, name, dead_only, limit)
+    ]
+    if as_json:
+        click.echo(json.dumps(found))
+        return
+    if not found:
+        click.echo("no failed rows")
+        return
+    for e in found:
+        when = (
+            f"retry at {e['next_retry_at']}"
+            if e["next_retry_at"]
+            else ("dead" if e["state"] == "dead" else "queued for retry")
+        )
+        click.echo(
+            f"{e['source']}/{e['shard']}  {e['row_id']}  {e['kind']}  "
+            f"{e['attempts']}/{e['max_attempts']} attempts, {when}: {e['message']}"
+        )
+
+
+@errors.command("replay")
+@click.option("--source", help="Only this source (default: all).")
+@click.option("--row", "rows", multiple=True, help="A row id (repeatable).")
+@click.option("--all-dead", is_flag=True, help="Every dead row.")
+@click.option("--all", "every", is_flag=True, help="Every failed row, dead or waiting.")
+@click.pass_context
+def errors_replay(
+    ctx: click.Context, source: str | None, rows: tuple[str, ...], all_dead: bool, every: bool
+) -> None:
+    """Forget rows' failures and make them pending now (the next sync or sensor run tries
+    them again)."""
+    from embedding_assets.environment import database_url
+    from embedding_assets.runtime import runtime_for
+
+    if sum([bool(rows), all_dead, every]) != 1:
+        raise click.UsageError("give --row ID (repeatable), --all-dead or --all")
+    ensure_database()
+    settings = _settings(ctx)
+    for name in _sources(settings, source):
+        runtime = runtime_for(settings, name, database_url())
+        replayed = runtime.errors.replay(
+            list(rows) if rows else None,
+            dead_only=all_dead,
+            enqueue=runtime.feed.mode != "diff",
+        )
+        click.echo(f"{name}: {replayed} rows pending again")
+
+
 # -- reconcile and triggers -------------------------------------------------------------
 
 
@@ -457,6 +641,7 @@ def status(ctx: click.Context, source: str | None, exact: bool, as_json: bool) -
 def reconcile(ctx: click.Context, source: str | None, as_json: bool) -> None:
     """Compare each source with the ledger (a full scan) and queue whatever the change feed
     missed; `sync` or the sensor then brings those rows up to date."""
+    from embedding_assets.destinations.audit import audit_destinations
     from embedding_assets.environment import database_url
     from embedding_assets.runtime import runtime_for
 
@@ -467,11 +652,15 @@ def reconcile(ctx: click.Context, source: str | None, as_json: bool) -> None:
         runtime = runtime_for(settings, name, database_url())
         started = time.perf_counter()
         found = runtime.feed.reconcile()
+        disagree = [a for a in audit_destinations(runtime, qdrant="count") if not a.consistent]
         results.append(
             {
                 "source": name,
                 "change_capture": runtime.feed.mode,
                 "rows_queued": found,
+                "destinations_repaired": {
+                    runtime.spec.shard_keys[a.shard]: describe_audit(a) for a in disagree
+                },
                 "seconds": round(time.perf_counter() - started, 2),
             }
         )
@@ -485,6 +674,8 @@ def reconcile(ctx: click.Context, source: str | None, as_json: bool) -> None:
             else ""
         )
         click.echo(f"{r['source']}: {r['rows_queued']} rows queued in {r['seconds']}s{note}")
+        for key, what in r["destinations_repaired"].items():
+            click.echo(f"  shard {key}: {what}")
 
 
 @main.group()

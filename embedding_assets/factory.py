@@ -8,7 +8,13 @@ import dagster as dg
 from embedding_assets.checks import build_checks
 from embedding_assets.core.delta import ChunkedRows, EmbeddedRows, IndexUpdate, PendingRows
 from embedding_assets.core.sharding import shard_index
-from embedding_assets.pipeline import chunk_rows, effective_max_tokens, embed_chunks
+from embedding_assets.destinations.audit import audit_destinations
+from embedding_assets.pipeline import (
+    chunk_rows,
+    effective_max_tokens,
+    embed_chunks,
+    reusable_vectors,
+)
 from embedding_assets.resources.embedders import embedder_pool, embedder_resource_key
 from embedding_assets.resources.runtime import runtime_of
 from embedding_assets.sensors import build_sensor
@@ -61,7 +67,15 @@ def build_source_defs(spec: SourceSpec, qdrant_embedded: bool) -> SourceDefs:
         matching `where`). At most `max_rows_per_run`; the sensor asks again for the rest."""
         started = time.perf_counter()
         runtime = runtime_of(context, spec)
-        pending = runtime.feed.pending(shard_index(context.partition_key), spec.max_rows_per_run)
+        shard = shard_index(context.partition_key)
+        runtime.claim_shard(
+            shard,
+            on_wait=lambda: context.log.info(
+                f"shard {context.partition_key} is being synced by another run; waiting for "
+                "its write, so no row is embedded twice"
+            ),
+        )
+        pending = runtime.feed.pending(shard, spec.max_rows_per_run)
         seconds = time.perf_counter() - started
         context.add_output_metadata(
             {
@@ -121,23 +135,25 @@ def build_source_defs(spec: SourceSpec, qdrant_embedded: bool) -> SourceDefs:
         started = time.perf_counter()
         runtime = runtime_of(context, spec)
         embedder = runtime.embedder
-        reusable = runtime.pgvector.reusable_vectors(chunks.chunks["chunk_hash"].tolist())
+        reusable = reusable_vectors(runtime, chunks)
         calls_before = embedder_stats(embedder)
         embedded = embed_chunks(chunks, embedder, reusable)
         seconds = time.perf_counter() - started
         rows = len(chunks.pending.rows)
-        if embedded.failures:
+        reasons = {
+            row: f"{failure.kind}: {failure.message}" for row, failure in embedded.failures.items()
+        }
+        if reasons:
             context.log.warning(
-                f"{len(embedded.failures)} rows rejected by the embedder stay pending: "
-                + "; ".join(f"{row}: {why}" for row, why in list(embedded.failures.items())[:5])
+                f"{len(reasons)} rows failed and are recorded in the error table (retried "
+                f"later; `embedding-assets errors --source {name}` lists them): "
+                + "; ".join(f"{row}: {why}" for row, why in list(reasons.items())[:5])
             )
         context.add_output_metadata(
             {
                 **stats_delta(calls_before, embedder_stats(embedder)),
                 "failed_rows": len(embedded.failures),
-                "failed_row_reasons": dg.MetadataValue.json(
-                    dict(list(embedded.failures.items())[:50])
-                ),
+                "failed_row_reasons": dg.MetadataValue.json(dict(list(reasons.items())[:50])),
                 "model": embedder.model_id,
                 "dimension": embedder.dimension,
                 "rows": rows,
@@ -226,14 +242,17 @@ def build_reconcile_job(spec: SourceSpec) -> dg.JobDefinition:
         runtime = runtime_of(context, spec)
         started = time.perf_counter()
         found = runtime.feed.reconcile()
+        disagree = [a for a in audit_destinations(runtime, qdrant="count") if not a.consistent]
         seconds = time.perf_counter() - started
         context.log.info(
-            f"reconcile of {spec.name} ({runtime.feed.mode} capture): {found} rows queued"
+            f"reconcile of {spec.name} ({runtime.feed.mode} capture): {found} rows queued; "
+            f"{len(disagree)} shards whose destinations disagreed with the ledger: {disagree}"
         )
         return dg.Output(
             found,
             metadata={
                 "rows_found": found,
+                "shards_repaired": len(disagree),
                 "change_capture": runtime.feed.mode,
                 "seconds": round(seconds, 3),
             },

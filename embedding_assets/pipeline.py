@@ -9,8 +9,14 @@ import numpy as np
 import pandas as pd
 
 from embedding_assets.core.chunking import chunk_texts
-from embedding_assets.core.delta import CHUNK_COLUMNS, ChunkedRows, EmbeddedRows, PendingRows
-from embedding_assets.embedders.base import Embedder
+from embedding_assets.core.delta import (
+    CHUNK_COLUMNS,
+    ChunkedRows,
+    EmbeddedRows,
+    PendingRows,
+    RowFailure,
+)
+from embedding_assets.embedders.base import Embedder, InputFailure
 from embedding_assets.runtime import SourceRuntime
 from embedding_assets.settings import SourceSpec
 from embedding_assets.state.ddl import shard_lock
@@ -37,6 +43,22 @@ def chunk_rows(pending: PendingRows, spec: SourceSpec, embedder: Embedder) -> Ch
     return ChunkedRows(pending, pd.DataFrame(records, columns=CHUNK_COLUMNS))
 
 
+def reusable_vectors(runtime: SourceRuntime, chunked: ChunkedRows) -> dict[str, np.ndarray]:
+    """Stored vectors for the chunks' texts: pgvector's by chunk hash; and for rows whose
+    content is unchanged but whose chunks pgvector lost (see destinations.audit), the
+    points Qdrant still holds with the same text."""
+    chunks = chunked.chunks
+    found = runtime.pgvector.reusable_vectors(chunks["chunk_hash"].tolist())
+    rows = chunked.pending.rows
+    if not len(rows) or "stored_hash" not in rows:
+        return found
+    unchanged = set(rows.loc[rows["stored_hash"] == rows["content_hash"], "row_id"])
+    lacking = chunks[chunks["row_id"].isin(unchanged) & ~chunks["chunk_hash"].isin(found)]
+    if len(lacking):
+        found.update(runtime.qdrant.restorable_vectors(lacking, runtime.model_id))
+    return found
+
+
 def embed_chunks(
     chunked: ChunkedRows, embedder: Embedder, reusable: dict[str, np.ndarray]
 ) -> EmbeddedRows:
@@ -46,35 +68,59 @@ def embed_chunks(
     dimension = embedder.dimension
     vectors = np.zeros((len(chunks), dimension), dtype=np.float32)
     missing: dict[str, list[int]] = {}
-    reused = 0
+    reused = np.zeros(len(chunks), dtype=bool)
     for position, chunk_hash in enumerate(chunks["chunk_hash"]):
         stored = reusable.get(chunk_hash)
         if stored is not None and stored.shape == (dimension,):
             vectors[position] = stored
-            reused += 1
+            reused[position] = True
         else:
             missing.setdefault(chunk_hash, []).append(position)
-    failures: dict[str, str] = {}
+    failures: dict[str, RowFailure] = {}
     if missing:
         first_texts = [chunks["text"].iat[positions[0]] for positions in missing.values()]
         fresh, failed = _embed(embedder, first_texts)
+        _raise_if_unavailable(embedder, failed, len(first_texts))
+        rows = chunked.pending.rows
+        hashes = dict(zip(rows["row_id"], rows["content_hash"], strict=True)) if failed else {}
         for index, (vector, positions) in enumerate(zip(fresh, missing.values(), strict=True)):
             vectors[positions] = vector
             if index in failed:
                 for position in positions:
-                    failures.setdefault(chunks["row_id"].iat[position], failed[index])
-    embedded = len(chunks) - reused
+                    row_id = chunks["row_id"].iat[position]
+                    failure = failed[index]
+                    failures.setdefault(
+                        row_id, RowFailure(hashes[row_id], failure.kind, failure.message)
+                    )
     if failures:
-        result = _without_rows(chunked, vectors, embedded, reused, failures)
+        result = _without_rows(chunked, vectors, reused, failures)
     else:
-        result = EmbeddedRows(chunked, vectors, embedded_chunks=embedded, reused_chunks=reused)
+        result = EmbeddedRows(
+            chunked, vectors, int((~reused).sum()), reused_chunks=int(reused.sum())
+        )
     result.model_id = embedder.model_id
     return result
 
 
-def _embed(embedder: Embedder, texts: list[str]) -> tuple[np.ndarray, dict[int, str]]:
-    """Vectors and {input index: reason} for inputs the embedder rejected. Remote embedders
-    isolate a rejected input so the rest of the batch is still embedded."""
+class EmbedderUnavailableError(RuntimeError):
+    """Every input of a run failed with a transient error: the embedder is down, not a row
+    at fault. The run fails (the sensor retries it after a growing wait) and no row is
+    charged an attempt, so an outage never makes rows dead."""
+
+
+def _raise_if_unavailable(embedder: Embedder, failed: dict[int, InputFailure], inputs: int) -> None:
+    if inputs > 1 and len(failed) == inputs and all(f.kind == "transient" for f in failed.values()):
+        example = next(iter(failed.values())).message
+        raise EmbedderUnavailableError(
+            f"{embedder.model_id} failed all {inputs} inputs of this run with transient "
+            f"errors ({example}); nothing was stored and no row was charged an attempt. "
+            "The run is retried after a growing wait; check that the embedder is up."
+        )
+
+
+def _embed(embedder: Embedder, texts: list[str]) -> tuple[np.ndarray, dict[int, InputFailure]]:
+    """Vectors and {input index: failure} for inputs the embedder could not embed. Remote
+    embedders narrow a bad answer down to its input, so the rest of the batch is embedded."""
     partial = getattr(embedder, "embed_documents_partial", None)
     if partial is not None:
         return partial(texts)
@@ -84,11 +130,11 @@ def _embed(embedder: Embedder, texts: list[str]) -> tuple[np.ndarray, dict[int, 
 def _without_rows(
     chunked: ChunkedRows,
     vectors: np.ndarray,
-    embedded: int,
-    reused: int,
-    failures: dict[str, str],
+    reused: np.ndarray,
+    failures: dict[str, RowFailure],
 ) -> EmbeddedRows:
-    """Drop rows with a rejected chunk from the write; they stay pending (never half-stored)."""
+    """Drop rows with a failed chunk from the write (never half-stored); the write records
+    them in the error table."""
     pending = chunked.pending
     keep_rows = ~pending.rows["row_id"].isin(failures.keys())
     keep_chunks = ~chunked.chunks["row_id"].isin(failures.keys()).to_numpy()
@@ -96,7 +142,14 @@ def _without_rows(
         replace(pending, rows=pending.rows[keep_rows].reset_index(drop=True)),
         chunked.chunks[keep_chunks].reset_index(drop=True),
     )
-    return EmbeddedRows(kept, vectors[keep_chunks], embedded, reused, failures)
+    kept_reused = reused[keep_chunks]
+    return EmbeddedRows(
+        kept,
+        vectors[keep_chunks],
+        int((~kept_reused).sum()),
+        int(kept_reused.sum()),
+        failures,
+    )
 
 
 @dataclass(frozen=True)
@@ -114,7 +167,8 @@ def store_embeddings(runtime: SourceRuntime, batch: EmbeddedRows) -> WriteStats:
     """Replace the chunks of every processed row and remove deleted rows, in one transaction
     with the ledger and the change feed's acknowledgement. A row stored after this batch's
     delta was read (by a newer run) is skipped: the newer write wins and nothing regresses.
-    Rows the embedder rejected stay in the feed for a later run."""
+    Rows the embedder failed on are recorded in the error table, in the same transaction;
+    their feed entries are consumed with the rest (the error table retries them)."""
     if batch.model_id and batch.model_id != runtime.model_id:
         raise RuntimeError(
             f"embeddings of source {runtime.spec.name!r} were computed by {batch.model_id} "
@@ -146,7 +200,10 @@ def store_embeddings(runtime: SourceRuntime, batch: EmbeddedRows) -> WriteStats:
         )
         removed = [r for r in pending.deleted if r not in stale]
         runtime.ledger.record_deleted(conn, removed)
-        runtime.feed.acknowledge(conn, pending, set(batch.failures))
+        runtime.errors.clear(conn, written + removed)
+        runtime.errors.record(conn, pending.shard, batch.failures)
+        runtime.feed.acknowledge(conn, pending)
+    runtime.release_shard(pending.shard)
     built, started = False, time.perf_counter()
     if not pending.backlog and _index_deferred(runtime) and not _work_left(runtime):
         with runtime.engine.begin() as conn:

@@ -8,7 +8,7 @@ the model id, pipeline version and capture mode of a source.
 import functools
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -26,6 +26,7 @@ from embedding_assets.settings import (
 from embedding_assets.state.db import engine_for
 from embedding_assets.state.ddl import ddl_lock
 from embedding_assets.state.diff import ShardWork, SourceDiff
+from embedding_assets.state.errors import RowErrors
 from embedding_assets.state.feeds import ChangeFeed, build_feed
 from embedding_assets.state.ledger import Ledger, pipeline_version
 from embedding_assets.state.queue import ChangeQueue
@@ -102,6 +103,7 @@ class SourceRuntime:
     pgvector: PgVectorDestination
     qdrant: QdrantDestination
     target_ready: bool = False
+    _claims: dict[int, sa.Connection] = field(default_factory=dict, repr=False)
 
     @property
     def model_id(self) -> str:
@@ -110,6 +112,10 @@ class SourceRuntime:
     @property
     def target(self) -> str:
         return self.spec.target
+
+    @property
+    def errors(self) -> RowErrors:
+        return self.feed.errors
 
     def ensure_target(self, dimension: int) -> None:
         """Record the target for this model (or refuse another model's table), create the
@@ -132,6 +138,31 @@ class SourceRuntime:
                 self.pgvector.reshard(conn, self.spec.shards)
                 ChangeQueue(self.engine, self.target).reshard(conn, self.spec.shards)
         self.target_ready = True
+
+    def claim_shard(self, shard: int, on_wait=None) -> None:
+        """Hold the shard until this run's write commits (or its process ends): a second
+        run of the same shard waits here, then finds the work done, so no row is embedded
+        twice. A session advisory lock on its own connection; Postgres drops it with the
+        connection if the process dies."""
+        if shard in self._claims:
+            return
+        conn = self.engine.connect()
+        key = {"k": f"{self.target}#claim", "s": shard}
+        if not conn.scalar(sa.text("SELECT pg_try_advisory_lock(hashtext(:k), :s)"), key):
+            if on_wait is not None:
+                on_wait()
+            conn.execute(sa.text("SELECT pg_advisory_lock(hashtext(:k), :s)"), key)
+        conn.commit()
+        self._claims[shard] = conn
+
+    def release_shard(self, shard: int) -> None:
+        conn = self._claims.pop(shard, None)
+        if conn is not None:
+            conn.invalidate()  # closing the session is what releases its advisory locks
+
+    def release_claims(self) -> None:
+        for shard in list(self._claims):
+            self.release_shard(shard)
 
     def work(self) -> dict[int, ShardWork]:
         """Per shard: pending rows and Qdrant lag from the change feed and the ledger's
@@ -181,6 +212,12 @@ def source_runtime(
             qdrant=QdrantDestination(engine, spec, spec.target, qdrant, pgvector),
         )
     return _RUNTIMES[key]
+
+
+def release_all_claims() -> None:
+    """End of a run: whatever shard claims it still holds (a failed step) are let go."""
+    for runtime in _RUNTIMES.values():
+        runtime.release_claims()
 
 
 def runtime_for(settings: Settings, source: str, database_url: str) -> SourceRuntime:

@@ -1,12 +1,15 @@
 """The per-source sensor: one run per shard that has work, never twice for the same work,
-and failed work asked for again after a growing wait (an outage must not strand rows)."""
+and failed work asked for again after a growing wait (an outage must not strand rows).
+Runs whose process died are failed first (`run_health`), so they hold no shard or slot."""
 
 import time
 
 import dagster as dg
 
+from embedding_assets.destinations.audit import audit_destinations
 from embedding_assets.resources.embedders import embedder_resource_key
 from embedding_assets.resources.runtime import runtime_of
+from embedding_assets.run_health import WORKER_LOST_TAG, fail_dead_runs
 from embedding_assets.settings import SourceSpec
 
 IN_FLIGHT = {
@@ -22,6 +25,8 @@ WORK_TAG = "embedding_assets/work"
 RETRY_BASE_SECONDS = 60
 RETRY_MAX_SECONDS = 3600
 RECENT_RUNS = 1000
+# How often the sensor compares the destinations with the ledger (destinations.audit).
+AUDIT_INTERVAL_SECONDS = 60
 
 
 def recent_runs(instance: dg.DagsterInstance, job_name: str) -> list:
@@ -32,6 +37,13 @@ def recent_runs(instance: dg.DagsterInstance, job_name: str) -> list:
 
 def retry_wait(failures: int) -> float:
     return min(RETRY_BASE_SECONDS * 2 ** (failures - 1), RETRY_MAX_SECONDS)
+
+
+def retry_run_key(work_id: str, failed: int, lost: int) -> str:
+    """A new key for each retry of the same work: after a failure, and after a run whose
+    process died (retried at once)."""
+    key = f"{work_id}:{failed}" if failed else work_id
+    return f"{key}:lost{lost}" if lost else key
 
 
 def build_sensor(spec: SourceSpec, job) -> dg.SensorDefinition:
@@ -50,6 +62,9 @@ def build_sensor(spec: SourceSpec, job) -> dg.SensorDefinition:
         ),
     )
     def source_changes(context: dg.SensorEvaluationContext):
+        dead = fail_dead_runs(context.instance)
+        if dead:
+            context.log.warning(f"failed {len(dead)} runs whose process is gone: {dead}")
         runtime = runtime_of(context, spec)
         work = runtime.work()
         runs = recent_runs(context.instance, job.name)
@@ -58,6 +73,19 @@ def build_sensor(spec: SourceSpec, job) -> dg.SensorDefinition:
             for r in runs
             if r.dagster_run.status in IN_FLIGHT
         }
+        audited_at = float(context.cursor or 0)
+        if not busy and time.time() - audited_at >= AUDIT_INTERVAL_SECONDS:
+            # Only while no run writes: a write half-applied is not a loss. An embedded
+            # Qdrant store is only checked for existence here (counting takes its lock).
+            mode = "exists" if runtime.qdrant.store_is_embedded else "count"
+            repaired = [a for a in audit_destinations(runtime, qdrant=mode) if not a.consistent]
+            for audit in repaired:
+                context.log.warning(
+                    f"destinations of {spec.name} disagree with the ledger: {audit}"
+                )
+            if repaired:
+                work = runtime.work()
+            context.update_cursor(str(time.time()))
         requests = []
         waiting = []
         for shard, shard_work in sorted(work.items()):
@@ -73,8 +101,17 @@ def build_sensor(spec: SourceSpec, job) -> dg.SensorDefinition:
             failed = [
                 r
                 for r in runs
-                if r.dagster_run.tags.get(WORK_TAG) == work_id and r.dagster_run.status in FAILED
+                if r.dagster_run.tags.get(WORK_TAG) == work_id
+                and r.dagster_run.status in FAILED
+                # A run whose process died says nothing about the work: no wait for it.
+                and r.dagster_run.tags.get(WORKER_LOST_TAG) != "true"
             ]
+            lost = sum(
+                1
+                for r in runs
+                if r.dagster_run.tags.get(WORK_TAG) == work_id
+                and r.dagster_run.tags.get(WORKER_LOST_TAG) == "true"
+            )
             if failed:
                 last = max(r.end_time or r.update_timestamp.timestamp() for r in failed)
                 due = last + retry_wait(len(failed)) - time.time()
@@ -84,7 +121,7 @@ def build_sensor(spec: SourceSpec, job) -> dg.SensorDefinition:
             requests.append(
                 dg.RunRequest(
                     partition_key=key,
-                    run_key=f"{work_id}:{len(failed)}" if failed else work_id,
+                    run_key=retry_run_key(work_id, len(failed), lost),
                     tags={
                         WORK_TAG: work_id,
                         "embedding_assets/pending_rows": str(shard_work.pending_rows),

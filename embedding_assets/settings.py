@@ -182,6 +182,16 @@ class ReconcileSpec(_Spec):
     timezone: str = "UTC"
 
 
+class RetrySpec(_Spec):
+    """How rows the embedder failed on are tried again: after `first_wait_seconds`, the wait
+    doubling up to `max_wait_seconds`; after `max_attempts` failures of the same content the
+    row is dead (not tried again until it changes or `errors replay` asks)."""
+
+    max_attempts: int = Field(default=5, ge=1)
+    first_wait_seconds: int = Field(default=60, ge=0)
+    max_wait_seconds: int = Field(default=3600, ge=0)
+
+
 CaptureMode = Literal["auto", "trigger", "watermark", "diff"]
 
 
@@ -205,6 +215,7 @@ class SourceSpec(_Spec):
     # Rows committed late with an older watermark value are still found within this window.
     watermark_overlap_seconds: int = Field(default=60, ge=0)
     reconcile: ReconcileSpec = ReconcileSpec()
+    retries: RetrySpec = RetrySpec()
     chunking: ChunkingSpec = ChunkingSpec()
     pgvector: PgvectorSpec = PgvectorSpec()
     qdrant: QdrantSpec = QdrantSpec()

@@ -46,14 +46,23 @@ class ChunkedRows:
         return int(self.chunks["token_count"].sum()) if len(self.chunks) else 0
 
 
+@dataclass(frozen=True)
+class RowFailure:
+    """Why a row was not embedded this time (recorded in the error table)."""
+
+    content_hash: str  # the content that failed
+    kind: str  # rejected | transient | bad_output (embedders.base.FailureKind)
+    message: str
+
+
 @dataclass
 class EmbeddedRows:
     chunked: ChunkedRows
     vectors: np.ndarray  # (len(chunked.chunks), dimension) float32, row-aligned with chunks
     embedded_chunks: int
     reused_chunks: int
-    # Rows the embedder rejected: left out of the write (they stay pending), with the reason.
-    failures: dict[str, str] = field(default_factory=dict)
+    # Rows the embedder failed on: left out of the write, recorded in the error table.
+    failures: dict[str, RowFailure] = field(default_factory=dict)
     model_id: str = ""  # the embedder that computed `vectors`; the write stamps it
 
     @property

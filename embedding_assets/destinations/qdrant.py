@@ -18,7 +18,12 @@ import sqlalchemy as sa
 from embedding_assets.core.delta import IndexUpdate
 from embedding_assets.core.ids import point_id
 from embedding_assets.destinations.pgvector import PgVectorDestination
-from embedding_assets.destinations.qdrant_stores import IndexHit, IndexPoint, QdrantStore
+from embedding_assets.destinations.qdrant_stores import (
+    EmbeddedQdrantStore,
+    IndexHit,
+    IndexPoint,
+    QdrantStore,
+)
 from embedding_assets.settings import SourceSpec
 from embedding_assets.state.ddl import STATE_SCHEMA
 
@@ -60,6 +65,10 @@ class QdrantDestination:
         self.store = store
         self.pgvector = pgvector
         self.collection = spec.qdrant_collection
+
+    @property
+    def store_is_embedded(self) -> bool:
+        return isinstance(self.store, EmbeddedQdrantStore)
 
     # -- what Qdrant lags on ------------------------------------------------------------
 
@@ -135,6 +144,17 @@ class QdrantDestination:
             create_collection=not exists,
             reset_shard=reset,
         )
+        # A row whose chunks pgvector lacks (lost, restore pending) is neither sent nor
+        # marked synced: Qdrant keeps what it holds until pgvector has the row again.
+        fetched = chunks.groupby("row_id").size().to_dict() if len(chunks) else {}
+        incomplete = {
+            row.row_id
+            for row in lag.itertuples(index=False)
+            if not row.deleted and fetched.get(row.row_id, 0) < int(row.chunk_count)
+        }
+        if incomplete:
+            lag = lag[~lag["row_id"].isin(incomplete)]
+            chunks = chunks[~chunks["row_id"].isin(incomplete)]
         metadata = {name: chunks[name].tolist() for name in self.spec.metadata}
         for position, (pid, row_id, chunk_index, text, vector) in enumerate(
             zip(
@@ -231,6 +251,23 @@ class QdrantDestination:
             )
 
     # -- reads --------------------------------------------------------------------------
+
+    def restorable_vectors(self, chunks: pd.DataFrame, model_id: str) -> dict[str, np.ndarray]:
+        """{chunk hash: vector} for chunks whose point Qdrant holds with the same text: what
+        pgvector lost is restored from here instead of being embedded again."""
+        if not len(chunks) or not self.store.collection_exists(self.collection):
+            return {}
+        ids = [
+            point_id(self.spec.name, row_id, int(index), model_id)
+            for row_id, index in zip(chunks["row_id"], chunks["chunk_index"], strict=True)
+        ]
+        hits = {h.id: h for h in self.store.retrieve(self.collection, ids, vectors=True)}
+        found = {}
+        for pid, text, chunk_hash in zip(ids, chunks["text"], chunks["chunk_hash"], strict=True):
+            hit = hits.get(pid)
+            if hit is not None and hit.vector is not None and hit.payload.get("text") == text:
+                found[chunk_hash] = hit.vector
+        return found
 
     def count(self, shard: int | None = None) -> int:
         return self.store.count(self.collection, shard=shard)

@@ -81,6 +81,7 @@ class IndexHit:
     id: str
     score: float
     payload: dict[str, Any]
+    vector: np.ndarray | None = None  # only from retrieve(..., vectors=True)
 
 
 @runtime_checkable
@@ -120,8 +121,9 @@ class QdrantStore(Protocol):
         [] if no collection."""
         ...
 
-    def retrieve(self, name: str, ids: Sequence[str]) -> list[IndexHit]:
-        """The stored points among ``ids`` (score 0.0), for checks; [] if no collection."""
+    def retrieve(self, name: str, ids: Sequence[str], vectors: bool = False) -> list[IndexHit]:
+        """The stored points among ``ids`` (score 0.0), with their vectors if asked (to
+        restore pgvector from Qdrant); [] if no collection."""
         ...
 
     def keep_open(self) -> contextlib.AbstractContextManager[None]:
@@ -168,6 +170,14 @@ def _hit_id(raw: Any) -> str:
         return _canonical_id(raw)
     except ValueError:  # an integer id written by another tool: keep it readable
         return str(raw)
+
+
+def _vector_of(record: Any) -> np.ndarray | None:
+    """A retrieved point's (single, unnamed) vector as float32."""
+    vector = record.vector
+    if isinstance(vector, dict):  # named vectors: ours has one, the default ""
+        vector = vector.get("") if "" in vector else next(iter(vector.values()), None)
+    return None if vector is None else np.asarray(vector, dtype=np.float32)
 
 
 def _as_floats(vector: Sequence[float] | np.ndarray) -> list[float]:
@@ -334,15 +344,18 @@ class EmbeddedQdrantStore:
             scored = edge_shard.query(request)
         return [IndexHit(_hit_id(p.id), float(p.score), dict(p.payload or {})) for p in scored]
 
-    def retrieve(self, name: str, ids: Sequence[str]) -> list[IndexHit]:
+    def retrieve(self, name: str, ids: Sequence[str], vectors: bool = False) -> list[IndexHit]:
         if not ids:
             return []
         with self._open(name) as handle:
             shard = handle.load()
             if shard is None:
                 return []
-            records = shard.retrieve([_canonical_id(i) for i in ids], True, False)
-        return [IndexHit(_hit_id(r.id), 0.0, dict(r.payload or {})) for r in records]
+            records = shard.retrieve([_canonical_id(i) for i in ids], True, vectors)
+        return [
+            IndexHit(_hit_id(r.id), 0.0, dict(r.payload or {}), _vector_of(r) if vectors else None)
+            for r in records
+        ]
 
     def close(self) -> None:
         # Nothing stays open between operations; sessions close their own shards.
@@ -622,13 +635,16 @@ class ServerQdrantStore:
             IndexHit(_hit_id(p.id), float(p.score), dict(p.payload or {})) for p in response.points
         ]
 
-    def retrieve(self, name: str, ids: Sequence[str]) -> list[IndexHit]:
+    def retrieve(self, name: str, ids: Sequence[str], vectors: bool = False) -> list[IndexHit]:
         if not ids or not self._client.collection_exists(name):
             return []
         records = self._client.retrieve(
-            name, ids=[_canonical_id(i) for i in ids], with_payload=True, with_vectors=False
+            name, ids=[_canonical_id(i) for i in ids], with_payload=True, with_vectors=vectors
         )
-        return [IndexHit(_hit_id(r.id), 0.0, dict(r.payload or {})) for r in records]
+        return [
+            IndexHit(_hit_id(r.id), 0.0, dict(r.payload or {}), _vector_of(r) if vectors else None)
+            for r in records
+        ]
 
     @contextlib.contextmanager
     def keep_open(self) -> Iterator[None]:

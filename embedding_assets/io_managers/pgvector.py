@@ -22,8 +22,11 @@ class PgVectorIOManager(dg.ConfigurableIOManager):
         started = time.perf_counter()
         stats = store_embeddings(runtime, obj)
         seconds = time.perf_counter() - started
+        waiting, dead = runtime.errors.counts_by_shard().get(obj.pending.shard, (0, 0))
         context.add_output_metadata(
             {
+                "rows_waiting_for_retry": waiting,
+                "dead_rows": dead,
                 "pgvector_table": runtime.target,
                 "rows_written": stats.rows_written,
                 "chunks_written": stats.chunks_written,

@@ -12,7 +12,13 @@ from pydantic import PrivateAttr
 from embedding_assets.embedders.base import Embedder
 from embedding_assets.resources.database import DatabaseResource
 from embedding_assets.resources.qdrant import QdrantResource
-from embedding_assets.runtime import SourceRuntime, make_embedder, source_runtime
+from embedding_assets.run_health import stamp_worker
+from embedding_assets.runtime import (
+    SourceRuntime,
+    make_embedder,
+    release_all_claims,
+    source_runtime,
+)
 from embedding_assets.settings import Settings, load_settings
 
 
@@ -26,9 +32,14 @@ class RuntimeResource(dg.ConfigurableResource):
 
     @contextlib.contextmanager
     def yield_for_execution(self, context: dg.InitResourceContext) -> Iterator["RuntimeResource"]:
+        if context.instance is not None and context.run_id is not None:
+            stamp_worker(context.instance, context.run_id)  # so a dead run can be told
         # A run opens an embedded Qdrant collection once, on first use, not per operation.
-        with self.qdrant.store().keep_open():
-            yield self
+        try:
+            with self.qdrant.store().keep_open():
+                yield self
+        finally:
+            release_all_claims()
 
     def settings(self) -> Settings:
         if self._settings is None:

@@ -11,6 +11,8 @@
   watermarks per shard, last reconciliation).
 - `shard_counts`: per target and shard, the eligible-row count of the last full diff, so
   status can report it without rescanning the source.
+- `row_errors`: per (target, source row), the last failure to embed the row's content: kind,
+  message, attempts, when to retry, and whether it is dead (see `state.errors`).
 """
 
 import sqlalchemy as sa
@@ -71,6 +73,22 @@ CREATE TABLE IF NOT EXISTS {STATE_SCHEMA}.watermarks (
     value text NOT NULL,           -- max watermark column value consumed, as text
     PRIMARY KEY (target, shard)
 );
+CREATE TABLE IF NOT EXISTS {STATE_SCHEMA}.row_errors (
+    target text NOT NULL,
+    row_id text NOT NULL,
+    shard int NOT NULL,
+    content_hash text NOT NULL,    -- the content that failed; another content is tried anew
+    kind text NOT NULL,            -- rejected | transient | bad_output
+    message text NOT NULL,
+    attempts int NOT NULL,
+    first_failed_at timestamptz NOT NULL,
+    last_failed_at timestamptz NOT NULL,
+    next_retry_at timestamptz,     -- NULL: dead, or already queued for its retry
+    state text NOT NULL,           -- retrying | dead
+    PRIMARY KEY (target, row_id)
+);
+CREATE INDEX IF NOT EXISTS row_errors_due ON {STATE_SCHEMA}.row_errors (target, next_retry_at)
+    WHERE next_retry_at IS NOT NULL;
 CREATE TABLE IF NOT EXISTS {STATE_SCHEMA}.shard_counts (
     target text NOT NULL,
     shard int NOT NULL,

@@ -13,6 +13,7 @@ import sqlalchemy as sa
 from embedding_assets.core.delta import PendingRows
 from embedding_assets.settings import SourceSpec
 from embedding_assets.state.ddl import STATE_SCHEMA
+from embedding_assets.state.errors import held
 from embedding_assets.state.source_sql import SourceSql, meta_alias
 
 
@@ -57,7 +58,15 @@ class SourceDiff:
         self.version = version
 
     def _joined(self, shard: int | None, scope: Scope) -> str:
-        """Source rows FULL JOIN the ledger, with the flags every count is made of."""
+        """Source rows FULL JOIN the ledger (and the error table), with the flags every
+        count is made of. A row is pending when it needs work and is not held back by the
+        error table (its failed content waits for its retry time, or is dead)."""
+        needs_work = """(NOT coalesce(src.eligible, false) AND st.row_id IS NOT NULL
+                    AND NOT st.deleted)
+                OR (coalesce(src.eligible, false) AND (st.row_id IS NULL OR st.deleted
+                    OR st.content_hash IS DISTINCT FROM src.content_hash
+                    OR st.version <> :version))"""
+        held_back = f"coalesce(src.eligible, false) AND {held('e', 'src.content_hash')}"
         if scope.ledger is not None:
             ledger = f"AND ({scope.ledger})"
         else:
@@ -70,18 +79,18 @@ class SourceDiff:
                    coalesce(src.eligible, false) AS eligible,
                    (coalesce(src.eligible, false) AND st.row_id IS NOT NULL AND NOT st.deleted
                     AND st.content_hash = src.content_hash AND st.version = :version) AS current,
-                   ((NOT coalesce(src.eligible, false) AND st.row_id IS NOT NULL AND NOT st.deleted)
-                    OR (coalesce(src.eligible, false) AND (st.row_id IS NULL OR st.deleted
-                        OR st.content_hash IS DISTINCT FROM src.content_hash
-                        OR st.version <> :version))) AS pending,
+                   ({needs_work}) AND NOT coalesce({held_back}, false) AS pending,
+                   ({needs_work}) AND coalesce({held_back}, false) AS held,
                    (st.row_id IS NOT NULL AND (st.qdrant_hash IS DISTINCT FROM st.content_hash
                     OR st.qdrant_chunk_count <> st.chunk_count)) AS qdrant_lag,
                    NOT coalesce(src.eligible, false) AS is_delete,
                    src.doc, src.is_empty, src.content_hash,
-                   st.content_hash AS stored_hash, st.pg_synced_at
+                   st.content_hash AS stored_hash, st.pg_synced_at, e.attempts
                    {", src.watermark_value, src.watermark" if scope.watermark else ""}
                    {"".join(f", src.{meta_alias(i)}" for i in range(len(self.spec.metadata)))}
-            FROM src FULL OUTER JOIN st ON st.row_id = src.row_id"""
+            FROM src FULL OUTER JOIN st ON st.row_id = src.row_id
+            LEFT JOIN {STATE_SCHEMA}.row_errors AS e
+                ON e.target = :target AND e.row_id = coalesce(src.row_id, st.row_id)"""
 
     def _params(self, shard: int | None, scope: Scope, **extra: Any) -> dict[str, Any]:
         return {
@@ -117,7 +126,7 @@ class SourceDiff:
         upserts = frame[~is_delete].rename(
             columns={meta_alias(i): c for i, c in enumerate(self.spec.metadata)}
         )
-        keep = ["row_id", "doc", "is_empty", "content_hash", *self.spec.metadata]
+        keep = ["row_id", "doc", "is_empty", "content_hash", "stored_hash", *self.spec.metadata]
         marks = frame["watermark"].dropna().tolist() if scope.watermark else []
         return PendingRows(
             source=self.spec.name,
@@ -141,7 +150,7 @@ class SourceDiff:
                    count(*) FILTER (WHERE pending) AS pending_rows,
                    count(*) FILTER (WHERE qdrant_lag) AS qdrant_lag_rows,
                    md5(string_agg(concat_ws(':', row_id, content_hash, stored_hash,
-                                            CAST(pg_synced_at AS text)),
+                                            CAST(pg_synced_at AS text), attempts),
                        ',' ORDER BY row_id) FILTER (WHERE pending OR qdrant_lag)) AS fingerprint
             FROM ({self._joined(shard, Scope())}) AS j GROUP BY shard"""
         with self.engine.begin() as conn:

@@ -25,6 +25,7 @@ from embedding_assets.core.delta import PendingRows
 from embedding_assets.settings import SourceSpec, split_qualified
 from embedding_assets.state.ddl import STATE_SCHEMA, ddl_lock, execute_script
 from embedding_assets.state.diff import Scope, SourceDiff
+from embedding_assets.state.errors import RowErrors
 from embedding_assets.state.queue import ChangeQueue
 from embedding_assets.state.source_sql import column_types, quote_ident, quote_table
 from embedding_assets.state.triggers import (
@@ -45,6 +46,7 @@ TIMESTAMP_TYPES = ("timestamp", "date")  # format_type prefixes that take an int
 class ChangeFeed(Protocol):
     mode: str
     queue: ChangeQueue  # read by the trigger and watermark feeds; a diff feed clears it
+    errors: RowErrors  # rows that failed, with their retry times
 
     def ensure(self) -> None:
         """Set capture up (install triggers, seed the queue); idempotent, cached."""
@@ -55,9 +57,9 @@ class ChangeFeed(Protocol):
     def work(self) -> dict[int, tuple[int, str | None]]:
         """Per shard with work: (pending rows, or an estimate; a fingerprint). Cheap."""
 
-    def acknowledge(self, conn: sa.Connection, pending: PendingRows, kept: set[str]) -> None:
-        """In the ledger write's transaction: consume `pending`, except rows in `kept`
-        (rows that failed stay queued for a later run)."""
+    def acknowledge(self, conn: sa.Connection, pending: PendingRows) -> None:
+        """In the ledger write's transaction: consume `pending` (rows that failed are in
+        the error table, which retries them)."""
 
     def reconcile(self) -> int:
         """Queue what a full diff finds pending; returns how many rows."""
@@ -90,6 +92,7 @@ class _Feed:
         self.diff = diff
         self.queue = queue
         self.target = diff.target
+        self.errors = RowErrors(engine, self.target, spec.retries, queue)
         self._ensured = False
 
 
@@ -124,8 +127,8 @@ class _QueueFeed(_Feed):
         entries = self.queue.read(shard, limit)
         return entries, list(dict.fromkeys(r for _, r in entries))
 
-    def acknowledge(self, conn: sa.Connection, pending: PendingRows, kept: set[str]) -> None:
-        self.queue.acknowledge(conn, [e for e, r in pending.consumed if r not in kept])
+    def acknowledge(self, conn: sa.Connection, pending: PendingRows) -> None:
+        self.queue.acknowledge(conn, [e for e, _ in pending.consumed])
 
 
 class TriggerFeed(_QueueFeed):
@@ -192,6 +195,7 @@ class TriggerFeed(_QueueFeed):
 
     def pending(self, shard: int, limit: int) -> PendingRows:
         self.ensure()
+        self.errors.requeue_due()
         entries, ids = self._queued_pending(shard, limit)
         scope = Scope(
             candidates=self.diff.sql.ids_predicate(self.id_type()),
@@ -203,6 +207,7 @@ class TriggerFeed(_QueueFeed):
 
     def work(self) -> dict[int, tuple[int, str | None]]:
         self.ensure()
+        self.errors.requeue_due()
         return {
             shard: (q.entries, f"q{q.entries}:{q.first_id}:{q.last_id}")
             for shard, q in self.queue.summary_by_shard().items()
@@ -262,6 +267,7 @@ class WatermarkFeed(_QueueFeed):
 
     def pending(self, shard: int, limit: int) -> PendingRows:
         self.ensure()
+        self.errors.requeue_due()
         since = self.watermarks().get(shard)
         ceiling = self._ceiling()  # before the read: anything later is past the new mark
         entries, ids = self._queued_pending(shard, limit)
@@ -278,11 +284,8 @@ class WatermarkFeed(_QueueFeed):
         mark = ceiling if not found.backlog else (found.watermark or since)
         return replace(found, consumed=entries, watermark=mark)
 
-    def acknowledge(self, conn: sa.Connection, pending: PendingRows, kept: set[str]) -> None:
-        super().acknowledge(conn, pending, kept)
-        from_queue = {r for _, r in pending.consumed}
-        # Failed rows read from the window go to the queue, so the watermark may move on.
-        self.queue.enqueue(conn, [(pending.shard, r) for r in sorted(kept - from_queue)])
+    def acknowledge(self, conn: sa.Connection, pending: PendingRows) -> None:
+        super().acknowledge(conn, pending)
         if pending.watermark is not None:
             conn.execute(
                 sa.text(
@@ -297,6 +300,7 @@ class WatermarkFeed(_QueueFeed):
         """Pending rows past each shard's watermark (one diff over the window since the
         lowest mark), plus queued rows. A shard with no mark yet has a full diff to do."""
         self.ensure()
+        self.errors.requeue_due()
         marks = self.watermarks()
         queued = self.queue.summary_by_shard()
         work: dict[int, tuple[int, str | None]] = {}
@@ -375,7 +379,7 @@ class DiffFeed(_Feed):
             if w.pending_rows
         }
 
-    def acknowledge(self, conn: sa.Connection, pending: PendingRows, kept: set[str]) -> None:
+    def acknowledge(self, conn: sa.Connection, pending: PendingRows) -> None:
         return None
 
     def reconcile(self) -> int:

@@ -65,6 +65,22 @@ def write_settings(tmp_path: Path, name: str, table: str, **overrides: str) -> S
     return load_settings(path)
 
 
+def fake_embedder_settings(
+    tmp_path: Path, name: str, url: str, embedder: dict[str, str], source: dict[str, str]
+) -> Path:
+    """sources.yaml for table `name` embedded by an OpenAI-compatible fake at `url`."""
+    embedder_lines = "".join(f"    {k}: {v}\n" for k, v in embedder.items())
+    source_lines = "".join(f"    {k}: {v}\n" for k, v in source.items())
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(
+        "embedders:\n  fake:\n    provider: openai\n    model: fake-embedding\n"
+        f'    base_urls: ["{url}"]\n    dimension: 8\n{embedder_lines}'
+        f"sources:\n  - name: {name}\n    table: {name}\n"
+        f'    text: "{{title}}: {{body}}"\n    embedder: fake\n{source_lines}'
+    )
+    return path
+
+
 def sync_shards(
     settings: Settings,
     source: str,

@@ -76,9 +76,13 @@ def test_remote_provider_faults_rejected_row_and_no_key_leak(
             assert meta["failed_rows"] == 1
             assert list(meta["failed_row_reasons"]) == ["13"]
             assert meta["embedder_retries"] >= 2
-            assert meta["embedded_chunks"] == 20  # 19 stored + the rejected one attempted
-            work = runtime_for(settings, name, postgres).exact_work()[0]
-            assert (work.embedded_rows, work.pending_rows) == (19, 1)
+            assert meta["embedded_chunks"] == 19  # the rejected chunk is not counted
+            runtime = runtime_for(settings, name, postgres)
+            work = runtime.exact_work()[0]
+            # The rejected row waits in the error table for its retry: not pending now.
+            assert (work.embedded_rows, work.pending_rows) == (19, 0)
+            (error,) = runtime.errors.list()
+            assert (error.row_id, error.kind, error.attempts) == ("13", "rejected", 1)
             # Stored documents were embedded as documents, never as queries.
             assert {r.input_type for r in server.requests if r.inputs} == {
                 "document"
@@ -87,6 +91,7 @@ def test_remote_provider_faults_rejected_row_and_no_key_leak(
             # A wrong key: the run fails, the error names the variable, never the key.
             monkeypatch.setenv(KEY_ENV, "sk-wrong")
             server.reject_text = None
+            runtime.errors.replay(["13"])  # work to do: the rejected row, pending again
             from embedding_assets.runtime import build_embedder
 
             build_embedder.cache_clear()

@@ -1,0 +1,148 @@
+"""Every destination checked against the ledger, per shard, and what is missing repaired.
+
+The ledger says, per row, how many chunks pgvector holds (`chunk_count`) and how many points
+Qdrant holds (`qdrant_chunk_count`). A destination that lost data (a TRUNCATE, rows deleted
+by hand, a removed Qdrant store, a restore from an old backup) disagrees with those counts:
+
+- pgvector: rows whose stored chunk count differs from the ledger's are marked lost (their
+  ledger version no longer matches, so they are pending again and no count reports them
+  as embedded) and queued. The next run restores them with the vectors Qdrant still holds
+  for the same text, and re-embeds only what neither destination has. Chunks of rows the
+  ledger does not hold are removed.
+- Qdrant: a shard whose point count differs is forgotten (every row lags), so the next run
+  drops the shard's points and resends them from pgvector.
+
+Counting is one grouped count per destination; only a shard that disagrees is looked at
+row by row, under the shard's write lock, so a write that commits meanwhile is not mistaken
+for a loss.
+"""
+
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+
+from embedding_assets.state.ddl import STATE_SCHEMA, shard_lock
+
+LOST_VERSION = "lost"  # a ledger version no pipeline has: the row is pending again
+
+
+@dataclass(frozen=True)
+class ShardAudit:
+    shard: int
+    ledger_chunks: int
+    pgvector_chunks: int
+    ledger_points: int
+    qdrant_points: int | None  # None: not counted this time
+    rows_marked_lost: int = 0
+    orphan_chunks_removed: int = 0
+    qdrant_forgotten: bool = False
+
+    @property
+    def consistent(self) -> bool:
+        pg_ok = self.ledger_chunks == self.pgvector_chunks
+        return pg_ok and (self.qdrant_points is None or self.qdrant_points == self.ledger_points)
+
+
+def ledger_counts(
+    engine: sa.Engine, target: str, shard: int | None = None
+) -> dict[int, tuple[int, int]]:
+    """Per shard: chunks pgvector should hold, points Qdrant should hold."""
+    only = "AND shard = :s" if shard is not None else ""
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.text(
+                f"""SELECT shard, coalesce(sum(chunk_count), 0) AS chunks,
+                    coalesce(sum(qdrant_chunk_count), 0) AS points
+                FROM {STATE_SCHEMA}.row_state WHERE target = :t {only} GROUP BY shard"""
+            ),
+            {"t": target, "s": shard},
+        ).fetchall()
+    return {r.shard: (int(r.chunks), int(r.points)) for r in rows}
+
+
+def audit_destinations(
+    runtime, qdrant: str = "count", repair: bool = True, shard: int | None = None
+) -> list[ShardAudit]:
+    """Compare pgvector and Qdrant with the ledger for every shard (or one) and, with
+    `repair`, mark what is missing so the normal path restores it. `qdrant`: "count"
+    (count the shards' points), "exists" (only whether the collection exists: takes no lock
+    on an embedded store) or "skip"."""
+    shards = range(runtime.spec.shards) if shard is None else [shard]
+    expected = ledger_counts(runtime.engine, runtime.target, shard)
+    if not expected:
+        return []  # nothing stored yet: nothing can be missing
+    table_exists = runtime.pgvector.table_exists()
+    if not table_exists:
+        runtime.target_ready = False  # the next write creates the table again
+    if not table_exists:
+        chunks = {}
+    elif shard is None:
+        chunks = runtime.pgvector.chunk_counts()
+    else:
+        chunks = {shard: runtime.pgvector.chunk_count(shard)}
+    points = _qdrant_counts(runtime, qdrant, shards)
+    audits = []
+    for index in shards:
+        want_chunks, want_points = expected.get(index, (0, 0))
+        audit = ShardAudit(index, want_chunks, chunks.get(index, 0), want_points, points.get(index))
+        if repair and audit.ledger_chunks != audit.pgvector_chunks:
+            lost, orphans = _repair_pgvector(runtime, index, table_exists)
+            audit = _with(audit, rows_marked_lost=lost, orphan_chunks_removed=orphans)
+        if repair and audit.qdrant_points is not None and audit.qdrant_points != want_points:
+            runtime.qdrant.forget(index)
+            audit = _with(audit, qdrant_forgotten=True)
+        audits.append(audit)
+    return audits
+
+
+def _with(audit: ShardAudit, **changes) -> ShardAudit:
+    return ShardAudit(**{**audit.__dict__, **changes})
+
+
+def _qdrant_counts(runtime, mode: str, shards) -> dict[int, int]:
+    qdrant = runtime.qdrant
+    if mode == "skip":
+        return {}
+    if not qdrant.store.collection_exists(qdrant.collection):
+        return dict.fromkeys(shards, 0)
+    if mode == "exists":
+        return {}
+    with qdrant.store.session(qdrant.collection):
+        return {shard: qdrant.count(shard) for shard in shards}
+
+
+def _repair_pgvector(runtime, shard: int, table_exists: bool) -> tuple[int, int]:
+    """Mark the shard's rows whose chunks pgvector lacks as lost (and queue them); delete
+    chunks of rows the ledger does not hold. Returns (rows marked, chunks removed)."""
+    table = runtime.pgvector.table
+    held = (
+        f"(SELECT row_id, count(*) AS n FROM {table} WHERE shard = :s GROUP BY row_id)"
+        if table_exists
+        else "(SELECT NULL::text AS row_id, 0::bigint AS n WHERE false)"
+    )
+    with runtime.engine.begin() as conn:
+        shard_lock(conn, runtime.target, shard)
+        lost = conn.execute(
+            sa.text(
+                f"""UPDATE {STATE_SCHEMA}.row_state AS st SET version = :lost
+                FROM {STATE_SCHEMA}.row_state AS s LEFT JOIN {held} AS c ON c.row_id = s.row_id
+                WHERE s.target = :t AND s.shard = :s AND NOT s.deleted
+                    AND s.version <> :lost AND s.chunk_count <> coalesce(c.n, 0)
+                    AND st.target = s.target AND st.row_id = s.row_id
+                RETURNING st.row_id"""
+            ),
+            {"t": runtime.target, "s": shard, "lost": LOST_VERSION},
+        ).fetchall()
+        orphans = 0
+        if table_exists:
+            orphans = conn.execute(
+                sa.text(
+                    f"""DELETE FROM {table} AS c WHERE c.shard = :s AND NOT EXISTS (
+                        SELECT 1 FROM {STATE_SCHEMA}.row_state AS st WHERE st.target = :t
+                        AND st.row_id = c.row_id AND NOT st.deleted)"""
+                ),
+                {"t": runtime.target, "s": shard},
+            ).rowcount
+        if lost and runtime.feed.mode != "diff":
+            runtime.feed.queue.enqueue(conn, [(shard, r.row_id) for r in lost])
+    return len(lost), orphans
