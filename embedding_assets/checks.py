@@ -87,7 +87,7 @@ def build_checks(
     def parity(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
         runtime = runtime_of(context, spec)
         shard = shard_index(context.partition_key)
-        found = audit_destinations(runtime, qdrant="count", shard=shard)
+        found = audit_destinations(runtime, qdrant="count", shard=shard, deep=True)
         if not found:
             return dg.AssetCheckResult(passed=True, metadata={"ledger_chunks": 0})
         audit = found[0]

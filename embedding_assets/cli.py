@@ -51,18 +51,59 @@ def _sources(settings: Settings, name: str | None) -> list[str]:
         raise click.ClickException(str(exc.args[0])) from exc
 
 
+# Hints for database errors, by SQLSTATE class or code.
+SQLSTATE_HINTS = {
+    "42703": "a column named in sources.yaml (`text`, `metadata`, `id_column`, `where`, "
+    "`watermark_column`) does not exist: fix the name, or alias it in a `query:`",
+    "42P01": "a table does not exist: check `table:` / `query:` in sources.yaml and the "
+    "database DATABASE_URL points at",
+    "42501": "the database role lacks a privilege: grant it, or use another DATABASE_URL",
+    "28": "the database refused the login: check the user and password in DATABASE_URL",
+    "3D000": "the database does not exist: create it or fix DATABASE_URL",
+}
+
+
+def database_error_message(exc: Exception) -> str:
+    """One line naming the cause and the fix, for a SQLAlchemy/driver error."""
+    orig = getattr(exc, "orig", None) or exc
+    sqlstate = getattr(orig, "sqlstate", None) or ""
+    first = (str(orig).strip().splitlines() or [type(orig).__name__])[0]
+    hint = SQLSTATE_HINTS.get(sqlstate) or SQLSTATE_HINTS.get(sqlstate[:2])
+    if hint is None and not sqlstate:
+        hint = (
+            "is the database running and reachable? Check DATABASE_URL "
+            "(unset, the embedded server is used: `embedding-assets db start`)"
+        )
+    return f"database error: {first}" + (f" ({hint})" if hint else "")
+
+
 class _Commands(click.Group):
-    """Errors that name the problem and the fix reach the user as a message, not a trace."""
+    """Errors reach the user as one line naming the problem and the fix, not a traceback
+    (`--debug` shows the traceback)."""
 
     def invoke(self, ctx: click.Context):
+        import sqlalchemy.exc
+
         from embedding_assets.state.diff import DuplicateIdError
         from embedding_assets.state.ledger import ModelMismatchError
         from embedding_assets.state.triggers import TriggerPrivilegeError
 
         try:
             return super().invoke(ctx)
-        except (LookupError, DuplicateIdError, ModelMismatchError, TriggerPrivilegeError) as exc:
-            raise click.ClickException(str(exc.args[0] if exc.args else exc)) from exc
+        except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit):
+            raise
+        except Exception as exc:
+            if (ctx.obj or {}).get("debug"):
+                raise
+            if isinstance(exc, sqlalchemy.exc.DBAPIError):
+                message = database_error_message(exc)
+            elif isinstance(
+                exc, (LookupError, DuplicateIdError, ModelMismatchError, TriggerPrivilegeError)
+            ):
+                message = str(exc.args[0] if exc.args else exc)
+            else:
+                message = f"{type(exc).__name__}: {exc} (run with --debug for the traceback)"
+            raise click.ClickException(message) from exc
 
 
 @click.group(cls=_Commands)
@@ -72,11 +113,13 @@ class _Commands(click.Group):
     envvar="EMBEDDING_ASSETS_SOURCES",
     help="sources.yaml (default: $EMBEDDING_ASSETS_SOURCES, else the bundled demo).",
 )
+@click.option("--debug", is_flag=True, help="Show the traceback of an error.")
 @click.pass_context
-def main(ctx: click.Context, sources: Path | None) -> None:
+def main(ctx: click.Context, sources: Path | None, debug: bool) -> None:
     """Keep embeddings of PostgreSQL rows in sync in pgvector and Qdrant, with Dagster."""
     ctx.ensure_object(dict)
     ctx.obj["sources"] = sources
+    ctx.obj["debug"] = debug
 
 
 # -- db -------------------------------------------------------------------------------
@@ -166,8 +209,8 @@ def sync_source(
     # An embedded store is only checked for existence (counting waits for its lock); each
     # shard run counts its own points, and `--all-shards` runs every shard.
     qdrant_mode = "exists" if runtime.qdrant.store_is_embedded else "count"
-    for audit in audit_destinations(runtime, qdrant=qdrant_mode):
-        if not audit.consistent:
+    for audit in audit_destinations(runtime, qdrant=qdrant_mode, deep=True):
+        if audit.repaired:
             click.echo(
                 f"{source}/{spec.shard_keys[audit.shard]}: {describe_audit(audit)}", err=True
             )
@@ -191,9 +234,9 @@ def sync_source(
 
 def describe_audit(audit) -> str:
     parts = []
-    if audit.pgvector_chunks != audit.ledger_chunks:
+    if not audit.pgvector_consistent:
         parts.append(
-            f"pgvector holds {audit.pgvector_chunks} of {audit.ledger_chunks} chunks "
+            f"pgvector holds {audit.pgvector_chunks} chunks, the ledger {audit.ledger_chunks} "
             f"({audit.rows_marked_lost} rows to restore, {audit.orphan_chunks_removed} stray "
             "chunks removed)"
         )
@@ -211,6 +254,7 @@ def _run_shard(job, source: str, key: str, instance) -> tuple[ShardReport, bool]
 
     started = time.perf_counter()
     run_id = str(uuid.uuid4())
+    _RUN_IN_PROGRESS["id"] = run_id
     result = job.execute_in_process(
         partition_key=key,
         instance=instance,
@@ -252,7 +296,9 @@ def failure_cause(events) -> str:
         while error is not None and error.cause is not None:
             error = error.cause
         if error is not None:
-            return f"{error.cls_name}: {error.message.strip()}"
+            # The first line: SQLAlchemy appends the statement and a link after it.
+            first = (error.message.strip().splitlines() or [""])[0]
+            return f"{error.cls_name}: {first}"
         return event.message or "run failed"
     return "run failed"
 
@@ -294,13 +340,17 @@ def sync(
                 f"free again): {', '.join(dead)}",
                 err=True,
             )
-        for name in names:
-            for report in sync_source(
-                settings, name, shard, instance, every_shard=all_shards or shard is not None
-            ):
-                reports.append(report)
-                if not as_json:
-                    click.echo(shard_line(report))
+
+        def sync_all() -> None:
+            for name in names:
+                for report in sync_source(
+                    settings, name, shard, instance, every_shard=all_shards or shard is not None
+                ):
+                    reports.append(report)
+                    if not as_json:
+                        click.echo(shard_line(report))
+
+        run_interruptible(sync_all, instance)
     if as_json:
         click.echo(json.dumps([asdict(r) for r in reports]))
     failed_rows = sum(r.failed_rows for r in reports)
@@ -315,6 +365,55 @@ def sync(
         click.echo(f"failed shards: {', '.join(failed_shards)}", err=True)
     if failed_rows or failed_shards:
         sys.exit(1)
+
+
+_RUN_IN_PROGRESS: dict[str, str] = {}  # the run this process executes now, for a signal
+
+
+def run_interruptible(work, instance) -> None:
+    """Run `work` (shard runs) off the main thread, so Dagster does not take over SIGINT, and
+    make SIGINT and SIGTERM stop the sync at once: the run in progress is marked failed and
+    its pool slots are freed before the process exits. Every stage is crash-safe (the next
+    sync or the sensor finishes the work), so stopping mid-run loses nothing."""
+    import threading
+
+    failure: list[BaseException] = []
+    terminal = os.dup(2)  # stderr as it is now, before Dagster captures a run's output
+
+    def target() -> None:
+        try:
+            work()
+        except BaseException as exc:  # re-raised on the main thread
+            failure.append(exc)
+
+    def stop(signum: int, _frame) -> None:
+        name = signal.Signals(signum).name
+        run_id = _RUN_IN_PROGRESS.get("id")
+        if run_id:
+            run = instance.get_run_by_id(run_id)
+            if run is not None and not run.is_finished:
+                instance.report_run_failed(run, f"embedding-assets sync stopped by {name}")
+            instance.event_log_storage.free_concurrency_slots_for_run(run_id)
+        message = (
+            f"sync stopped by {name}"
+            + (f"; run {run_id} marked failed and its pool slots freed" if run_id else "")
+            + ". Nothing is lost: the next sync (or the sensor) finishes the work.\n"
+        )
+        os.write(terminal, message.encode())  # fd 2 may be a run's captured log now
+        os._exit(128 + signum)
+
+    thread = threading.Thread(target=target, name="embedding-assets-sync", daemon=True)
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        thread.start()
+        while thread.is_alive():
+            thread.join(0.2)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        os.close(terminal)
+    if failure:
+        raise failure[0]
 
 
 def shard_line(report: ShardReport) -> str:
@@ -374,6 +473,11 @@ def search_source(
     from embedding_assets.runtime import runtime_for
 
     runtime = runtime_for(settings, source, database_url())
+    if not runtime.pgvector.table_exists():
+        raise click.ClickException(
+            f"source {source!r} has no embeddings yet (its pgvector table "
+            f"{runtime.pgvector.table} does not exist): run `embedding-assets sync` first"
+        )
     vector = runtime.embedder.embed_query(text)
     if backend == "pgvector":
         hits = runtime.pgvector.search(vector, limit)
@@ -452,7 +556,7 @@ def status_report(settings: Settings, source: str, exact: bool = False) -> dict:
     # removed store turns into rows to restore), so no row is reported as embedded that a
     # destination lacks. An embedded Qdrant store is counted only by --exact (its lock).
     qdrant_mode = "count" if is_exact or not runtime.qdrant.store_is_embedded else "exists"
-    audit_destinations(runtime, qdrant=qdrant_mode)
+    audit_destinations(runtime, qdrant=qdrant_mode, deep=is_exact)
     errors = runtime.errors.counts_by_shard()
     shards = {}
     if is_exact:
@@ -652,7 +756,8 @@ def reconcile(ctx: click.Context, source: str | None, as_json: bool) -> None:
         runtime = runtime_for(settings, name, database_url())
         started = time.perf_counter()
         found = runtime.feed.reconcile()
-        disagree = [a for a in audit_destinations(runtime, qdrant="count") if not a.consistent]
+        audits = audit_destinations(runtime, qdrant="count", deep=True)
+        disagree = [a for a in audits if a.repaired]
         results.append(
             {
                 "source": name,

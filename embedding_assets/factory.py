@@ -242,11 +242,13 @@ def build_reconcile_job(spec: SourceSpec) -> dg.JobDefinition:
         runtime = runtime_of(context, spec)
         started = time.perf_counter()
         found = runtime.feed.reconcile()
-        disagree = [a for a in audit_destinations(runtime, qdrant="count") if not a.consistent]
+        audits = audit_destinations(runtime, qdrant="count", deep=True)
+        disagree = [a for a in audits if a.repaired]
         seconds = time.perf_counter() - started
         context.log.info(
             f"reconcile of {spec.name} ({runtime.feed.mode} capture): {found} rows queued; "
-            f"{len(disagree)} shards whose destinations disagreed with the ledger: {disagree}"
+            f"{len(disagree)} shards whose destinations had lost data, now marked for "
+            f"repair: {disagree}"
         )
         return dg.Output(
             found,

@@ -78,7 +78,7 @@ def build_sensor(spec: SourceSpec, job) -> dg.SensorDefinition:
             # Only while no run writes: a write half-applied is not a loss. An embedded
             # Qdrant store is only checked for existence here (counting takes its lock).
             mode = "exists" if runtime.qdrant.store_is_embedded else "count"
-            repaired = [a for a in audit_destinations(runtime, qdrant=mode) if not a.consistent]
+            repaired = [a for a in audit_destinations(runtime, qdrant=mode) if a.repaired]
             for audit in repaired:
                 context.log.warning(
                     f"destinations of {spec.name} disagree with the ledger: {audit}"

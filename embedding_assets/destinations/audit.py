@@ -33,14 +33,33 @@ class ShardAudit:
     pgvector_chunks: int
     ledger_points: int
     qdrant_points: int | None  # None: not counted this time
+    # deep audits: a checksum of the (row id, chunk index) pairs on each side, which tells a
+    # lost chunk from a stray one even when their counts balance
+    ledger_signature: int | None = None
+    pgvector_signature: int | None = None
     rows_marked_lost: int = 0
     orphan_chunks_removed: int = 0
     qdrant_forgotten: bool = False
 
     @property
+    def repaired(self) -> bool:
+        """This audit found a new loss and marked it for repair."""
+        return bool(self.rows_marked_lost or self.orphan_chunks_removed or self.qdrant_forgotten)
+
+    @property
+    def pgvector_consistent(self) -> bool:
+        return (self.ledger_chunks, self.ledger_signature) == (
+            self.pgvector_chunks,
+            self.pgvector_signature,
+        )
+
+    @property
     def consistent(self) -> bool:
-        pg_ok = self.ledger_chunks == self.pgvector_chunks
+        pg_ok = self.pgvector_consistent
         return pg_ok and (self.qdrant_points is None or self.qdrant_points == self.ledger_points)
+
+
+CHUNK_KEY = "hashtext({row} || ':' || {index})::bigint"
 
 
 def ledger_counts(
@@ -60,13 +79,58 @@ def ledger_counts(
     return {r.shard: (int(r.chunks), int(r.points)) for r in rows}
 
 
+def ledger_signatures(engine: sa.Engine, target: str, shard: int | None) -> dict[int, int]:
+    """Per shard: the checksum of the chunks the ledger says pgvector holds. O(chunks)."""
+    only = "AND st.shard = :s" if shard is not None else ""
+    key = CHUNK_KEY.format(row="st.row_id", index="i")
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.text(
+                f"""SELECT st.shard, coalesce(sum({key}), 0) AS sig
+                FROM {STATE_SCHEMA}.row_state AS st,
+                     generate_series(0, st.chunk_count - 1) AS i
+                WHERE st.target = :t AND NOT st.deleted {only} GROUP BY st.shard"""
+            ),
+            {"t": target, "s": shard},
+        ).fetchall()
+    return {r.shard: int(r.sig) for r in rows}
+
+
+def pgvector_counts(
+    runtime, shard: int | None, deep: bool
+) -> tuple[dict[int, int], dict[int, int]]:
+    """Per shard: the chunks pgvector holds and (deep) their checksum."""
+    if not deep:
+        if shard is None:
+            return runtime.pgvector.chunk_counts(), {}
+        return {shard: runtime.pgvector.chunk_count(shard)}, {}
+    only = "WHERE shard = :s" if shard is not None else ""
+    key = CHUNK_KEY.format(row="row_id", index="chunk_index")
+    with runtime.engine.connect() as conn:
+        rows = conn.execute(
+            sa.text(
+                f"""SELECT shard, count(*) AS n, coalesce(sum({key}), 0) AS sig
+                FROM {runtime.pgvector.table} {only} GROUP BY shard"""
+            ),
+            {"s": shard},
+        ).fetchall()
+    return {r.shard: r.n for r in rows}, {r.shard: int(r.sig) for r in rows}
+
+
 def audit_destinations(
-    runtime, qdrant: str = "count", repair: bool = True, shard: int | None = None
+    runtime,
+    qdrant: str = "count",
+    repair: bool = True,
+    shard: int | None = None,
+    deep: bool = False,
 ) -> list[ShardAudit]:
     """Compare pgvector and Qdrant with the ledger for every shard (or one) and, with
-    `repair`, mark what is missing so the normal path restores it. `qdrant`: "count"
-    (count the shards' points), "exists" (only whether the collection exists: takes no lock
-    on an embedded store) or "skip"."""
+    `repair`, mark what is missing so the normal path restores it.
+
+    `qdrant`: "count" (count the shards' points), "exists" (only whether the collection
+    exists: takes no lock on an embedded store) or "skip". `deep` also compares checksums
+    of the chunks' (row id, chunk index) pairs, so a lost chunk and a stray one cannot
+    hide each other; it reads every chunk of pgvector and of the ledger (O(chunks))."""
     shards = range(runtime.spec.shards) if shard is None else [shard]
     expected = ledger_counts(runtime.engine, runtime.target, shard)
     if not expected:
@@ -74,18 +138,22 @@ def audit_destinations(
     table_exists = runtime.pgvector.table_exists()
     if not table_exists:
         runtime.target_ready = False  # the next write creates the table again
-    if not table_exists:
-        chunks = {}
-    elif shard is None:
-        chunks = runtime.pgvector.chunk_counts()
-    else:
-        chunks = {shard: runtime.pgvector.chunk_count(shard)}
+    chunks, signatures = pgvector_counts(runtime, shard, deep) if table_exists else ({}, {})
+    wanted = ledger_signatures(runtime.engine, runtime.target, shard) if deep else {}
     points = _qdrant_counts(runtime, qdrant, shards)
     audits = []
     for index in shards:
         want_chunks, want_points = expected.get(index, (0, 0))
-        audit = ShardAudit(index, want_chunks, chunks.get(index, 0), want_points, points.get(index))
-        if repair and audit.ledger_chunks != audit.pgvector_chunks:
+        audit = ShardAudit(
+            index,
+            want_chunks,
+            chunks.get(index, 0),
+            want_points,
+            points.get(index),
+            ledger_signature=wanted.get(index, 0) if deep else None,
+            pgvector_signature=signatures.get(index, 0) if deep else None,
+        )
+        if repair and not audit.pgvector_consistent:
             lost, orphans = _repair_pgvector(runtime, index, table_exists)
             audit = _with(audit, rows_marked_lost=lost, orphan_chunks_removed=orphans)
         if repair and audit.qdrant_points is not None and audit.qdrant_points != want_points:

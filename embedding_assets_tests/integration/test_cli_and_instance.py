@@ -113,3 +113,41 @@ def test_database_without_pgvector_gets_a_clear_error(postgres):
     url = sa.make_url(postgres).set(username=db, database=db).render_as_string(False)
     with pytest.raises(PgvectorMissingError, match="no pgvector extension.*DATABASE_URL"):
         engine_for(url)
+
+
+def test_status_search_and_sync_errors_are_one_line_with_the_fix(
+    postgres, home, tmp_path, monkeypatch
+):
+    from embedding_assets_tests.fakes.provider_server import free_port
+
+    name = unique_name()
+    create_docs_table(postgres, name, [{"id": 1, "title": "one", "body": "text"}])
+    bad_column = write_settings(tmp_path, name, name, metadata="[category, no_such_column]")
+    cases = {
+        "a bad column": (bad_column.path, "no_such_column", "does not exist"),
+        "a missing table": (
+            write_settings(tmp_path, unique_name(), "no_such_table").path,
+            "no_such_table",
+            "table:",
+        ),
+    }
+    for what, (path, named, fix) in cases.items():
+        result = run_cli("--sources", str(path), "status")
+        assert result.exit_code == 1, (what, result.output)
+        assert "Traceback" not in result.output and "[SQL:" not in result.output
+        assert named in result.output and fix in result.output, (what, result.output)
+        assert len(result.output.strip().splitlines()) == 1, result.output
+        # Nothing was ever stored: search says so, and what to run (or what is missing).
+        searched = run_cli("--sources", str(path), "search", "anything")
+        assert searched.exit_code == 1 and len(searched.output.strip().splitlines()) == 1
+        assert "run `embedding-assets sync` first" in searched.output or named in searched.output
+    synced = run_cli("--sources", str(bad_column.path), "sync")
+    assert synced.exit_code == 1
+    assert "no_such_column" in synced.output and "[SQL:" not in synced.output
+    # A refused connection: the cause and where to look.
+    monkeypatch.setenv("DATABASE_URL", f"postgresql://postgres@127.0.0.1:{free_port()}/x")
+    refused = run_cli("--sources", str(bad_column.path), "status")
+    assert refused.exit_code == 1 and "Traceback" not in refused.output
+    assert "DATABASE_URL" in refused.output and len(refused.output.strip().splitlines()) == 1
+    debug = CliRunner().invoke(main, ["--debug", "--sources", str(bad_column.path), "status"])
+    assert debug.exception is not None  # --debug lets the exception (and traceback) through

@@ -354,3 +354,44 @@ def test_kill_at_every_stage_then_sync_converges(
         assert again.returncode == 0, (out, err)
         assert "whose process is gone" in err, err
         assert_converged(postgres, runtime)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_sync_waiting_for_a_live_runs_slot_stops_on_a_signal(
+    postgres, home, tmp_path, dagster_url, monkeypatch, sig
+):
+    """A live run (this test process) holds the embedded Qdrant slot: `sync` waits for it,
+    and Ctrl-C or SIGTERM stops it at once, its own run failed and its slots freed."""
+    import uuid
+
+    from embedding_assets.environment import prepare_dagster_home
+
+    monkeypatch.setenv("EMBEDDING_ASSETS_DAGSTER_PG_URL", dagster_url)
+    prepare_dagster_home()
+    name = unique_name()
+    create_docs_table(postgres, name, [{"id": 1, "title": "Doc 1", "body": "first"}])
+    with ProviderServer("openai", dim=8) as server, dg.DagsterInstance.get() as instance:
+        path = settings_file(tmp_path, name, server.base_url)
+        instance.event_log_storage.set_concurrency_slots("qdrant_embedded", 1)
+        holder_id = str(uuid.uuid4())  # a run elsewhere, alive, holding the store's slot
+        instance.event_log_storage.claim_concurrency_slot("qdrant_embedded", holder_id, "step")
+        process = run_sync(path, name, dagster_url, stderr=subprocess.PIPE, text=True)
+        try:
+
+            def waiting() -> bool:
+                info = instance.event_log_storage.get_concurrency_info("qdrant_embedded")
+                return any(step.run_id != holder_id for step in info.pending_steps)
+
+            wait_for(waiting, process, "the sync to wait for the slot")
+            os.killpg(process.pid, sig)
+            _, err = process.communicate(timeout=20)
+        finally:
+            if process.poll() is None:
+                kill(process)
+        assert process.returncode == 128 + sig, err[-3000:]
+        assert "marked failed and its pool slots freed" in err, err[-1500:]
+        info = instance.event_log_storage.get_concurrency_info("qdrant_embedded")
+        assert [s.run_id for s in info.claimed_slots] == [holder_id]  # only the live one
+        assert all(step.run_id == holder_id for step in info.pending_steps)
+        runs = instance.get_runs(dg.RunsFilter(job_name=f"{name}_sync"))
+        assert [r.status for r in runs] == [dg.DagsterRunStatus.FAILURE]
