@@ -47,7 +47,7 @@ def build_checks(
         partitions_def=shards,
         required_resource_keys=resources,
         description="Eligible source rows of the shard with a current embedding, divided by "
-        "eligible rows. Below 1.0 while a backlog or new changes wait for the next run. "
+        "eligible rows. Below 1.0 while a backlog, new changes or failed rows wait. "
         "Exact (a diff of the shard) for diff capture; for trigger and watermark capture, "
         "estimated from the ledger and the change feed without scanning the source.",
     )
@@ -60,7 +60,9 @@ def build_checks(
         else:
             embedded = runtime.ledger.current_rows_by_shard(shard).get(shard, 0)
             pending = runtime.work()[shard].pending_rows
-            eligible = embedded + pending  # queued rows may be updates: a lower bound
+            failed = sum(runtime.errors.counts_by_shard().get(shard, (0, 0)))
+            # Queued rows may be updates of embedded ones: a lower bound.
+            eligible = embedded + pending + failed
         ratio = embedded / eligible if eligible else 1.0
         return dg.AssetCheckResult(
             passed=ratio >= 1.0,

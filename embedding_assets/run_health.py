@@ -9,6 +9,7 @@ starts) look at in-flight runs: a recorded process that no longer exists on this
 means the run is dead.
 """
 
+import multiprocessing
 import os
 import socket
 
@@ -32,6 +33,11 @@ def worker_tag(run_id: str) -> dict[str, str]:
 
 
 def stamp_worker(instance: dg.DagsterInstance, run_id: str) -> None:
+    """Record this process as the run's worker, unless it is a step subprocess of a
+    multiprocess executor: it ends after its step while the run goes on, so its pid says
+    nothing about the run (such runs are not checked here)."""
+    if multiprocessing.parent_process() is not None:
+        return
     instance.add_run_tags(run_id, worker_tag(run_id))
 
 

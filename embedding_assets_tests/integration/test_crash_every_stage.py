@@ -395,3 +395,33 @@ def test_a_sync_waiting_for_a_live_runs_slot_stops_on_a_signal(
         assert all(step.run_id == holder_id for step in info.pending_steps)
         runs = instance.get_runs(dg.RunsFilter(job_name=f"{name}_sync"))
         assert [r.status for r in runs] == [dg.DagsterRunStatus.FAILURE]
+
+
+def test_two_syncs_of_one_shard_embed_each_row_once(
+    postgres, home, tmp_path, dagster_url, monkeypatch
+):
+    """The second sync waits for the first one's write, then finds the work done."""
+    from embedding_assets.environment import prepare_dagster_home
+
+    monkeypatch.setenv("EMBEDDING_ASSETS_DAGSTER_PG_URL", dagster_url)
+    prepare_dagster_home()
+    name = unique_name()
+    create_docs_table(
+        postgres, name, [{"id": i, "title": f"Doc {i}", "body": "first"} for i in range(1, 31)]
+    )
+    with ProviderServer("openai", dim=8) as server:
+        path = settings_file(tmp_path, name, server.base_url)
+        server.slow_text, server.slow_seconds = "Doc 1: first", 3  # the first sync is slow
+        first = run_sync(path, name, dagster_url, stdout=subprocess.DEVNULL)
+        wait_for(
+            lambda: any("Doc 1: first" in r.inputs for r in server.requests),
+            first,
+            "the first sync's embedder request",
+        )
+        second = run_sync(path, name, dagster_url, stdout=subprocess.DEVNULL)
+        assert first.wait(timeout=WAIT_SECONDS) == 0
+        assert second.wait(timeout=WAIT_SECONDS) == 0
+        embedded = [text for r in server.requests for text in r.inputs]
+        assert sorted(embedded) == sorted(f"Doc {i}: first" for i in range(1, 31))
+        runtime = runtime_for(load_settings(path), name, postgres)
+        assert len(stored(postgres, runtime)) == 30
