@@ -7,19 +7,13 @@ Prints figures; asserts nothing.
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 
 import numpy as np
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from throwaway import free_port
 
 
 def rate(embed, texts: list[str]) -> tuple[float, np.ndarray]:

@@ -1,7 +1,7 @@
 """Failure scenarios of issue 7, measured end to end on a throwaway embedded Postgres and
 Qdrant store. Prints figures; asserts nothing.
 
-    .venv/bin/python benchmarks/failures.py [--skip-dev] [--rows N]
+    .venv/bin/python benchmarks/failures.py [--skip-dev | --skip-cli] [--rows N]
 
 Part A (the CLI, an OpenAI-compatible fake embedder on 127.0.0.1 that can reject inputs):
   1. one row the provider always rejects, in a shard of N rows;
@@ -18,20 +18,16 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
+from throwaway import free_port, stop_group, throwaway_home
+
 CLI = [sys.executable, "-m", "embedding_assets.cli"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the tests' fake provider server
 
 
 def cli(
@@ -331,11 +327,7 @@ def part_b(home: Path, engine) -> None:
             f"{exact['pgvector_chunks']} chunks, {exact['qdrant_points']} points"
         )
     finally:
-        os.killpg(dev.pid, signal.SIGINT)
-        try:
-            dev.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            os.killpg(dev.pid, signal.SIGKILL)
+        stop_group(dev, timeout=90)
         if restarted is not None:
             os.killpg(restarted.pid, signal.SIGKILL)
         log.close()
@@ -345,17 +337,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=10_000)
     parser.add_argument("--skip-dev", action="store_true")
+    parser.add_argument("--skip-cli", action="store_true", help="only the dev scenarios")
     args = parser.parse_args()
-    home = Path(tempfile.mkdtemp(prefix="ea-failures-"))
-    os.environ.update(
-        EMBEDDING_ASSETS_HOME=str(home),
-        EMBEDDING_ASSETS_PG_PORT=str(free_port()),
-        EMBEDDING_ASSETS_WORKER_PORT=str(free_port()),
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-    )
-    for name in ("DATABASE_URL", "QDRANT_URL", "EMBEDDING_ASSETS_SOURCES", "DAGSTER_HOME"):
-        os.environ.pop(name, None)
+    home = throwaway_home("ea-failures-", EMBEDDING_ASSETS_WORKER_PORT=str(free_port()))
     from embedding_assets.embedded import EmbeddedPostgres
     from embedding_assets.state.db import engine_for
 
@@ -363,7 +347,8 @@ def main() -> None:
     server.start()
     try:
         engine = engine_for(server.url())
-        part_a(home, engine, args.rows)
+        if not args.skip_cli:
+            part_a(home, engine, args.rows)
         if not args.skip_dev:
             part_b(home, engine)
     finally:

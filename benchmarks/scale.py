@@ -19,8 +19,6 @@ import os
 import random
 import resource
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,15 +26,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from throwaway import free_port, stop_group
+
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "pypi_packages_100k.tsv.gz"
 CLI = [sys.executable, "-m", "embedding_assets.cli"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def load_rows(engine, rows: int, data: Path) -> None:
@@ -171,11 +165,7 @@ def dev_latencies(env: dict, engine, rows: int, repeats: int, updates: int) -> l
             latencies.append(time.perf_counter() - committed)
             print(f"  dev round {round_}: {latencies[-1]:.1f} s", flush=True)
     finally:
-        os.killpg(dev.pid, signal.SIGINT)
-        try:
-            dev.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(dev.pid, signal.SIGKILL)
+        stop_group(dev)
     return latencies
 
 

@@ -5,18 +5,10 @@
 """
 
 import argparse
-import os
 import shutil
-import socket
-import tempfile
 import time
-from pathlib import Path
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from throwaway import throwaway_home
 
 
 def main() -> None:
@@ -24,15 +16,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=None, help="load only the first N demo rows")
     args = parser.parse_args()
 
-    home = Path(tempfile.mkdtemp(prefix="ea-bench-"))
-    os.environ.update(
-        EMBEDDING_ASSETS_HOME=str(home),
-        EMBEDDING_ASSETS_PG_PORT=str(free_port()),
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-    )
-    for name in ("DATABASE_URL", "QDRANT_URL", "EMBEDDING_ASSETS_SOURCES", "DAGSTER_HOME"):
-        os.environ.pop(name, None)
+    home = throwaway_home("ea-bench-")
 
     import dagster as dg
     import sqlalchemy as sa

@@ -17,6 +17,7 @@ from embedding_assets.pipeline import (
 )
 from embedding_assets.resources.embedders import embedder_pool, embedder_resource_key
 from embedding_assets.resources.runtime import runtime_of
+from embedding_assets.run_health import IN_PROCESS_JOB_TAG
 from embedding_assets.sensors import build_sensor
 from embedding_assets.settings import SourceSpec
 
@@ -209,7 +210,7 @@ def build_source_defs(spec: SourceSpec, qdrant_embedded: bool) -> SourceDefs:
         partitions_def=shards,
         executor_def=dg.in_process_executor,
         description=f"Bring one shard of source {name!r} up to date in pgvector and Qdrant.",
-        tags={"embedding_assets/source": name},
+        tags={IN_PROCESS_JOB_TAG: name},
     )
     sensor = build_sensor(spec, job)
     reconcile_job = build_reconcile_job(spec)
@@ -265,7 +266,7 @@ def build_reconcile_job(spec: SourceSpec) -> dg.JobDefinition:
         executor_def=dg.in_process_executor,
         description=f"Full diff of source {spec.name!r} against the ledger: queue what the "
         "change feed missed (triggers bypassed, restores, watermark deletes).",
-        tags={"embedding_assets/source": spec.name},
+        tags={IN_PROCESS_JOB_TAG: spec.name},
     )
     def reconcile_job() -> None:
         reconcile()

@@ -9,7 +9,6 @@ starts) look at in-flight runs: a recorded process that no longer exists on this
 means the run is dead.
 """
 
-import multiprocessing
 import os
 import socket
 
@@ -18,6 +17,7 @@ import psutil
 
 WORKER_TAG = "embedding_assets/worker"  # "<host>|<pid>|<process start time>|<run id>"
 WORKER_LOST_TAG = "embedding_assets/worker_lost"  # set on the runs failed here
+IN_PROCESS_JOB_TAG = "embedding_assets/source"  # the sources' jobs (in-process executor)
 IN_FLIGHT = [
     dg.DagsterRunStatus.STARTING,
     dg.DagsterRunStatus.STARTED,
@@ -32,13 +32,12 @@ def worker_tag(run_id: str) -> dict[str, str]:
     return {WORKER_TAG: f"{socket.gethostname()}|{os.getpid()}|{started:.3f}|{run_id}"}
 
 
-def stamp_worker(instance: dg.DagsterInstance, run_id: str) -> None:
-    """Record this process as the run's worker, unless it is a step subprocess of a
-    multiprocess executor: it ends after its step while the run goes on, so its pid says
-    nothing about the run (such runs are not checked here)."""
-    if multiprocessing.parent_process() is not None:
-        return
-    instance.add_run_tags(run_id, worker_tag(run_id))
+def stamp_worker(instance: dg.DagsterInstance, run: dg.DagsterRun) -> None:
+    """Record this process as the run's worker, for runs of the sources' jobs, which
+    execute in one process. A step process of a multiprocess run (the UI's implicit asset
+    job) ends after its step while the run goes on: its pid says nothing about the run."""
+    if IN_PROCESS_JOB_TAG in run.tags:
+        instance.add_run_tags(run.run_id, worker_tag(run.run_id))
 
 
 def worker_gone(run: dg.DagsterRun) -> str | None:
@@ -72,6 +71,7 @@ def fail_dead_runs(instance: dg.DagsterInstance) -> list[str]:
         instance.report_run_failed(
             run, f"embedding_assets: run failed because {reason}; its pool slots are freed"
         )
+        instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
         failed.append(run.run_id)
     free_finished_runs_slots(instance)
     return failed

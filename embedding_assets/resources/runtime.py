@@ -32,8 +32,8 @@ class RuntimeResource(dg.ConfigurableResource):
 
     @contextlib.contextmanager
     def yield_for_execution(self, context: dg.InitResourceContext) -> Iterator["RuntimeResource"]:
-        if context.instance is not None and context.run_id is not None:
-            stamp_worker(context.instance, context.run_id)  # so a dead run can be told
+        if context.instance is not None and context.dagster_run is not None:
+            stamp_worker(context.instance, context.dagster_run)  # so a dead run can be told
         # A run opens an embedded Qdrant collection once, on first use, not per operation.
         try:
             with self.qdrant.store().keep_open():

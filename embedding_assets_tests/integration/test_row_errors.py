@@ -124,7 +124,7 @@ def test_a_dead_row_is_tried_again_when_its_content_changes(postgres, home, tmp_
             assert runtime.errors.list() == []
 
 
-@pytest.mark.parametrize("capture", ["trigger", "diff"])
+@pytest.mark.parametrize("capture", ["trigger", "watermark", "diff"])
 def test_failing_rows_beyond_max_rows_per_run_never_starve_the_shard(
     postgres, home, tmp_path, capture
 ):
@@ -140,6 +140,7 @@ def test_failing_rows_beyond_max_rows_per_run_never_starve_the_shard(
             name,
             server.base_url,
             capture,
+            **({"watermark_column": "id"} if capture == "watermark" else {}),
             max_rows_per_run="5",
             retries="{max_attempts: 2, first_wait_seconds: 3600}",
         )

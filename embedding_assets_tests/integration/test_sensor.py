@@ -1,5 +1,8 @@
 """The sensor asks for exactly the shards with work, once per piece of work."""
 
+import subprocess
+import sys
+
 import dagster as dg
 import pytest
 import sqlalchemy as sa
@@ -107,3 +110,56 @@ def test_failed_work_is_asked_for_again_after_a_growing_wait(postgres, home, tmp
         monkeypatch.setattr(sensors, "RETRY_BASE_SECONDS", 0)
         retried = evaluate(defs, name, instance).run_requests
         assert [r.run_key for r in retried] == [f"{first.run_key}:1"]
+
+
+def test_a_run_whose_process_died_is_failed_its_slots_freed_and_its_work_asked_again(
+    postgres, home, tmp_path
+):
+    from embedding_assets.run_health import WORKER_LOST_TAG, WORKER_TAG, worker_tag
+
+    name = unique_name()
+    create_docs_table(postgres, name, [{"id": 1, "title": "one", "body": "text"}])
+    settings = write_settings(tmp_path, name, name, shards="1")
+    defs = build_definitions(settings)
+    job = defs.resolve_job_def(f"{name}_sync")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    with dg.DagsterInstance.ephemeral() as instance:
+        first = evaluate(defs, name, instance).run_requests[0]
+        run = instance.create_run_for_job(
+            job_def=job,
+            status=dg.DagsterRunStatus.STARTED,
+            tags={**first.tags, "dagster/partition": first.partition_key},
+        )
+        # The run's worker was a process that is gone now (killed with -9, say).
+        host, _, started, run_id = worker_tag(run.run_id)[WORKER_TAG].split("|")
+        instance.add_run_tags(run.run_id, {WORKER_TAG: f"{host}|{dead.pid}|{started}|{run_id}"})
+        instance.event_log_storage.set_concurrency_slots("qdrant_embedded", 1)
+        instance.event_log_storage.claim_concurrency_slot("qdrant_embedded", run.run_id, "step")
+        result = evaluate(defs, name, instance)
+        record = instance.get_run_record_by_id(run.run_id)
+        assert record.dagster_run.status == dg.DagsterRunStatus.FAILURE
+        assert record.dagster_run.tags[WORKER_LOST_TAG] == "true"
+        assert not instance.event_log_storage.get_concurrency_info("qdrant_embedded").claimed_slots
+        # Asked again at once: a dead worker says nothing about the work, so no backoff.
+        assert [r.partition_key for r in result.run_requests] == [first.partition_key]
+        assert result.run_requests[0].run_key == f"{first.run_key}:lost1"
+
+
+def test_a_live_run_is_left_alone(postgres, home, tmp_path):
+    from embedding_assets.run_health import worker_tag
+
+    name = unique_name()
+    create_docs_table(postgres, name, [{"id": 1, "title": "one", "body": "text"}])
+    settings = write_settings(tmp_path, name, name, shards="1")
+    defs = build_definitions(settings)
+    with dg.DagsterInstance.ephemeral() as instance:
+        run = instance.create_run_for_job(
+            job_def=defs.resolve_job_def(f"{name}_sync"),
+            status=dg.DagsterRunStatus.STARTED,
+            tags={"dagster/partition": "00"},
+        )
+        instance.add_run_tags(run.run_id, worker_tag(run.run_id))  # this process: alive
+        result = evaluate(defs, name, instance)
+        assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.STARTED
+        assert not result.run_requests and "run in flight" in result.skip_message
