@@ -261,7 +261,11 @@ class QdrantDestination:
             point_id(self.spec.name, row_id, int(index), model_id)
             for row_id, index in zip(chunks["row_id"], chunks["chunk_index"], strict=True)
         ]
-        hits = {h.id: h for h in self.store.retrieve(self.collection, ids, vectors=True)}
+        # Called from the embeddings step, outside the store's pool: holding an embedded
+        # store until the run ends while waiting for that pool would deadlock with the run
+        # that holds the pool and waits for the store.
+        with self.store.brief():
+            hits = {h.id: h for h in self.store.retrieve(self.collection, ids, vectors=True)}
         found = {}
         for pid, text, chunk_hash in zip(ids, chunks["text"], chunks["chunk_hash"], strict=True):
             hit = hits.get(pid)

@@ -130,6 +130,12 @@ class QdrantStore(Protocol):
         """Keep collections opened in the block open until it ends (embedded store)."""
         ...
 
+    def brief(self) -> contextlib.AbstractContextManager[None]:
+        """Within the block, release a collection after each operation even inside
+        keep_open (embedded store): for a reader outside the store's Dagster pool, which
+        must not hold the store while it waits for that pool."""
+        ...
+
     def session(self, name: str) -> contextlib.AbstractContextManager[None]:
         """Group operations on one collection (embedded: one lock and open; server: no-op)."""
         ...
@@ -383,6 +389,15 @@ class EmbeddedQdrantStore:
                 yield
         finally:
             self._local.keeping = None
+
+    @contextlib.contextmanager
+    def brief(self) -> Iterator[None]:
+        keeping = getattr(self._local, "keeping", None)
+        self._local.keeping = None  # collections this block opens close after each use
+        try:
+            yield
+        finally:
+            self._local.keeping = keeping
 
     @contextlib.contextmanager
     def _open(self, name: str) -> Iterator[_Handle]:
@@ -649,6 +664,10 @@ class ServerQdrantStore:
     @contextlib.contextmanager
     def keep_open(self) -> Iterator[None]:
         yield  # nothing to open: a server keeps its collections
+
+    @contextlib.contextmanager
+    def brief(self) -> Iterator[None]:
+        yield
 
     @contextlib.contextmanager
     def session(self, name: str) -> Iterator[None]:

@@ -506,7 +506,12 @@ class RemoteEmbedder:
             ) from None
         except _BadOutput as exc:
             raise EmbeddingFailed(exc.config_message) from None
-        except (_Transient, _TooLarge, _Rejected) as exc:
+        except _Transient as exc:
+            raise EmbeddingFailed(
+                f"{self.model_id}: the embedder did not answer the dimension probe ({exc}); it "
+                "looks down, and the run is retried later. Setting `dimension` skips the probe."
+            ) from None
+        except (_TooLarge, _Rejected) as exc:
             raise EmbeddingFailed(
                 f"{self.model_id}: could not learn the vector dimension ({exc}); set `dimension`"
             ) from None

@@ -233,6 +233,34 @@ def test_embedded_sessions_nest_and_release(tmp_path: Path) -> None:
     assert EmbeddedQdrantStore(tmp_path, lock_timeout_s=1).count(COLLECTION) == 100
 
 
+def test_retrieve_with_vectors_returns_the_stored_vectors(store: QdrantStore) -> None:
+    points = make_points(20, 8)
+    store.ensure_collection(COLLECTION, 8)
+    store.upsert(COLLECTION, points)
+    hits = {h.id: h for h in store.retrieve(COLLECTION, [p.id for p in points[:5]], vectors=True)}
+    for point in points[:5]:
+        stored = np.asarray(point.vector, dtype=np.float32)
+        stored /= np.linalg.norm(stored)  # cosine collections keep unit vectors
+        np.testing.assert_allclose(hits[point.id].vector, stored, rtol=1e-5, atol=1e-6)
+    assert all(h.vector is None for h in store.retrieve(COLLECTION, [points[0].id]))
+
+
+def test_embedded_brief_releases_the_store_inside_keep_open(tmp_path: Path) -> None:
+    """A reader outside the store's pool (restoring vectors in the embeddings step) must
+    not keep the store locked for the rest of its run: another process's Qdrant step
+    would wait for it while it waits for that step's pool slot."""
+    store = EmbeddedQdrantStore(tmp_path)
+    store.ensure_collection(COLLECTION, 8)
+    other = EmbeddedQdrantStore(tmp_path, lock_timeout_s=0.3)
+    with store.keep_open(), ThreadPoolExecutor(1) as pool:
+        with store.brief():
+            store.retrieve(COLLECTION, [str(uuid.uuid4())], vectors=True)
+        assert pool.submit(other.count, COLLECTION).result() == 0  # not held
+        store.count(COLLECTION)  # kept open from here on, as a run's Qdrant step does
+        with pytest.raises(TimeoutError):
+            pool.submit(other.count, COLLECTION).result()
+
+
 def test_embedded_lock_waits_then_times_out(tmp_path: Path) -> None:
     holder = EmbeddedQdrantStore(tmp_path)
     holder.ensure_collection(COLLECTION, 8)
