@@ -1,5 +1,6 @@
 """`embedding-assets dev` (what `make dev` runs): embedded Postgres, the demo rows, and the
-Dagster webserver + daemon whose sensor embeds them with no click; Ctrl-C stops it all."""
+Dagster webserver + daemon whose sensor embeds them with no click; a sensor run killed with
+-9 is failed and its slots freed with no manual step; Ctrl-C stops it all."""
 
 import json
 import os
@@ -30,6 +31,44 @@ def wait_for(predicate, timeout: float, what: str):
             return value
         time.sleep(2)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def kill_a_sensor_run_and_see_it_released(env: dict[str, str]) -> None:
+    """kill -9 of a run the sensor launched: with no manual step, the run is failed and
+    holds no pool slot within a few sensor ticks (it used to stay STARTED for good)."""
+    import sqlalchemy as sa
+
+    url = subprocess.run(
+        [*CLI, "db", "url", "--dagster"], env=env, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    engine = sa.create_engine(url)
+
+    def started_run() -> tuple[str, int] | None:
+        with engine.connect() as conn:
+            row = conn.execute(
+                sa.text(
+                    "SELECT r.run_id, t.value FROM runs r JOIN run_tags t ON t.run_id = r.run_id "
+                    "WHERE r.status = 'STARTED' AND t.key = 'embedding_assets/worker' LIMIT 1"
+                )
+            ).first()
+        return (row.run_id, int(row.value.split("|")[1])) if row else None
+
+    run_id, pid = wait_for(started_run, 120, "a run of the sensor in flight")
+    os.kill(pid, signal.SIGKILL)
+
+    def released() -> bool:
+        with engine.connect() as conn:
+            status = conn.scalar(
+                sa.text("SELECT status FROM runs WHERE run_id = :r"), {"r": run_id}
+            )
+            slots = conn.scalar(
+                sa.text("SELECT count(*) FROM concurrency_slots WHERE run_id = :r"),
+                {"r": run_id},
+            )
+        return status == "FAILURE" and slots == 0
+
+    wait_for(released, 60, "the killed run failed and its slots freed")
+    engine.dispose()
 
 
 def test_dev_embeds_the_demo_with_no_click_and_ctrl_c_stops_everything():
@@ -73,6 +112,7 @@ def test_dev_embeds_the_demo_with_no_click_and_ctrl_c_stops_everything():
             "the first shard embedded into pgvector and Qdrant",
         )
         assert done["embedded_rows"] > 0 and done["pgvector_chunks"] > 0
+        kill_a_sensor_run_and_see_it_released(env)
     finally:
         os.killpg(dev.pid, signal.SIGINT)
         try:
