@@ -247,6 +247,19 @@ def main() -> None:
             f"embedded Qdrant, opening the collection and counting {points} points: "
             f"{time.perf_counter() - started:.2f} s (every run process pays the opening)"
         )
+        from embedding_assets.destinations.audit import audit_destinations
+        from embedding_assets.environment import database_url
+        from embedding_assets.runtime import runtime_for
+
+        runtime = runtime_for(settings, "bench", database_url())
+        for deep in (False, True):
+            started = time.perf_counter()
+            audits = audit_destinations(runtime, qdrant="skip", repair=False, deep=deep)
+            print(
+                f"sink audit against the ledger ({'checksums' if deep else 'counts'}, "
+                f"pgvector only): {time.perf_counter() - started:.2f} s, "
+                f"{sum(a.pgvector_chunks for a in audits)} chunks"
+            )
         started = time.perf_counter()
         exact = status_report(settings, "bench", exact=True)
         print(

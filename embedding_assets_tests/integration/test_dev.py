@@ -74,7 +74,13 @@ def kill_a_sensor_run_and_see_it_released(env: dict[str, str]) -> None:
 def test_dev_embeds_the_demo_with_no_click_and_ctrl_c_stops_everything():
     home = Path(tempfile.mkdtemp(prefix="ea-dev-"))
     # The README's path: no DATABASE_URL, no Qdrant, the bundled demo source.
-    unset = ("DATABASE_URL", "DAGSTER_HOME", "QDRANT_URL", "EMBEDDING_ASSETS_SOURCES")
+    unset = (
+        "DATABASE_URL",
+        "DAGSTER_HOME",
+        "QDRANT_URL",
+        "EMBEDDING_ASSETS_SOURCES",
+        "EMBEDDING_ASSETS_DAGSTER_PG_URL",  # left by CLI tests in this process
+    )
     env = {k: v for k, v in os.environ.items() if k not in unset}
     env.update(
         EMBEDDING_ASSETS_HOME=str(home),
