@@ -7,7 +7,6 @@ work left (building it once is far cheaper than maintaining it row by row); a ru
 rewrites most of a table drops it first. Until it exists, search is an exact scan.
 """
 
-import json
 import os
 import uuid
 from collections.abc import Sequence
@@ -17,6 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import sqlalchemy as sa
+from psycopg.types.json import Json, Jsonb
 
 from embedding_assets.core.delta import EmbeddedRows
 from embedding_assets.core.ids import point_id
@@ -79,15 +79,19 @@ def fetch_binary(
     return with_arrays(frame)
 
 
-def copy_value(value: Any, binary: bool = False) -> Any:
-    """A metadata value for COPY: pandas NA as NULL; JSON values as JSON text (text COPY)."""
+JSON_TYPES = {"json": Json, "jsonb": Jsonb}
+
+
+def copy_value(value: Any, pg_type: str) -> Any:
+    """A metadata value for COPY into a column of `pg_type`: pandas NA as NULL; a json or
+    jsonb value (object, array, string, number or boolean) as JSON; an array column's
+    list as a Postgres array (psycopg's list dumper), never as JSON text."""
     if value is None or (isinstance(value, float) and np.isnan(value)) or value is pd.NA:
         return None
-    if isinstance(value, dict | list) and not binary:
-        return json.dumps(value)
     if isinstance(value, np.generic):
-        return value.item()
-    return value
+        value = value.item()
+    wrap = JSON_TYPES.get(pg_type)
+    return wrap(value) if wrap is not None else value
 
 
 def vector_text(vector: np.ndarray) -> str:
@@ -225,9 +229,8 @@ class PgVectorDestination:
             "token_count", "model", "embedding", *self.spec.metadata,
         ]  # fmt: skip
         types = self._column_types(conn, columns)
-        binary = all(
-            t in BINARY_SAFE_TYPES for t in types[len(columns) - len(self.spec.metadata) :]
-        )
+        meta_types = types[len(columns) - len(self.spec.metadata) :]
+        binary = all(t in BINARY_SAFE_TYPES for t in meta_types)
         copy_sql = f"COPY {self.table} ({', '.join(quote_ident(c) for c in columns)}) FROM STDIN"
         written = 0
         cursor = conn.connection.driver_connection.cursor()
@@ -261,7 +264,10 @@ class PgVectorDestination:
                             token_count,
                             model_id,
                             vector if binary else vector_text(vector),
-                            *[copy_value(v, binary) for v in metadata[row_id]],
+                            *[
+                                copy_value(v, t)
+                                for v, t in zip(metadata[row_id], meta_types, strict=True)
+                            ],
                         ]
                     )
                     written += 1
