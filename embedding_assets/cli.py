@@ -196,7 +196,7 @@ def sync_source(
     Qdrant lag show no work are skipped (the feed makes asking cheap).
     """
     from embedding_assets.definitions import build_definitions
-    from embedding_assets.destinations.audit import audit_destinations
+    from embedding_assets.destinations.audit import audit_destinations, without_store_lock
     from embedding_assets.environment import database_url
     from embedding_assets.runtime import qdrant_store_from_env, runtime_for
 
@@ -208,8 +208,7 @@ def sync_source(
     # A destination that lost data (TRUNCATE, a removed Qdrant store) becomes work here.
     # An embedded store is only checked for existence (counting waits for its lock); each
     # shard run counts its own points, and `--all-shards` runs every shard.
-    qdrant_mode = "exists" if runtime.qdrant.store_is_embedded else "count"
-    for audit in audit_destinations(runtime, qdrant=qdrant_mode, deep=True):
+    for audit in audit_destinations(runtime, qdrant=without_store_lock(runtime), deep=True):
         if audit.repaired:
             click.echo(
                 f"{source}/{spec.shard_keys[audit.shard]}: {describe_audit(audit)}", err=True
@@ -544,7 +543,7 @@ def status_report(settings: Settings, source: str, exact: bool = False) -> dict:
     Qdrant's, for a server). `eligible_rows_counted` is the last full diff's count, with its
     time in `counted_at`.
     """
-    from embedding_assets.destinations.audit import audit_destinations
+    from embedding_assets.destinations.audit import audit_destinations, without_store_lock
     from embedding_assets.environment import database_url
     from embedding_assets.runtime import runtime_for
 
@@ -555,8 +554,9 @@ def status_report(settings: Settings, source: str, exact: bool = False) -> dict:
     # First make the ledger honest about what the destinations hold (a TRUNCATE or a
     # removed store turns into rows to restore), so no row is reported as embedded that a
     # destination lacks. An embedded Qdrant store is counted only by --exact (its lock).
-    qdrant_mode = "count" if is_exact or not runtime.qdrant.store_is_embedded else "exists"
-    audit_destinations(runtime, qdrant=qdrant_mode, deep=is_exact)
+    audit_destinations(
+        runtime, qdrant="count" if is_exact else without_store_lock(runtime), deep=is_exact
+    )
     errors = runtime.errors.counts_by_shard()
     shards = {}
     if is_exact:
@@ -745,7 +745,6 @@ def errors_replay(
 def reconcile(ctx: click.Context, source: str | None, as_json: bool) -> None:
     """Compare each source with the ledger (a full scan) and queue whatever the change feed
     missed; `sync` or the sensor then brings those rows up to date."""
-    from embedding_assets.destinations.audit import audit_destinations
     from embedding_assets.environment import database_url
     from embedding_assets.runtime import runtime_for
 
@@ -755,9 +754,7 @@ def reconcile(ctx: click.Context, source: str | None, as_json: bool) -> None:
     for name in _sources(settings, source):
         runtime = runtime_for(settings, name, database_url())
         started = time.perf_counter()
-        found = runtime.feed.reconcile()
-        audits = audit_destinations(runtime, qdrant="count", deep=True)
-        disagree = [a for a in audits if a.repaired]
+        found, disagree = runtime.reconcile()
         results.append(
             {
                 "source": name,

@@ -8,7 +8,6 @@ import dagster as dg
 from embedding_assets.checks import build_checks
 from embedding_assets.core.delta import ChunkedRows, EmbeddedRows, IndexUpdate, PendingRows
 from embedding_assets.core.sharding import shard_index
-from embedding_assets.destinations.audit import audit_destinations
 from embedding_assets.pipeline import (
     chunk_rows,
     effective_max_tokens,
@@ -242,9 +241,7 @@ def build_reconcile_job(spec: SourceSpec) -> dg.JobDefinition:
     def reconcile(context: dg.OpExecutionContext) -> dg.Output[int]:
         runtime = runtime_of(context, spec)
         started = time.perf_counter()
-        found = runtime.feed.reconcile()
-        audits = audit_destinations(runtime, qdrant="count", deep=True)
-        disagree = [a for a in audits if a.repaired]
+        found, disagree = runtime.reconcile()
         seconds = time.perf_counter() - started
         context.log.info(
             f"reconcile of {spec.name} ({runtime.feed.mode} capture): {found} rows queued; "

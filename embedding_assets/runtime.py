@@ -13,6 +13,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
+from embedding_assets.destinations.audit import ShardAudit, audit_destinations
 from embedding_assets.destinations.pgvector import PgVectorDestination
 from embedding_assets.destinations.qdrant import QdrantDestination
 from embedding_assets.destinations.qdrant_stores import QdrantStore, open_qdrant_store
@@ -178,6 +179,14 @@ class SourceRuntime:
                 fingerprint = hashlib.md5(f"{feed_print}|{lag_print}".encode()).hexdigest()
             work[shard] = ShardWork(shard, rows, lag_rows, fingerprint)
         return work
+
+    def reconcile(self) -> tuple[int, list[ShardAudit]]:
+        """Queue what a full diff finds the change feed missed, and compare both sinks with
+        the ledger in full (counted, checksummed), marking what they lost for repair.
+        Returns the rows queued and the shards repaired."""
+        found = self.feed.reconcile()
+        audits = audit_destinations(self, qdrant="count", deep=True)
+        return found, [a for a in audits if a.repaired]
 
     def exact_work(self, shard: int | None = None) -> dict[int, ShardWork]:
         """The full diff: exact eligible, current and pending counts. Cost: the table."""

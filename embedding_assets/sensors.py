@@ -6,7 +6,7 @@ import time
 
 import dagster as dg
 
-from embedding_assets.destinations.audit import audit_destinations
+from embedding_assets.destinations.audit import audit_destinations, without_store_lock
 from embedding_assets.resources.embedders import embedder_resource_key
 from embedding_assets.resources.runtime import runtime_of
 from embedding_assets.run_health import WORKER_LOST_TAG, fail_dead_runs
@@ -77,7 +77,7 @@ def build_sensor(spec: SourceSpec, job) -> dg.SensorDefinition:
         if not busy and time.time() - audited_at >= AUDIT_INTERVAL_SECONDS:
             # Only while no run writes: a write half-applied is not a loss. An embedded
             # Qdrant store is only checked for existence here (counting takes its lock).
-            mode = "exists" if runtime.qdrant.store_is_embedded else "count"
+            mode = without_store_lock(runtime)
             repaired = [a for a in audit_destinations(runtime, qdrant=mode) if a.repaired]
             for audit in repaired:
                 context.log.warning(

@@ -163,6 +163,12 @@ def audit_destinations(
     return audits
 
 
+def without_store_lock(runtime) -> str:
+    """The Qdrant audit mode that takes no lock: an embedded store is only checked for
+    existence (counting it waits for whichever run holds it); a server is counted."""
+    return "exists" if runtime.qdrant.store_is_embedded else "count"
+
+
 def _with(audit: ShardAudit, **changes) -> ShardAudit:
     return ShardAudit(**{**audit.__dict__, **changes})
 
