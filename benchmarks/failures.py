@@ -56,15 +56,9 @@ def wait_until(predicate, timeout: float, every: float = 2.0):
 
 
 def fake_source(tmp: Path, name: str, url: str, source: dict[str, str]) -> Path:
-    lines = "".join(f"    {k}: {v}\n" for k, v in source.items())
-    path = tmp / f"{name}.yaml"
-    path.write_text(
-        "embedders:\n  fake:\n    provider: openai\n    model: fake-embedding\n"
-        f'    base_urls: ["{url}"]\n    dimension: 8\n'
-        f"sources:\n  - name: {name}\n    table: {name}\n"
-        f'    text: "{{title}}: {{body}}"\n    embedder: fake\n{lines}'
-    )
-    return path
+    from embedding_assets_tests.integration.helpers import fake_embedder_settings
+
+    return fake_embedder_settings(tmp, name, url, {}, source)
 
 
 def load_table(engine, name: str, rows: int, poison: int = 0) -> None:
@@ -149,36 +143,33 @@ def part_a(tmp: Path, engine, rows: int) -> None:
 
         spec = load_settings(path).source(name)
         table = ".".join(spec.pg_table)
-        with engine.begin() as conn:
-            conn.execute(sa.text(f"TRUNCATE {table}"))
-        claimed = status(path)["embedded_rows"]
-        requests = len(server.requests)
-        started = time.perf_counter()
-        cli("sync", sources=path, check=True)
-        seconds = time.perf_counter() - started
-        exact = status(path, exact=True)
-        print(
-            f"[3] TRUNCATE pgvector: status then claims {claimed} embedded; sync {seconds:.1f}s "
-            f"restored {exact['pgvector_chunks']} chunks / {exact['qdrant_points']} points with "
-            f"{len(server.requests) - requests} embedder requests (copied from Qdrant)"
-        )
-        with engine.begin() as conn:
-            conn.execute(sa.text(f"TRUNCATE {table}"))
         from embedding_assets.environment import qdrant_path
 
-        shutil.rmtree(qdrant_path() / spec.qdrant_collection)
-        claimed = status(path)["embedded_rows"]
-        requests = len(server.requests)
-        started = time.perf_counter()
-        cli("sync", sources=path, check=True)
-        seconds = time.perf_counter() - started
-        exact = status(path, exact=True)
+        def lose_and_sync(label: str, remove_store: bool) -> str:
+            """Lose the sinks, then one `sync`: what status claimed, what it took."""
+            with engine.begin() as conn:
+                conn.execute(sa.text(f"TRUNCATE {table}"))
+            if remove_store:
+                shutil.rmtree(qdrant_path() / spec.qdrant_collection)
+            claimed = status(path)["embedded_rows"]
+            requests = len(server.requests)
+            started = time.perf_counter()
+            cli("sync", sources=path, check=True)
+            seconds = time.perf_counter() - started
+            exact = status(path, exact=True)
+            return (
+                f"{label}: status then claims {claimed} embedded; sync {seconds:.1f}s restored "
+                f"{exact['pgvector_chunks']} chunks / {exact['qdrant_points']} points, "
+                f"{exact['embedded_rows']} of {exact['eligible_rows']} rows current, "
+                f"{len(server.requests) - requests} embedder requests"
+            )
+
         print(
-            f"    TRUNCATE + Qdrant store removed: status claims {claimed}; sync {seconds:.1f}s "
-            f"restored {exact['pgvector_chunks']} chunks / {exact['qdrant_points']} points, "
-            f"{exact['embedded_rows']} of {exact['eligible_rows']} rows current, "
-            f"{len(server.requests) - requests} embedder requests (embedded again)"
+            "[3]",
+            lose_and_sync("TRUNCATE pgvector", remove_store=False),
+            "(0 requests: copied from Qdrant)",
         )
+        print("   ", lose_and_sync("TRUNCATE + Qdrant store removed", remove_store=True))
 
 
 def dev_instance():
