@@ -84,7 +84,7 @@ class _Commands(click.Group):
     def invoke(self, ctx: click.Context):
         import sqlalchemy.exc
 
-        from embedding_assets.state.diff import DuplicateIdError
+        from embedding_assets.state.diff import SourceColumnsError
         from embedding_assets.state.ledger import ModelMismatchError
         from embedding_assets.state.triggers import TriggerPrivilegeError
 
@@ -98,7 +98,7 @@ class _Commands(click.Group):
             if isinstance(exc, sqlalchemy.exc.DBAPIError):
                 message = database_error_message(exc)
             elif isinstance(
-                exc, (LookupError, DuplicateIdError, ModelMismatchError, TriggerPrivilegeError)
+                exc, (LookupError, SourceColumnsError, ModelMismatchError, TriggerPrivilegeError)
             ):
                 message = str(exc.args[0] if exc.args else exc)
             else:

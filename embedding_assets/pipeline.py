@@ -186,11 +186,13 @@ def store_embeddings(runtime: SourceRuntime, batch: EmbeddedRows) -> WriteStats:
         dropped = runtime.pgvector.drop_index_for_rewrite(conn, len(batch.chunked.chunks))
         if dropped:
             runtime.ledger.set_vector_index(conn, "deferred")
-        chunks_written = runtime.pgvector.replace_rows(conn, batch, stale, runtime.model_id)
+        chunks_written, refused = runtime.pgvector.replace_rows(
+            conn, batch, stale, runtime.model_id
+        )
         chunks = batch.chunked.chunks
         counts = chunks.groupby("row_id").size().to_dict() if len(chunks) else {}
         hashes = dict(zip(pending.rows["row_id"], pending.rows["content_hash"], strict=True))
-        written = [r for r in upsert_ids if r not in stale]
+        written = [r for r in upsert_ids if r not in stale and r not in refused]
         runtime.ledger.record_written(
             conn,
             pending.shard,
@@ -201,7 +203,8 @@ def store_embeddings(runtime: SourceRuntime, batch: EmbeddedRows) -> WriteStats:
         removed = [r for r in pending.deleted if r not in stale]
         runtime.ledger.record_deleted(conn, removed)
         runtime.errors.clear(conn, written + removed)
-        runtime.errors.record(conn, pending.shard, batch.failures)
+        failures = {**pending.failures, **batch.failures, **refused}
+        runtime.errors.record(conn, pending.shard, failures)
         runtime.feed.acknowledge(conn, pending)
     runtime.release_shard(pending.shard)
     built, started = False, time.perf_counter()

@@ -29,8 +29,11 @@ RESERVED_COLUMNS = frozenset(
         "model",
         "embedding",
         "updated_at",
+        "text",  # a key of the Qdrant payload (the chunk's text)
     }
 )
+# Qdrant refuses collection names with these characters (its storage uses them as paths).
+QDRANT_NAME_FORBIDDEN = re.compile(r"[/\\\x00<>:\"|?*]")
 
 
 class _Spec(BaseModel):
@@ -146,6 +149,21 @@ class PgvectorSpec(_Spec):
 class QdrantSpec(_Spec):
     collection: str | None = None
 
+    @field_validator("collection")
+    @classmethod
+    def _valid_collection_name(cls, value: str | None) -> str | None:
+        if value is not None and (
+            not value.strip()
+            or len(value) > 255
+            or value in (".", "..")
+            or QDRANT_NAME_FORBIDDEN.search(value)
+        ):
+            raise ValueError(
+                f"qdrant.collection {value!r} is not a valid Qdrant collection name: use 1-255 "
+                'characters without / \\ : * ? " < > | or NUL (e.g. docs_chunks)'
+            )
+        return value
+
 
 def template_fields(template: str) -> list[str]:
     """The column names a `{column}` text template uses, in order of first use."""
@@ -153,10 +171,12 @@ def template_fields(template: str) -> list[str]:
     for _, field, spec, conversion in string.Formatter().parse(template):
         if field is None:
             continue
-        if not field or spec or conversion or not field.isidentifier():
+        if not field.strip() or spec or conversion:
             raise ValueError(
                 f"text template field {{{field}{'!' + conversion if conversion else ''}"
-                f"{':' + spec if spec else ''}}} is not a plain column name; write {{column}}"
+                f"{':' + spec if spec else ''}}} is not a plain column name; write {{column}}, "
+                "and for a column whose name holds ':' or '!' alias it in a `query:` "
+                '(SELECT "odd:name" AS odd_name ...)'
             )
         if field not in fields:
             fields.append(field)
@@ -302,9 +322,21 @@ class Settings(_Spec):
                     f"source {source.name!r} uses embedder {source.embedder!r}, which is not "
                     f"declared under `embedders:` (declared: {sorted(self.embedders)})"
                 )
-        targets = [s.target for s in self.sources]
-        if len(set(targets)) != len(targets):
-            raise ValueError(f"two sources write the same pgvector table: {targets}")
+        for what, key in (
+            ("pgvector table", lambda s: s.target),
+            ("Qdrant collection", lambda s: s.qdrant_collection),
+        ):
+            owners: dict[str, list[str]] = {}
+            for source in self.sources:
+                owners.setdefault(key(source), []).append(source.name)
+            shared = {name: users for name, users in owners.items() if len(users) > 1}
+            if shared:
+                name, users = next(iter(shared.items()))
+                raise ValueError(
+                    f"sources {users} write the same {what} {name!r}: each source keeps its "
+                    f"own and removes whatever else it finds there, so give each source its "
+                    f"own {what} (pgvector.table / qdrant.collection)"
+                )
         return self
 
     def source(self, name: str) -> SourceSpec:

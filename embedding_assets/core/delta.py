@@ -14,7 +14,8 @@ CHUNK_COLUMNS = ["row_id", "chunk_index", "text", "token_count", "chunk_hash"]
 class PendingRows:
     """What one shard needs now: rows to (re)embed and row ids to remove.
 
-    `rows` has PENDING_COLUMNS plus one column per metadata column. `computed_at` is the
+    `rows` has PENDING_COLUMNS plus the metadata values as `m_0..m_n` (in the order of the
+    source's `metadata` list, whatever the columns are called). `computed_at` is the
     database time the delta was read; a write skips rows stored after it (a newer run won).
     `version` is the pipeline version (model, chunking) the rows are to be embedded with.
     """
@@ -30,6 +31,8 @@ class PendingRows:
     consumed: list[tuple[int, str]] = field(default_factory=list)
     # Watermark feeds: the highest watermark value read, as text; stored with the write.
     watermark: str | None = None
+    # Rows found unfit to write at read time (a duplicated id): recorded with the write.
+    failures: dict[str, "RowFailure"] = field(default_factory=dict)
 
     @property
     def empty_rows(self) -> int:
@@ -51,7 +54,9 @@ class RowFailure:
     """Why a row was not embedded this time (recorded in the error table)."""
 
     content_hash: str  # the content that failed
-    kind: str  # rejected | transient | bad_output (embedders.base.FailureKind)
+    # rejected | transient | bad_output (embedders.base.FailureKind); unstorable (Postgres
+    # refused a value); duplicate_id (several rows share the id)
+    kind: str
     message: str
 
 

@@ -15,15 +15,23 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import psycopg
 import sqlalchemy as sa
-from psycopg.types.json import Json, Jsonb
 
-from embedding_assets.core.delta import EmbeddedRows
+from embedding_assets.core.delta import EmbeddedRows, RowFailure
 from embedding_assets.core.ids import point_id
 from embedding_assets.core.sharding import shard_sql
 from embedding_assets.settings import SourceSpec
 from embedding_assets.state.ddl import shard_lock
-from embedding_assets.state.source_sql import SourceSql, column_types, quote_ident, quote_table
+from embedding_assets.state.pg_values import is_native, needs_text_copy, payload_expr
+from embedding_assets.state.source_sql import (
+    SourceSql,
+    column_types,
+    meta_alias,
+    quote_ident,
+    quote_literal,
+    quote_table,
+)
 
 # A write of more chunks than this share of the table (and at least REBUILD_MIN) rebuilds
 # the HNSW index afterwards instead of maintaining it.
@@ -32,15 +40,8 @@ REBUILD_MIN_CHUNKS = 20_000
 # maintenance_work_mem of the one HNSW build: the build is many times faster while the graph
 # fits (1M 384-d vectors need about 2-3 GB).
 INDEX_BUILD_MEMORY = os.environ.get("EMBEDDING_ASSETS_INDEX_BUILD_MEMORY", "3GB")
-# Metadata types whose Python values psycopg writes in binary COPY as they come from the
-# source; any other type makes the write use text COPY.
-BINARY_SAFE_TYPES = frozenset(
-    {
-        "text", "character varying", "character", "integer", "bigint", "smallint", "boolean",
-        "double precision", "real", "numeric", "date", "timestamp without time zone",
-        "timestamp with time zone", "uuid",
-    }
-)  # fmt: skip
+# Errors of a COPY that mean a value does not fit its column (not a lost connection).
+REFUSED_VALUE_ERRORS = (psycopg.DataError, psycopg.IntegrityError, TypeError, ValueError)
 
 
 @dataclass(frozen=True)
@@ -79,21 +80,6 @@ def fetch_binary(
     return with_arrays(frame)
 
 
-JSON_TYPES = {"json": Json, "jsonb": Jsonb}
-
-
-def copy_value(value: Any, pg_type: str) -> Any:
-    """A metadata value for COPY into a column of `pg_type`: pandas NA as NULL; a json or
-    jsonb value (object, array, string, number or boolean) as JSON; an array column's
-    list as a Postgres array (psycopg's list dumper), never as JSON text."""
-    if value is None or (isinstance(value, float) and np.isnan(value)) or value is pd.NA:
-        return None
-    if isinstance(value, np.generic):
-        value = value.item()
-    wrap = JSON_TYPES.get(pg_type)
-    return wrap(value) if wrap is not None else value
-
-
 def vector_text(vector: np.ndarray) -> str:
     """pgvector's text form; %.9g keeps every float32 exactly."""
     return _VECTOR_FORMATS.setdefault(len(vector), "[" + ",".join(["%.9g"] * len(vector)) + "]") % (
@@ -112,6 +98,7 @@ class PgVectorDestination:
         self.name = spec.pg_table[1]
         self.hnsw_index = quote_ident(self.name + "_embedding_hnsw")
         self._types: dict[str, str] | None = None
+        self._kinds: dict[str, tuple[str, str]] | None = None
 
     # -- schema -------------------------------------------------------------------------
 
@@ -209,20 +196,19 @@ class PgVectorDestination:
 
     def replace_rows(
         self, conn: sa.Connection, batch: EmbeddedRows, skip: set[str], model_id: str
-    ) -> int:
+    ) -> tuple[int, dict[str, RowFailure]]:
         """Delete the chunks of every row in the batch (written or deleted) and COPY the new
-        ones, except rows in `skip`. Returns the chunks written."""
+        ones, except rows in `skip`. Returns the chunks written, and the rows Postgres
+        refused (a value that does not fit its column): those keep their stored chunks,
+        found by halving the batch, so one bad row never blocks its neighbours."""
         pending = batch.pending
         ids = [r for r in pending.rows["row_id"].tolist() + pending.deleted if r not in skip]
         if not ids:
-            return 0
-        conn.execute(sa.text(f"DELETE FROM {self.table} WHERE row_id = ANY(:ids)"), {"ids": ids})
-        chunks = batch.chunked.chunks
+            return 0, {}
+        metas = [meta_alias(i) for i in range(len(self.spec.metadata))]
         metadata = {
             values[0]: values[1:]
-            for values in pending.rows[["row_id", *self.spec.metadata]].itertuples(
-                index=False, name=None
-            )
+            for values in pending.rows[["row_id", *metas]].itertuples(index=False, name=None)
         }
         columns = [
             "point_id", "row_id", "chunk_index", "shard", "chunk_text", "chunk_hash",
@@ -230,47 +216,89 @@ class PgVectorDestination:
         ]  # fmt: skip
         types = self._column_types(conn, columns)
         meta_types = types[len(columns) - len(self.spec.metadata) :]
-        binary = all(t in BINARY_SAFE_TYPES for t in meta_types)
+        binary = all(is_native(t) for t in meta_types) and not any(
+            needs_text_copy(list(values)) for values in metadata.values()
+        )
+        chunks = batch.chunked.chunks
+        by_row: dict[str, list[list[Any]]] = {}
+        for position, (row_id, chunk_index, text, chunk_hash, token_count) in enumerate(
+            zip(
+                *(
+                    chunks[c].tolist()
+                    for c in ("row_id", "chunk_index", "text", "chunk_hash", "token_count")
+                ),
+                strict=True,
+            )
+        ):
+            if row_id in skip:
+                continue
+            pid = point_id(self.spec.name, row_id, chunk_index, model_id)
+            vector = batch.vectors[position]
+            by_row.setdefault(row_id, []).append(
+                [
+                    uuid.UUID(pid) if binary else pid,
+                    row_id,
+                    chunk_index,
+                    pending.shard,
+                    text,
+                    chunk_hash,
+                    token_count,
+                    model_id,
+                    vector if binary else vector_text(vector),
+                    *metadata[row_id],
+                ]
+            )
         copy_sql = f"COPY {self.table} ({', '.join(quote_ident(c) for c in columns)}) FROM STDIN"
-        written = 0
+        if binary:
+            copy_sql += " WITH (FORMAT BINARY)"
+        hashes = dict(zip(pending.rows["row_id"], pending.rows["content_hash"], strict=True))
+        refused: dict[str, RowFailure] = {}
+        delete = sa.text(f"DELETE FROM {self.table} WHERE row_id = ANY(:ids)")
+        # Deleted rows and rows without chunks (empty text) lose their chunks here; a row
+        # with chunks loses its old ones with the COPY of its new ones, so a refused row
+        # keeps what it had.
+        conn.execute(delete, {"ids": [r for r in ids if r not in by_row]})
+
+        def copy_groups(groups: list[list[list[Any]]]) -> int:
+            try:
+                with conn.begin_nested():
+                    conn.execute(delete, {"ids": [group[0][1] for group in groups]})
+                    return self._copy(conn, copy_sql, types if binary else None, groups)
+            except REFUSED_VALUE_ERRORS as exc:
+                if len(groups) > 1:
+                    half = len(groups) // 2
+                    return copy_groups(groups[:half]) + copy_groups(groups[half:])
+                row_id = groups[0][0][1]
+                refused[row_id] = RowFailure(
+                    hashes[row_id],
+                    "unstorable",
+                    f"{self.spec.target} refused this row's values "
+                    f"({type(exc).__name__}: {' '.join(str(exc).split())}); fix the value, "
+                    "or if a source column changed type, drop the pgvector table and sync "
+                    "again, then `embedding-assets errors replay`",
+                )
+                return 0
+
+        return copy_groups(list(by_row.values())), refused
+
+    def _copy(
+        self,
+        conn: sa.Connection,
+        copy_sql: str,
+        binary_types: list[str] | None,
+        groups: list[list[list[Any]]],
+    ) -> int:
         cursor = conn.connection.driver_connection.cursor()
+        written = 0
         try:
-            with cursor.copy(copy_sql + (" WITH (FORMAT BINARY)" if binary else "")) as copy:
-                if binary:
+            with cursor.copy(copy_sql) as copy:
+                if binary_types is not None:
                     # Binary COPY: vectors go as packed floats, ~30x faster than as text.
-                    copy.set_types(types)
-                for position, chunk in enumerate(
-                    zip(
-                        *(
-                            chunks[c].tolist()
-                            for c in ("row_id", "chunk_index", "text", "chunk_hash", "token_count")
-                        ),
-                        strict=True,
-                    )
-                ):
-                    row_id, chunk_index, text, chunk_hash, token_count = chunk
-                    if row_id in skip:
-                        continue
-                    pid = point_id(self.spec.name, row_id, chunk_index, model_id)
-                    vector = batch.vectors[position]
-                    copy.write_row(
-                        [
-                            uuid.UUID(pid) if binary else pid,
-                            row_id,
-                            chunk_index,
-                            pending.shard,
-                            text,
-                            chunk_hash,
-                            token_count,
-                            model_id,
-                            vector if binary else vector_text(vector),
-                            *[
-                                copy_value(v, t)
-                                for v, t in zip(metadata[row_id], meta_types, strict=True)
-                            ],
-                        ]
-                    )
-                    written += 1
+                    copy.set_types(binary_types)
+                for group in groups:
+                    for record in group:
+                        copy.write_row(record)
+                        written += 1
         finally:
             cursor.close()
         return written
@@ -304,17 +332,20 @@ class PgVectorDestination:
             )
         return dict(zip(found["chunk_hash"], found["embedding"], strict=True))
 
+    COLUMNS = ("point_id", "row_id", "chunk_index", "chunk_text", "embedding", "metadata")
+
     def _columns(self) -> list[str]:
-        return ["point_id", "row_id", "chunk_index", "chunk_text", "embedding", *self.spec.metadata]
+        return list(self.COLUMNS)
 
     def chunks_of_rows(self, conn: sa.Connection, ids: Sequence[str]) -> pd.DataFrame:
-        """The chunks of these rows with vectors and metadata, in row and chunk order."""
+        """The chunks of these rows with vectors and their metadata as a {column: JSON
+        value} dict (the Qdrant payload, see `payload_select`), in row and chunk order."""
         if not ids:
             return pd.DataFrame(columns=self._columns())
         return fetch_binary(
             conn,
             f"""SELECT CAST(c.point_id AS text) AS point_id, c.row_id, c.chunk_index,
-                c.chunk_text, c.embedding{self._meta_select("c.")}
+                c.chunk_text, c.embedding, {self.payload_select(conn, "c.").replace("%", "%%")}
             FROM {self.table} AS c WHERE c.row_id = ANY(%(ids)s)
             ORDER BY c.row_id, c.chunk_index""",
             {"ids": list(ids)},
@@ -322,21 +353,47 @@ class PgVectorDestination:
         )
 
     def stored_chunks(self, shard: int) -> pd.DataFrame:
-        """The shard's stored chunks with vectors and metadata, in row and chunk order."""
+        """The shard's stored chunks with vectors and metadata (as `chunks_of_rows`)."""
         if not self.table_exists():
             return pd.DataFrame(columns=self._columns())
         with self.engine.connect() as conn:
             return fetch_binary(
                 conn,
                 f"""SELECT CAST(point_id AS text) AS point_id, row_id, chunk_index,
-                    chunk_text, embedding{self._meta_select()}
+                    chunk_text, embedding, {self.payload_select(conn).replace("%", "%%")}
                 FROM {self.table} WHERE shard = %(shard)s ORDER BY row_id, chunk_index""",
                 {"shard": shard},
                 self._columns(),
             )
 
-    def _meta_select(self, alias: str = "") -> str:
-        return "".join(f", {alias}{quote_ident(m)}" for m in self.spec.metadata)
+    def payload_select(self, conn: sa.Connection, alias: str = "") -> str:
+        """SQL: the metadata columns as one jsonb object {column name: value}, each value
+        converted by its type (state.pg_values.payload_expr), named `metadata`."""
+        if not self.spec.metadata:
+            return "CAST('{}' AS jsonb) AS metadata"
+        kinds = self._type_kinds(conn)
+        parts = [
+            f"jsonb_build_object({quote_literal(name)}, "
+            f"{payload_expr(alias + quote_ident(name), *kinds[name])})"
+            for name in self.spec.metadata
+        ]
+        # One object per column, joined: jsonb_build_object takes at most 100 arguments.
+        return f"({' || '.join(parts)}) AS metadata"
+
+    def _type_kinds(self, conn: sa.Connection) -> dict[str, tuple[str, str]]:
+        """{metadata column: (format_type name, pg_type.typtype)} of the chunk table."""
+        if self._kinds is None:
+            rows = conn.execute(
+                sa.text(
+                    """SELECT a.attname, format_type(a.atttypid, NULL) AS type, t.typtype
+                    FROM pg_attribute AS a JOIN pg_type AS t ON t.oid = a.atttypid
+                    WHERE a.attrelid = to_regclass(:t) AND a.attnum > 0
+                    AND NOT a.attisdropped"""
+                ),
+                {"t": self.table},
+            ).fetchall()
+            self._kinds = {r.attname: (r.type, r.typtype) for r in rows}
+        return self._kinds
 
     def chunk_counts(self) -> dict[int, int]:
         if not self.table_exists():

@@ -6,10 +6,8 @@ columns: a row lags when they differ from what pgvector holds. A partial index o
 that condition makes finding lagging rows cost O(lagging rows).
 """
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -28,19 +26,6 @@ from embedding_assets.settings import SourceSpec
 from embedding_assets.state.ddl import STATE_SCHEMA
 
 LAGGING = "(qdrant_hash IS DISTINCT FROM content_hash OR qdrant_chunk_count <> chunk_count)"
-
-
-def json_safe(value: Any) -> Any:
-    """A metadata value as JSON (Qdrant payload): numbers and strings kept, others as text."""
-    if value is None or isinstance(value, bool | int | str):
-        return value
-    if isinstance(value, float):
-        return None if np.isnan(value) else value
-    if isinstance(value, np.generic):
-        return json_safe(value.item())
-    if isinstance(value, dict | list):
-        return json.loads(json.dumps(value, default=str))
-    return str(value)
 
 
 @dataclass(frozen=True)
@@ -155,21 +140,18 @@ class QdrantDestination:
         if incomplete:
             lag = lag[~lag["row_id"].isin(incomplete)]
             chunks = chunks[~chunks["row_id"].isin(incomplete)]
-        metadata = {name: chunks[name].tolist() for name in self.spec.metadata}
-        for position, (pid, row_id, chunk_index, text, vector) in enumerate(
-            zip(
-                chunks["point_id"],
-                chunks["row_id"],
-                chunks["chunk_index"].tolist(),
-                chunks["chunk_text"],
-                chunks["embedding"],
-                strict=True,
-            )
+        for pid, row_id, chunk_index, text, vector, metadata in zip(
+            chunks["point_id"],
+            chunks["row_id"],
+            chunks["chunk_index"].tolist(),
+            chunks["chunk_text"],
+            chunks["embedding"],
+            chunks["metadata"],
+            strict=True,
         ):
-            payload = {"row_id": row_id, "chunk_index": int(chunk_index), "shard": shard}
-            payload["text"] = text
-            for name in self.spec.metadata:
-                payload[name] = json_safe(metadata[name][position])
+            # Metadata first: the payload's own keys win (settings refuse such names anyway).
+            payload = {**metadata, "row_id": row_id, "chunk_index": int(chunk_index)}
+            payload.update(shard=shard, text=text)
             update.upserts.append(IndexPoint(id=pid, vector=vector, payload=payload))
         for row in lag.itertuples(index=False):
             if not reset:

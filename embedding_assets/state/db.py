@@ -7,6 +7,8 @@ import sqlalchemy as sa
 from pgvector.psycopg import register_vector
 from sqlalchemy.engine import make_url
 
+from embedding_assets.state.pg_values import register_tolerant_loaders
+
 # Long enough for a full diff of a large table, short enough that a stuck query ends.
 STATEMENT_TIMEOUT_MS = int(os.environ.get("EMBEDDING_ASSETS_STATEMENT_TIMEOUT_MS", "600000"))
 
@@ -52,7 +54,8 @@ def ensure_pgvector(engine: sa.Engine) -> None:
 
 @functools.cache
 def engine_for(url: str) -> sa.Engine:
-    """One pooled engine per URL and process, with pgvector's types registered."""
+    """One pooled engine per URL and process, with pgvector's types registered and dates
+    Python cannot hold read as text (state.pg_values)."""
     engine = sa.create_engine(
         with_driver(url, "psycopg"),
         pool_pre_ping=True,
@@ -64,7 +67,8 @@ def engine_for(url: str) -> sa.Engine:
     engine.dispose()  # connections made before the listener lack the vector type
 
     @sa.event.listens_for(engine, "connect")
-    def _register_vector(dbapi_connection, _record) -> None:
+    def _register_types(dbapi_connection, _record) -> None:
         register_vector(dbapi_connection)
+        register_tolerant_loaders(dbapi_connection)
 
     return engine

@@ -10,15 +10,18 @@ from typing import Any
 import pandas as pd
 import sqlalchemy as sa
 
-from embedding_assets.core.delta import PendingRows
+from embedding_assets.core.delta import PendingRows, RowFailure
 from embedding_assets.settings import SourceSpec
 from embedding_assets.state.ddl import STATE_SCHEMA
 from embedding_assets.state.errors import held
-from embedding_assets.state.source_sql import SourceSql, meta_alias
+from embedding_assets.state.source_sql import SourceSql, column_types, meta_alias
 
 
-class DuplicateIdError(ValueError):
-    """The source returns several rows for one id."""
+class SourceColumnsError(ValueError):
+    """sources.yaml names a column the source does not have."""
+
+
+DUPLICATE_KIND = "duplicate_id"
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,39 @@ class SourceDiff:
         self.sql = SourceSql(spec)
         self.target = target
         self.version = version
+        self._typed_sql: SourceSql | None = None
+
+    def typed_sql(self) -> SourceSql:
+        """The source's SQL with its metadata columns read by type (one probe, cached)."""
+        if self._typed_sql is None:
+            types: list[str] = []
+            if self.spec.metadata:
+                with self.engine.connect() as conn:
+                    types = column_types(conn, self.sql.metadata_probe())
+            self._check_columns()
+            self._typed_sql = SourceSql(self.spec, types)
+        return self._typed_sql
+
+    def _check_columns(self) -> None:
+        """Every column sources.yaml names exists, before anything is read or written."""
+        with self.engine.connect() as conn:
+            names = set(conn.execute(sa.text(f"SELECT * FROM {self.sql.relation} LIMIT 0")).keys())
+        spec = self.spec
+        named = [
+            ("id_column", [spec.id_column]),
+            ("text", spec.text_columns),
+            ("metadata", spec.metadata),
+            ("watermark_column", [spec.watermark_column] if spec.watermark_column else []),
+        ]
+        missing = [(key, c) for key, columns in named for c in columns if c not in names]
+        if missing:
+            listed = ", ".join(f"{key} names {c!r}" for key, c in missing)
+            raise SourceColumnsError(
+                f"source {spec.name!r}: {listed}, which the source does not have (its "
+                f"columns: {sorted(names)}). Fix the name; for an expression or a name "
+                "that is awkward in a template, alias it in a `query:` "
+                '(SELECT *, price * qty AS total, "Unit Price" AS unit_price FROM ...)'
+            )
 
     def _joined(self, shard: int | None, scope: Scope) -> str:
         """Source rows FULL JOIN the ledger (and the error table), with the flags every
@@ -71,15 +107,36 @@ class SourceDiff:
             ledger = f"AND ({scope.ledger})"
         else:
             ledger = "AND shard = :shard" if shard is not None else ""
+        # A duplicated id (several eligible rows) is never written: the id keeps what it
+        # has, and the duplicate is work (to be reported) until the error table records
+        # this exact set of copies. Ineligible copies beside an eligible one are ignored.
+        duplicate = "coalesce(src.copies, 1) > 1"
+        new_duplicate = (
+            f"{duplicate} AND (e.row_id IS NULL OR e.kind <> '{DUPLICATE_KIND}' "
+            "OR e.content_hash IS DISTINCT FROM src.copies_hash)"
+        )
+        rows = self.typed_sql().rows(shard, scope.candidates, scope.watermark)
         return f"""
-            WITH src AS ({self.sql.rows(shard, scope.candidates, scope.watermark)}),
+            WITH src_all AS (
+                SELECT r.*,
+                    count(*) FILTER (WHERE r.eligible) OVER ids AS copies,
+                    'duplicate:' || (count(*) FILTER (WHERE r.eligible) OVER ids) || ':'
+                        || md5(min(r.content_hash) FILTER (WHERE r.eligible) OVER ids
+                            || max(r.content_hash) FILTER (WHERE r.eligible) OVER ids)
+                        AS copies_hash,
+                    row_number() OVER (ids ORDER BY r.eligible DESC) AS nth
+                FROM ({rows}) AS r WINDOW ids AS (PARTITION BY r.row_id)),
+            src AS (SELECT * FROM src_all WHERE eligible OR (copies = 0 AND nth = 1)),
             st AS (SELECT * FROM {STATE_SCHEMA}.row_state WHERE target = :target {ledger})
             SELECT coalesce(src.row_id, st.row_id) AS row_id,
                    coalesce(src.shard, st.shard) AS shard,
                    coalesce(src.eligible, false) AS eligible,
                    (coalesce(src.eligible, false) AND st.row_id IS NOT NULL AND NOT st.deleted
                     AND st.content_hash = src.content_hash AND st.version = :version) AS current,
-                   ({needs_work}) AND NOT coalesce({held_back}, false) AS pending,
+                   (({needs_work}) AND NOT coalesce({held_back}, false)
+                    AND NOT {duplicate}) OR ({new_duplicate})
+                    OR (e.kind = '{DUPLICATE_KIND}' AND NOT {duplicate}) AS pending,
+                   {duplicate} AS duplicate, src.copies, src.copies_hash,
                    ({needs_work}) AND coalesce({held_back}, false) AS held,
                    (st.row_id IS NOT NULL AND (st.qdrant_hash IS DISTINCT FROM st.content_hash
                     OR st.qdrant_chunk_count <> st.chunk_count)) AS qdrant_lag,
@@ -116,17 +173,23 @@ class SourceDiff:
         frame = frame.iloc[:limit]
         if len(frame) and not frame["computed_at"].isna().all():
             computed_at = frame["computed_at"].iloc[0]
-        duplicated = frame["row_id"][frame["row_id"].duplicated()].tolist()
-        if duplicated:
-            raise DuplicateIdError(
-                f"source {self.spec.name!r} returns several rows for id(s) {duplicated[:5]}: "
-                f"`{self.spec.id_column}` must identify one row; fix the query or id_column"
+        duplicates = frame[frame["duplicate"].astype(bool)] if len(frame) else frame
+        failures = {
+            row.row_id: RowFailure(
+                row.copies_hash,
+                DUPLICATE_KIND,
+                f"{int(row.copies)} rows of source {self.spec.name!r} have id {row.row_id!r}; "
+                f"`{self.spec.id_column}` must identify one row. The id keeps what was stored "
+                "before; remove the extra rows, or fix the query or id_column",
             )
+            for row in duplicates[["row_id", "copies", "copies_hash"]].itertuples(index=False)
+        }
+        frame = frame[~frame["row_id"].isin(failures.keys())] if failures else frame
         is_delete = frame["is_delete"].astype(bool)
-        upserts = frame[~is_delete].rename(
-            columns={meta_alias(i): c for i, c in enumerate(self.spec.metadata)}
-        )
-        keep = ["row_id", "doc", "is_empty", "content_hash", "stored_hash", *self.spec.metadata]
+        upserts = frame[~is_delete]
+        # Metadata stays under its m_<i> aliases: a user's column name can be anything.
+        metas = [meta_alias(i) for i in range(len(self.spec.metadata))]
+        keep = ["row_id", "doc", "is_empty", "content_hash", "stored_hash", *metas]
         marks = frame["watermark"].dropna().tolist() if scope.watermark else []
         return PendingRows(
             source=self.spec.name,
@@ -137,6 +200,7 @@ class SourceDiff:
             deleted=frame.loc[is_delete, "row_id"].tolist(),
             backlog=backlog,
             watermark=marks[-1] if marks else None,
+            failures=failures,
         )
 
     def exact_work(self, shard: int | None = None) -> dict[int, ShardWork]:

@@ -24,6 +24,9 @@ from embedding_assets.state.ddl import STATE_SCHEMA
 from embedding_assets.state.queue import ChangeQueue
 
 MESSAGE_CHARS = 1000
+# Failures that the same content would meet again: dead at once, until the content changes
+# (or `errors replay`, after the cause is fixed).
+PERMANENT_KINDS = ("unstorable", "duplicate_id")
 
 
 def held(error: str, content_hash: str) -> str:
@@ -94,8 +97,10 @@ class RowErrors:
         conn.execute(
             sa.text(
                 f"""UPDATE {STATE_SCHEMA}.row_errors SET
-                    state = CASE WHEN attempts >= :max THEN 'dead' ELSE 'retrying' END,
-                    next_retry_at = CASE WHEN attempts >= :max THEN NULL
+                    state = CASE WHEN attempts >= :max OR kind = ANY(:permanent) THEN 'dead'
+                        ELSE 'retrying' END,
+                    next_retry_at = CASE WHEN attempts >= :max OR kind = ANY(:permanent)
+                        THEN NULL
                         ELSE last_failed_at + make_interval(secs => least(
                             :first * power(2, attempts - 1), :cap)) END
                 WHERE target = :t AND row_id = ANY(:ids)"""
@@ -104,6 +109,7 @@ class RowErrors:
                 "t": self.target,
                 "ids": ids,
                 "max": self.policy.max_attempts,
+                "permanent": list(PERMANENT_KINDS),
                 "first": self.policy.first_wait_seconds,
                 "cap": self.policy.max_wait_seconds,
             },

@@ -273,6 +273,13 @@ class WatermarkFeed(_QueueFeed):
         entries, ids = self._queued_pending(shard, limit)
         by_id = self.diff.sql.ids_predicate(self.id_type())
         window = self._since() if since is not None else "true"
+        if since is not None:
+            # Rows sharing an id with a row in the window, so a duplicated id is seen whole.
+            id_col = self.diff.sql.column(self.spec.id_column)
+            window = (
+                f"({window}) OR {id_col} IN (SELECT {id_col} FROM {self.diff.sql.relation} "
+                f"WHERE {window})"
+            )
         scope = Scope(
             candidates=f"({window}) OR {by_id}",
             ledger="row_id = ANY(CAST(:ids AS text[])) OR row_id IN (SELECT row_id FROM src)",

@@ -9,6 +9,7 @@ import string
 
 from embedding_assets.core.sharding import shard_sql
 from embedding_assets.settings import SourceSpec, split_qualified
+from embedding_assets.state.pg_values import read_expr
 
 
 def quote_ident(name: str) -> str:
@@ -34,8 +35,11 @@ def meta_alias(index: int) -> str:
 
 
 class SourceSql:
-    def __init__(self, spec: SourceSpec):
+    def __init__(self, spec: SourceSpec, meta_types: list[str] | None = None):
+        """`meta_types`: the metadata columns' Postgres types, which decide how each is
+        read (see state.pg_values); without them every column is read as itself."""
         self.spec = spec
+        self.meta_types = meta_types
 
     @property
     def relation(self) -> str:
@@ -65,8 +69,10 @@ class SourceSql:
         return "(" + " AND ".join(checks) + ")"
 
     def meta_select(self) -> str:
+        types = self.meta_types or ["text"] * len(self.spec.metadata)
         return "".join(
-            f", {self.column(c)} AS {meta_alias(i)}" for i, c in enumerate(self.spec.metadata)
+            f", {read_expr(self.column(c), t)} AS {meta_alias(i)}"
+            for i, (c, t) in enumerate(zip(self.spec.metadata, types, strict=True))
         )
 
     def meta_json(self) -> str:
