@@ -546,6 +546,7 @@ def status_report(settings: Settings, source: str, exact: bool = False) -> dict:
     from embedding_assets.destinations.audit import audit_destinations, without_store_lock
     from embedding_assets.environment import database_url
     from embedding_assets.runtime import runtime_for
+    from embedding_assets.state.diff import DUPLICATE_KIND
 
     spec = settings.source(source)
     runtime = runtime_for(settings, source, database_url())
@@ -590,6 +591,8 @@ def status_report(settings: Settings, source: str, exact: bool = False) -> dict:
     totals = {f: sum(s[f] for s in shards.values()) for f in STATUS_FIELDS}
     counted = runtime.diff.counted()
     return {
+        "null_id_rows": runtime.diff.null_id_rows(),
+        "duplicate_ids": runtime.errors.ids_of_kind(DUPLICATE_KIND),
         "source": source,
         "pgvector_table": spec.target,
         "qdrant_collection": spec.qdrant_collection,
@@ -600,6 +603,22 @@ def status_report(settings: Settings, source: str, exact: bool = False) -> dict:
         "counted_at": counted[1],
         "shards": shards,
     }
+
+
+def id_warnings(report: dict, id_column: str) -> list[str]:
+    """What status says of rows it cannot track: NULL ids and duplicated ids."""
+    warnings = []
+    if report["null_id_rows"]:
+        warnings.append(
+            f"{report['null_id_rows']} eligible rows have a NULL `{id_column}` and are never "
+            "embedded; give them an id, or leave them out with `where:`"
+        )
+    if report["duplicate_ids"]:
+        warnings.append(
+            f"ids shared by several rows (not updated until only one row has each): "
+            f"{report['duplicate_ids']}; see `embedding-assets errors`"
+        )
+    return warnings
 
 
 @main.command()
@@ -629,6 +648,8 @@ def status(ctx: click.Context, source: str | None, exact: bool, as_json: bool) -
         for key, shard in report["shards"].items():
             click.echo(f"  {key:>5} " + " ".join(f"{shard[f]:>15}" for f in STATUS_FIELDS))
         click.echo(f"  {'total':>5} " + " ".join(f"{report[f]:>15}" for f in STATUS_FIELDS))
+        for warning in id_warnings(report, settings.source(report["source"]).id_column):
+            click.echo(f"  WARNING: {warning}")
         if not report["exact"]:
             counted = report["eligible_rows_counted"]
             when = report["counted_at"] or "never"

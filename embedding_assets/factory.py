@@ -243,6 +243,12 @@ def build_reconcile_job(spec: SourceSpec) -> dg.JobDefinition:
         started = time.perf_counter()
         found, disagree = runtime.reconcile()
         seconds = time.perf_counter() - started
+        null_ids = runtime.diff.null_id_rows()
+        if null_ids:
+            context.log.warning(
+                f"{null_ids} eligible rows of {spec.name} have a NULL `{spec.id_column}` and "
+                "are never embedded; give them an id, or leave them out with `where:`"
+            )
         context.log.info(
             f"reconcile of {spec.name} ({runtime.feed.mode} capture): {found} rows queued; "
             f"{len(disagree)} shards whose destinations had lost data, now marked for "
@@ -252,6 +258,7 @@ def build_reconcile_job(spec: SourceSpec) -> dg.JobDefinition:
             found,
             metadata={
                 "rows_found": found,
+                "null_id_rows": null_ids,
                 "shards_repaired": len(disagree),
                 "change_capture": runtime.feed.mode,
                 "seconds": round(seconds, 3),

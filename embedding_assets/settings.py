@@ -171,11 +171,12 @@ def template_fields(template: str) -> list[str]:
     for _, field, spec, conversion in string.Formatter().parse(template):
         if field is None:
             continue
-        if not field.strip() or spec or conversion:
+        if not field.strip() or field.isdigit() or spec or conversion:
             raise ValueError(
                 f"text template field {{{field}{'!' + conversion if conversion else ''}"
                 f"{':' + spec if spec else ''}}} is not a plain column name; write {{column}}, "
-                "and for a column whose name holds ':' or '!' alias it in a `query:` "
+                "and for a column whose name is a number or holds ':' or '!' alias it in a "
+                "`query:` "
                 '(SELECT "odd:name" AS odd_name ...)'
             )
         if field not in fields:

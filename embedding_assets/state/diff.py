@@ -14,7 +14,7 @@ from embedding_assets.core.delta import PendingRows, RowFailure
 from embedding_assets.settings import SourceSpec
 from embedding_assets.state.ddl import STATE_SCHEMA
 from embedding_assets.state.errors import held
-from embedding_assets.state.source_sql import SourceSql, column_types, meta_alias
+from embedding_assets.state.source_sql import SourceSql, column_types, meta_alias, raw_sql
 
 
 class SourceColumnsError(ValueError):
@@ -64,11 +64,11 @@ class SourceDiff:
     def typed_sql(self) -> SourceSql:
         """The source's SQL with its metadata columns read by type (one probe, cached)."""
         if self._typed_sql is None:
+            self._check_columns()
             types: list[str] = []
             if self.spec.metadata:
                 with self.engine.connect() as conn:
                     types = column_types(conn, self.sql.metadata_probe())
-            self._check_columns()
             self._typed_sql = SourceSql(self.spec, types)
         return self._typed_sql
 
@@ -273,6 +273,22 @@ class SourceDiff:
             self._params(None, Scope()),
         ).one()
         return int(found.found)
+
+    def null_id_rows(self) -> int:
+        """Eligible source rows whose id is NULL: they cannot be tracked, so they are never
+        embedded. Free for a NOT NULL id (the planner drops the scan); an index on the id
+        answers it otherwise, else it scans the source."""
+        user_where = f"({raw_sql(self.spec.where)})" if self.spec.where else "true"
+        id_col = self.sql.column(self.spec.id_column)
+        with self.engine.connect() as conn:
+            return int(
+                conn.scalar(
+                    sa.text(
+                        f"SELECT count(*) FROM {self.sql.relation} "
+                        f"WHERE {id_col} IS NULL AND coalesce({user_where}, false)"
+                    )
+                )
+            )
 
     def counted(self) -> tuple[int | None, str | None]:
         """The last full diff's eligible-row total and when it ran (None if never)."""

@@ -162,6 +162,18 @@ class RowErrors:
 
     # -- reads --------------------------------------------------------------------------
 
+    def ids_of_kind(self, kind: str, limit: int = 20) -> list[str]:
+        with self.engine.connect() as conn:
+            return list(
+                conn.scalars(
+                    sa.text(
+                        f"""SELECT row_id FROM {STATE_SCHEMA}.row_errors
+                        WHERE target = :t AND kind = :k ORDER BY row_id LIMIT :n"""
+                    ),
+                    {"t": self.target, "k": kind, "n": limit},
+                )
+            )
+
     def list(self, limit: int = 1000, dead_only: bool = False) -> list[RowError]:
         dead = "AND state = 'dead'" if dead_only else ""
         with self.engine.connect() as conn:

@@ -146,6 +146,7 @@ class TriggerFeed(_QueueFeed):
     def ensure(self) -> None:
         if self._ensured:
             return
+        self.diff.typed_sql()  # every configured column exists, before triggers go in
         with self.engine.begin() as conn:
             triggers = self.triggers(conn)
             installed = installed_signature(
@@ -235,7 +236,8 @@ class WatermarkFeed(_QueueFeed):
     def ensure(self) -> None:
         if self._ensured:
             return
-        self.wm_type()  # a missing column fails here, with Postgres naming it
+        self.diff.typed_sql()  # every configured column exists
+        self.wm_type()
         with self.engine.begin() as conn:
             recorded = _capture_row(conn, self.target)
             if recorded is None or recorded.mode != self.mode:
@@ -361,6 +363,7 @@ class DiffFeed(_Feed):
     def ensure(self) -> None:
         """Triggers left from an earlier `change_capture: trigger` would fill a queue that
         nothing reads: drop them."""
+        self.diff.typed_sql()  # every configured column exists
         if self._ensured:
             return
         with self.engine.begin() as conn:

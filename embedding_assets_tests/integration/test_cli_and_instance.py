@@ -124,7 +124,7 @@ def test_status_search_and_sync_errors_are_one_line_with_the_fix(
     create_docs_table(postgres, name, [{"id": 1, "title": "one", "body": "text"}])
     bad_column = write_settings(tmp_path, name, name, metadata="[category, no_such_column]")
     cases = {
-        "a bad column": (bad_column.path, "no_such_column", "does not exist"),
+        "a bad column": (bad_column.path, "no_such_column", "source does not have"),
         "a missing table": (
             write_settings(tmp_path, unique_name(), "no_such_table").path,
             "no_such_table",
