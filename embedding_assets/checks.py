@@ -1,10 +1,17 @@
 """Asset checks of a source, per shard: vector validity, coverage, dead rows, parity with the
-ledger, self-retrieval."""
+ledger, self-retrieval, search recall."""
 
 import dagster as dg
 
 from embedding_assets.core.sharding import shard_index
 from embedding_assets.destinations.audit import audit_destinations
+from embedding_assets.destinations.recall import (
+    RECALL_K,
+    RECALL_SAMPLE,
+    RECALL_TARGET,
+    pgvector_recall,
+    qdrant_recall,
+)
 from embedding_assets.resources.embedders import embedder_resource_key
 from embedding_assets.resources.runtime import runtime_of
 from embedding_assets.settings import SourceSpec
@@ -158,4 +165,32 @@ def build_checks(
             metadata={"sampled": sampled, **{f"found_{k}": v for k, v in found.items()}},
         )
 
-    return [vectors_valid, coverage, no_dead_rows, parity, self_retrieval]
+    @dg.asset_check(
+        asset=vector_index,
+        name="search_recall",
+        partitions_def=shards,
+        required_resource_keys=resources,
+        description=f"recall@{RECALL_K} of the approximate searches against exact ones, for "
+        f"{RECALL_SAMPLE} stored chunks of the shard used as queries: pgvector's HNSW index "
+        "over the whole table, and the shard's Qdrant points. Warns below "
+        f"{RECALL_TARGET}: raise `pgvector.hnsw.ef_search` / `qdrant.hnsw.ef_search`. An "
+        "exact backend (no HNSW index yet, or Qdrant's embedded engine) has recall 1.",
+    )
+    def search_recall(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+        runtime = runtime_of(context, spec)
+        shard = shard_index(context.partition_key)
+        sample = runtime.pgvector.sample_chunks(shard, RECALL_SAMPLE)
+        vectors = list(sample["embedding"])
+        found = [pgvector_recall(runtime, shard, vectors), qdrant_recall(runtime, shard, vectors)]
+        metadata: dict[str, float | int | bool] = {"sampled": len(vectors), "k": RECALL_K}
+        for recall in found:
+            if recall.recall is not None:
+                metadata[f"{recall.backend}_recall"] = recall.recall
+            metadata[f"{recall.backend}_exact"] = recall.exact_engine
+        return dg.AssetCheckResult(
+            passed=all(r.recall is None or r.recall >= RECALL_TARGET for r in found),
+            severity=dg.AssetCheckSeverity.WARN,
+            metadata=metadata,
+        )
+
+    return [vectors_valid, coverage, no_dead_rows, parity, self_retrieval, search_recall]

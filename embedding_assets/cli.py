@@ -465,7 +465,7 @@ def require_reachable_embedders(settings: Settings, sources: list[str]) -> None:
 
 
 def search_source(
-    settings: Settings, source: str, text: str, limit: int, backend: str
+    settings: Settings, source: str, text: str, limit: int, backend: str, exact: bool = False
 ) -> list[dict]:
     """Nearest chunks to `text`: row id, score (cosine similarity), chunk text."""
     from embedding_assets.environment import database_url
@@ -479,7 +479,7 @@ def search_source(
         )
     vector = runtime.embedder.embed_query(text)
     if backend == "pgvector":
-        hits = runtime.pgvector.search(vector, limit)
+        hits = runtime.pgvector.search(vector, limit, exact=exact)
         return [
             {"row_id": h.row_id, "chunk_index": h.chunk_index, "score": h.score, "text": h.text}
             for h in hits
@@ -491,7 +491,7 @@ def search_source(
             "score": h.score,
             "text": h.payload.get("text"),
         }
-        for h in runtime.qdrant.search(vector, limit)
+        for h in runtime.qdrant.search(vector, limit, exact=exact)
     ]
 
 
@@ -500,16 +500,28 @@ def search_source(
 @click.option("--source", help="Source to search (default: the first one).")
 @click.option("-k", "limit", default=5, show_default=True, type=click.IntRange(1, 1000))
 @click.option("--backend", type=click.Choice(["pgvector", "qdrant"]), default="pgvector")
+@click.option(
+    "--exact",
+    is_flag=True,
+    help="Compare the query with every stored chunk instead of searching the HNSW index "
+    "(slower; the ground truth for the index's recall).",
+)
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def search(
-    ctx: click.Context, text: str, source: str | None, limit: int, backend: str, as_json: bool
+    ctx: click.Context,
+    text: str,
+    source: str | None,
+    limit: int,
+    backend: str,
+    exact: bool,
+    as_json: bool,
 ) -> None:
     """Nearest chunks to TEXT, with row id and score."""
     ensure_database()
     settings = _settings(ctx)
     name = _sources(settings, source)[0]
-    hits = search_source(settings, name, text, limit, backend)
+    hits = search_source(settings, name, text, limit, backend, exact)
     if as_json:
         click.echo(json.dumps(hits))
         return

@@ -142,12 +142,47 @@ class ChunkingSpec(_Spec):
         return self
 
 
+class PgvectorHnswSpec(_Spec):
+    """pgvector's HNSW index. `m` and `ef_construction` apply when the index is built (a
+    bulk load builds it once; drop it to rebuild with new values); `ef_search` is the
+    candidate list of every search (pgvector's default, 40, misses exact matches among
+    many near-duplicates); `iterative_scan` (pgvector >= 0.8) keeps scanning when a filter
+    (a shard) removes candidates."""
+
+    m: int = Field(default=16, ge=2, le=100)
+    ef_construction: int = Field(default=64, ge=4, le=1000)
+    ef_search: int = Field(default=200, ge=1, le=1000)
+    iterative_scan: Literal["off", "relaxed_order", "strict_order"] = "relaxed_order"
+
+    @model_validator(mode="after")
+    def _ef_construction_covers_m(self) -> "PgvectorHnswSpec":
+        if self.ef_construction < 2 * self.m:
+            raise ValueError(
+                f"pgvector.hnsw.ef_construction ({self.ef_construction}) must be at least "
+                f"2 * m ({2 * self.m}), as pgvector requires; raise it or lower m"
+            )
+        return self
+
+
 class PgvectorSpec(_Spec):
     table: str | None = None
+    hnsw: PgvectorHnswSpec = PgvectorHnswSpec()
+
+
+class QdrantHnswSpec(_Spec):
+    """A Qdrant server's HNSW index, set when the collection is created; `ef_search` is
+    each search's `hnsw_ef`. Qdrant's embedded engine always searches exactly."""
+
+    m: int = Field(default=16, ge=0, le=100)
+    ef_construct: int = Field(default=100, ge=4, le=1000)
+    ef_search: int = Field(default=128, ge=1, le=10000)
 
 
 class QdrantSpec(_Spec):
     collection: str | None = None
+    hnsw: QdrantHnswSpec = QdrantHnswSpec()
+    # scalar: int8 vectors in RAM (4x smaller), searched with rescoring by the originals.
+    quantization: Literal["none", "scalar"] = "none"
 
     @field_validator("collection")
     @classmethod

@@ -8,6 +8,7 @@ rewrites most of a table drops it first. Until it exists, search is an exact sca
 """
 
 import os
+import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -99,6 +100,7 @@ class PgVectorDestination:
         self.hnsw_index = quote_ident(self.name + "_embedding_hnsw")
         self._types: dict[str, str] | None = None
         self._kinds: dict[str, tuple[str, str]] | None = None
+        self._iterative: bool | None = None
 
     # -- schema -------------------------------------------------------------------------
 
@@ -166,10 +168,12 @@ class PgVectorDestination:
         conn.execute(sa.text("SET LOCAL statement_timeout = 0"))
         # One parallel worker beside the leader: both cores of a small machine.
         conn.execute(sa.text("SET LOCAL max_parallel_maintenance_workers = 1"))
+        hnsw = self.spec.pgvector.hnsw
         conn.execute(
             sa.text(
                 f"CREATE INDEX IF NOT EXISTS {self.hnsw_index} "
-                f"ON {self.table} USING hnsw (embedding vector_cosine_ops)"
+                f"ON {self.table} USING hnsw (embedding vector_cosine_ops) "
+                f"WITH (m = {int(hnsw.m)}, ef_construction = {int(hnsw.ef_construction)})"
             )
         )
         return True
@@ -444,18 +448,27 @@ class PgVectorDestination:
                 columns,
             )
 
-    def search(self, vector: np.ndarray, limit: int, shard: int | None = None) -> list[SearchHit]:
-        """Nearest chunks by cosine distance (only the shard's, if given)."""
+    def search(
+        self, vector: np.ndarray, limit: int, shard: int | None = None, exact: bool = False
+    ) -> list[SearchHit]:
+        """Nearest chunks by cosine distance (only the shard's, if given). Approximate
+        through the HNSW index with the source's `ef_search` and iterative scan; `exact`
+        scans every chunk instead (the ground truth the recall check compares with)."""
         if not self.table_exists():
             return []
         only = "WHERE shard = :shard" if shard is not None else ""
-        with self.engine.connect() as conn:
+        with self.engine.begin() as conn:
+            self._search_settings(conn, exact, limit)
             rows = conn.execute(
                 sa.text(
-                    f"""SELECT CAST(point_id AS text) AS point_id, row_id, chunk_index,
-                        chunk_text, 1 - (embedding <=> CAST(:q AS vector)) AS score
-                    FROM {self.table} {only}
-                    ORDER BY embedding <=> CAST(:q AS vector) LIMIT :k"""
+                    f"""WITH hits AS MATERIALIZED (
+                        SELECT point_id, row_id, chunk_index, chunk_text,
+                            embedding <=> CAST(:q AS vector) AS distance
+                        FROM {self.table} {only}
+                        ORDER BY embedding <=> CAST(:q AS vector) LIMIT :k)
+                    SELECT CAST(point_id AS text) AS point_id, row_id, chunk_index,
+                        chunk_text, 1 - distance AS score
+                    FROM hits ORDER BY distance, point_id"""
                 ),
                 {"q": np.asarray(vector, dtype=np.float32), "k": limit, "shard": shard},
             ).fetchall()
@@ -463,3 +476,30 @@ class PgVectorDestination:
             SearchHit(r.row_id, r.chunk_index, float(r.score), r.chunk_text, r.point_id)
             for r in rows
         ]
+
+    def _search_settings(self, conn: sa.Connection, exact: bool, limit: int) -> None:
+        """This transaction's search parameters (SET LOCAL: nothing leaks to the pool)."""
+        if exact:
+            conn.execute(sa.text("SELECT set_config('enable_indexscan', 'off', true)"))
+            return
+        hnsw = self.spec.pgvector.hnsw
+        # At least the limit's worth of candidates, whatever the config says.
+        conn.execute(
+            sa.text("SELECT set_config('hnsw.ef_search', :ef, true)"),
+            {"ef": str(max(int(hnsw.ef_search), limit))},
+        )
+        if hnsw.iterative_scan != "off" and self._has_iterative_scan(conn):
+            conn.execute(
+                sa.text("SELECT set_config('hnsw.iterative_scan', :mode, true)"),
+                {"mode": hnsw.iterative_scan},
+            )
+
+    def _has_iterative_scan(self, conn: sa.Connection) -> bool:
+        """pgvector 0.8 added hnsw.iterative_scan; older servers refuse the setting."""
+        if self._iterative is None:
+            version = conn.scalar(
+                sa.text("SELECT extversion FROM pg_extension WHERE extname = 'vector'")
+            )
+            parts = tuple(int(p) for p in re.findall(r"\d+", version or "0")[:2])
+            self._iterative = parts >= (0, 8)
+        return self._iterative

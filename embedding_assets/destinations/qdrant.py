@@ -18,6 +18,7 @@ from embedding_assets.core.ids import point_id
 from embedding_assets.destinations.pgvector import PgVectorDestination
 from embedding_assets.destinations.qdrant_stores import (
     EmbeddedQdrantStore,
+    IndexConfig,
     IndexHit,
     IndexPoint,
     QdrantStore,
@@ -188,7 +189,9 @@ class QdrantDestination:
     def apply(self, update: IndexUpdate) -> None:
         with self.store.session(self.collection):
             if update.create_collection or update.reset_shard:
-                if self.store.ensure_collection(self.collection, update.dimension):
+                if self.store.ensure_collection(
+                    self.collection, update.dimension, self.index_config
+                ):
                     self.forget()  # a new collection holds nothing of any shard
                 if update.reset_shard:
                     self.store.delete_shard(self.collection, update.shard)
@@ -258,10 +261,27 @@ class QdrantDestination:
     def count(self, shard: int | None = None) -> int:
         return self.store.count(self.collection, shard=shard)
 
+    @property
+    def index_config(self) -> IndexConfig:
+        qdrant = self.spec.qdrant
+        return IndexConfig(
+            m=qdrant.hnsw.m,
+            ef_construct=qdrant.hnsw.ef_construct,
+            ef_search=qdrant.hnsw.ef_search,
+            quantization=qdrant.quantization,
+        )
+
+    @property
+    def searches_exactly(self) -> bool:
+        """The embedded engine has no HNSW graph: its search is the exact one."""
+        return self.store_is_embedded
+
     def search(
-        self, vector: Sequence[float], limit: int, shard: int | None = None
+        self, vector: Sequence[float], limit: int, shard: int | None = None, exact: bool = False
     ) -> list[IndexHit]:
-        return self.store.search(self.collection, vector, limit, shard)
+        return self.store.search(
+            self.collection, vector, limit, shard, exact=exact, config=self.index_config
+        )
 
     def retrieve(self, ids: Sequence[str]) -> list[IndexHit]:
         return self.store.retrieve(self.collection, ids)

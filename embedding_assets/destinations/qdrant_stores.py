@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "EmbeddedQdrantStore",
+    "IndexConfig",
     "IndexHit",
     "IndexPoint",
     "QdrantStore",
@@ -84,11 +85,23 @@ class IndexHit:
     vector: np.ndarray | None = None  # only from retrieve(..., vectors=True)
 
 
+@dataclass(frozen=True)
+class IndexConfig:
+    """A collection's search index (a server's; the embedded engine searches exactly)."""
+
+    m: int = 16
+    ef_construct: int = 100
+    ef_search: int = 128  # hnsw_ef of each search (at least its limit)
+    quantization: str = "none"  # or "scalar": int8 in RAM, rescored by the originals
+
+
 @runtime_checkable
 class QdrantStore(Protocol):
     """What the pipeline needs from a Qdrant deployment, server or embedded."""
 
-    def ensure_collection(self, name: str, dimension: int) -> bool:
+    def ensure_collection(
+        self, name: str, dimension: int, config: IndexConfig = IndexConfig()
+    ) -> bool:
         """Create a cosine collection if missing (True if created); ValueError on a mismatch."""
         ...
 
@@ -115,10 +128,16 @@ class QdrantStore(Protocol):
         ...
 
     def search(
-        self, name: str, vector: Sequence[float], limit: int, shard: int | None = None
+        self,
+        name: str,
+        vector: Sequence[float],
+        limit: int,
+        shard: int | None = None,
+        exact: bool = False,
+        config: IndexConfig = IndexConfig(),
     ) -> list[IndexHit]:
         """Nearest points by cosine similarity, best first (only the shard's, if given);
-        [] if no collection."""
+        approximate with `config.ef_search` unless `exact`; [] if no collection."""
         ...
 
     def retrieve(self, name: str, ids: Sequence[str], vectors: bool = False) -> list[IndexHit]:
@@ -255,7 +274,9 @@ class EmbeddedQdrantStore:
 
     # -- the protocol --
 
-    def ensure_collection(self, name: str, dimension: int) -> bool:
+    def ensure_collection(
+        self, name: str, dimension: int, config: IndexConfig = IndexConfig()
+    ) -> bool:
         if dimension < 1:
             raise ValueError(f"dimension must be positive, got {dimension}")
         with self._open(name) as handle:
@@ -332,8 +353,15 @@ class EmbeddedQdrantStore:
             return edge_shard.count(edge.CountRequest(exact=True, filter=flt))
 
     def search(
-        self, name: str, vector: Sequence[float], limit: int, shard: int | None = None
+        self,
+        name: str,
+        vector: Sequence[float],
+        limit: int,
+        shard: int | None = None,
+        exact: bool = False,
+        config: IndexConfig = IndexConfig(),
     ) -> list[IndexHit]:
+        # The engine never builds an HNSW graph (see above): every search is exact.
         if limit < 1:
             return []
         with self._open(name) as handle:
@@ -558,19 +586,30 @@ class ServerQdrantStore:
     def __repr__(self) -> str:
         return f"ServerQdrantStore({self._description})"
 
-    def ensure_collection(self, name: str, dimension: int) -> bool:
+    def ensure_collection(
+        self, name: str, dimension: int, config: IndexConfig = IndexConfig()
+    ) -> bool:
         from qdrant_client import models
 
         if dimension < 1:
             raise ValueError(f"dimension must be positive, got {dimension}")
         created = False
         if not self._client.collection_exists(name):
+            quantization = None
+            if config.quantization == "scalar":
+                quantization = models.ScalarQuantization(
+                    scalar=models.ScalarQuantizationConfig(
+                        type=models.ScalarType.INT8, always_ram=True
+                    )
+                )
             try:
                 self._client.create_collection(
                     name,
                     vectors_config=models.VectorParams(
                         size=dimension, distance=models.Distance.COSINE
                     ),
+                    hnsw_config=models.HnswConfigDiff(m=config.m, ef_construct=config.ef_construct),
+                    quantization_config=quantization,
                 )
                 created = True
                 log.info("created Qdrant collection %r (%d-d, cosine)", name, dimension)
@@ -634,14 +673,27 @@ class ServerQdrantStore:
         return int(self._client.count(name, count_filter=flt, exact=True).count)
 
     def search(
-        self, name: str, vector: Sequence[float], limit: int, shard: int | None = None
+        self,
+        name: str,
+        vector: Sequence[float],
+        limit: int,
+        shard: int | None = None,
+        exact: bool = False,
+        config: IndexConfig = IndexConfig(),
     ) -> list[IndexHit]:
+        from qdrant_client import models
+
         if limit < 1 or not self._client.collection_exists(name):
             return []
         response = self._client.query_points(
             name,
             query=_as_floats(vector),
             query_filter=None if shard is None else self._shard_filter(shard),
+            search_params=models.SearchParams(
+                hnsw_ef=max(config.ef_search, limit),
+                exact=exact,
+                quantization=models.QuantizationSearchParams(rescore=True),
+            ),
             limit=limit,
             with_payload=True,
             with_vectors=False,

@@ -1,0 +1,57 @@
+"""Recall of the approximate searches: a sample of stored chunks, each searched through the
+index and by an exact scan; recall@k is the share of the exact top k that the index also
+returned. Both searches run over the whole table (pgvector) and the shard (Qdrant), as
+applications search them."""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+RECALL_SAMPLE = 5
+RECALL_K = 10
+RECALL_TARGET = 0.95
+SCORE_TOLERANCE = 1e-6  # float32 cosine noise between the two searches
+
+
+@dataclass(frozen=True)
+class Recall:
+    backend: str
+    sampled: int
+    recall: float | None  # None: nothing to sample
+    exact_engine: bool = False  # the backend's search is exact; recall is 1 by construction
+
+
+def recall_at_k(
+    approximate: list[list[float]], exact: list[list[float]], k: int = RECALL_K
+) -> float | None:
+    """Mean share of each exact top k that the approximate top k matched, by score: a hit
+    scoring at least the exact k-th score counts, so equally near neighbours (common among
+    near-duplicates) are interchangeable. Lists are similarity scores, best first."""
+    shares = []
+    for found, truth in zip(approximate, exact, strict=True):
+        truth = truth[:k]
+        if not truth:
+            continue
+        kth = truth[-1] - SCORE_TOLERANCE
+        shares.append(min(sum(1 for score in found[:k] if score >= kth), len(truth)) / len(truth))
+    return round(float(np.mean(shares)), 4) if shares else None
+
+
+def pgvector_recall(runtime, shard: int, vectors: list[np.ndarray]) -> Recall:
+    """Recall of pgvector's HNSW search; exact by construction while the index is not built."""
+    record = runtime.ledger.record()
+    if record is None or record.vector_index != "built":
+        return Recall("pgvector", len(vectors), 1.0 if vectors else None, exact_engine=True)
+    pg = runtime.pgvector
+    approximate = [[h.score for h in pg.search(v, RECALL_K)] for v in vectors]
+    exact = [[h.score for h in pg.search(v, RECALL_K, exact=True)] for v in vectors]
+    return Recall("pgvector", len(vectors), recall_at_k(approximate, exact))
+
+
+def qdrant_recall(runtime, shard: int, vectors: list[np.ndarray]) -> Recall:
+    qdrant = runtime.qdrant
+    if qdrant.searches_exactly:
+        return Recall("qdrant", len(vectors), 1.0 if vectors else None, exact_engine=True)
+    approximate = [[h.score for h in qdrant.search(v, RECALL_K, shard)] for v in vectors]
+    exact = [[h.score for h in qdrant.search(v, RECALL_K, shard, exact=True)] for v in vectors]
+    return Recall("qdrant", len(vectors), recall_at_k(approximate, exact))
