@@ -137,7 +137,13 @@ def build_source_defs(spec: SourceSpec, qdrant_embedded: bool) -> SourceDefs:
         embedder = runtime.embedder
         reusable = reusable_vectors(runtime, chunks)
         calls_before = embedder_stats(embedder)
-        embedded = embed_chunks(chunks, embedder, reusable)
+
+        def keep_progress(hashes: list[str], vectors, done: int, total: int) -> None:
+            # Committed at once: a run interrupted after this keeps these vectors.
+            runtime.vector_cache.save(hashes, vectors)
+            context.log.info(f"embedded {done:,} of {total:,} new chunks (progress kept)")
+
+        embedded = embed_chunks(chunks, embedder, reusable, keep_progress)
         seconds = time.perf_counter() - started
         rows = len(chunks.pending.rows)
         reasons = {

@@ -3,6 +3,7 @@ store (pgvector + ledger + change-feed acknowledgement in one transaction). The 
 stage lives in `destinations.qdrant`. Dagster assets, IO managers and tests call these."""
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -44,11 +45,15 @@ def chunk_rows(pending: PendingRows, spec: SourceSpec, embedder: Embedder) -> Ch
 
 
 def reusable_vectors(runtime: SourceRuntime, chunked: ChunkedRows) -> dict[str, np.ndarray]:
-    """Stored vectors for the chunks' texts: pgvector's by chunk hash; and for rows whose
+    """Stored vectors for the chunks' texts: pgvector's by chunk hash, then the vector
+    cache's (progress of an interrupted run); and for rows whose
     content is unchanged but whose chunks pgvector lost (see destinations.audit), the
     points Qdrant still holds with the same text."""
     chunks = chunked.chunks
-    found = runtime.pgvector.reusable_vectors(chunks["chunk_hash"].tolist())
+    hashes = chunks["chunk_hash"].tolist()
+    found = runtime.pgvector.reusable_vectors(hashes)
+    # What an interrupted run of this shard computed and could not store.
+    found.update(runtime.vector_cache.load([h for h in hashes if h not in found]))
     rows = chunked.pending.rows
     if not len(rows) or "stored_hash" not in rows:
         return found
@@ -59,11 +64,23 @@ def reusable_vectors(runtime: SourceRuntime, chunked: ChunkedRows) -> dict[str, 
     return found
 
 
+# A run with more new chunks than this embeds them in pieces of this size and hands each
+# finished piece to `progress` (the vector cache), so an interruption loses one piece.
+PROGRESS_CHUNKS = 512
+
+Progress = Callable[[list[str], np.ndarray, int, int], None]
+
+
 def embed_chunks(
-    chunked: ChunkedRows, embedder: Embedder, reusable: dict[str, np.ndarray]
+    chunked: ChunkedRows,
+    embedder: Embedder,
+    reusable: dict[str, np.ndarray],
+    progress: Progress | None = None,
 ) -> EmbeddedRows:
     """Vectors for every chunk: copied when its hash already has one, embedded otherwise.
-    Identical new chunks are embedded once."""
+    Identical new chunks are embedded once. With `progress`, more than PROGRESS_CHUNKS new
+    chunks are embedded piece by piece, and each piece's (hashes, vectors, done, total) is
+    passed to it as soon as it is embedded."""
     chunks = chunked.chunks
     dimension = embedder.dimension
     vectors = np.zeros((len(chunks), dimension), dtype=np.float32)
@@ -79,8 +96,7 @@ def embed_chunks(
     failures: dict[str, RowFailure] = {}
     if missing:
         first_texts = [chunks["text"].iat[positions[0]] for positions in missing.values()]
-        fresh, failed = _embed(embedder, first_texts)
-        _raise_if_unavailable(embedder, failed, len(first_texts))
+        fresh, failed = _embed_in_pieces(embedder, first_texts, list(missing), progress)
         rows = chunked.pending.rows
         hashes = dict(zip(rows["row_id"], rows["content_hash"], strict=True)) if failed else {}
         for index, (vector, positions) in enumerate(zip(fresh, missing.values(), strict=True)):
@@ -116,6 +132,28 @@ def _raise_if_unavailable(embedder: Embedder, failed: dict[int, InputFailure], i
             f"errors ({example}); nothing was stored and no row was charged an attempt. "
             "The run is retried after a growing wait; check that the embedder is up."
         )
+
+
+def _embed_in_pieces(
+    embedder: Embedder, texts: list[str], hashes: list[str], progress: Progress | None
+) -> tuple[np.ndarray, dict[int, InputFailure]]:
+    size = PROGRESS_CHUNKS if progress is not None else max(1, len(texts))
+    pieces, failed = [], {}
+    for start in range(0, len(texts), size):
+        piece = texts[start : start + size]
+        vectors, piece_failed = _embed(embedder, piece)
+        _raise_if_unavailable(embedder, piece_failed, len(piece))
+        pieces.append(vectors)
+        failed.update({start + i: f for i, f in piece_failed.items()})
+        if progress is not None and len(texts) > size:
+            keep = [i for i in range(len(piece)) if i not in piece_failed]
+            progress(
+                [hashes[start + i] for i in keep],
+                vectors[keep],
+                start + len(piece),
+                len(texts),
+            )
+    return np.concatenate(pieces) if pieces else np.zeros((0, embedder.dimension)), failed
 
 
 def _embed(embedder: Embedder, texts: list[str]) -> tuple[np.ndarray, dict[int, InputFailure]]:
@@ -203,6 +241,7 @@ def store_embeddings(runtime: SourceRuntime, batch: EmbeddedRows) -> WriteStats:
         removed = [r for r in pending.deleted if r not in stale]
         runtime.ledger.record_deleted(conn, removed)
         runtime.errors.clear(conn, written + removed)
+        runtime.vector_cache.forget(conn, chunks["chunk_hash"].tolist())
         failures = {**pending.failures, **batch.failures, **refused}
         runtime.errors.record(conn, pending.shard, failures)
         runtime.feed.acknowledge(conn, pending)

@@ -31,6 +31,7 @@ from embedding_assets.state.errors import RowErrors
 from embedding_assets.state.feeds import ChangeFeed, build_feed
 from embedding_assets.state.ledger import Ledger, pipeline_version
 from embedding_assets.state.queue import ChangeQueue
+from embedding_assets.state.vector_cache import VectorCache
 
 BUNDLED_MODEL_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
 
@@ -118,6 +119,10 @@ class SourceRuntime:
     def errors(self) -> RowErrors:
         return self.feed.errors
 
+    @functools.cached_property
+    def vector_cache(self) -> VectorCache:
+        return VectorCache(self.engine, self.target, self.model_id)
+
     def ensure_target(self, dimension: int) -> None:
         """Record the target for this model (or refuse another model's table), create the
         chunk table, and follow a change of the shard count, in one transaction."""
@@ -138,6 +143,7 @@ class SourceRuntime:
                 self.ledger.reshard(conn, self.spec.shards)
                 self.pgvector.reshard(conn, self.spec.shards)
                 ChangeQueue(self.engine, self.target).reshard(conn, self.spec.shards)
+        self.vector_cache.prune()
         self.target_ready = True
 
     def claim_shard(self, shard: int, on_wait=None) -> None:

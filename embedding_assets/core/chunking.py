@@ -26,6 +26,13 @@ class Tokenizer(Protocol):
         ...
 
 
+# No tokenizer has real tokens this long: a longer span is a word it could not represent
+# (WordPiece gives any word over its 100-character limit a single [UNK]). Such a word is
+# broken with a space every LONG_TOKEN_CHARS characters before chunking, so its pieces are
+# tokenized, chunked and embedded like other text.
+LONG_TOKEN_CHARS = 100
+
+
 @dataclass(frozen=True)
 class Chunk:
     chunk_index: int
@@ -64,6 +71,7 @@ def chunk_text(text: str, tokenizer: Tokenizer, max_tokens: int, overlap: int) -
     window held (a word cut at a boundary, several tokens sharing one character), so each
     chunk is re-counted and its window shrunk until it fits; ``token_count`` is that re-count.
     Text without any token (empty, whitespace, only characters the tokenizer drops) gives [].
+    A word the tokenizer cannot represent is broken into pieces first (`break_long_words`).
     """
     return chunk_texts([text], tokenizer, max_tokens, overlap)[0]
 
@@ -80,10 +88,36 @@ def chunk_texts(
         offsets = batch(docs)
     else:
         offsets = [tokenizer.encode_offsets(doc) if doc else [] for doc in docs]
-    return [
-        _windows(doc, spans, tokenizer, max_tokens, overlap) if doc else []
-        for doc, spans in zip(docs, offsets, strict=True)
-    ]
+    chunks = []
+    for doc, spans in zip(docs, offsets, strict=True):
+        broken = break_long_words(doc, spans)
+        if broken is not None:
+            doc, spans = broken, tokenizer.encode_offsets(broken)
+        chunks.append(_windows(doc, spans, tokenizer, max_tokens, overlap) if doc else [])
+    return chunks
+
+
+def break_long_words(doc: str, offsets: list[tuple[int, int]]) -> str | None:
+    """`doc` with every token span longer than LONG_TOKEN_CHARS broken by a space every
+    LONG_TOKEN_CHARS characters; None when it has none (the common case: the text is kept
+    as it is)."""
+    long_spans = sorted({(s, e) for s, e in offsets if e - s > LONG_TOKEN_CHARS})
+    if not long_spans:
+        return None
+    parts: list[str] = []
+    position = 0
+    for start, end in long_spans:
+        if start < position:  # overlaps a span already broken
+            continue
+        parts.append(doc[position:start])
+        parts.append(
+            " ".join(
+                doc[i : min(i + LONG_TOKEN_CHARS, end)] for i in range(start, end, LONG_TOKEN_CHARS)
+            )
+        )
+        position = end
+    parts.append(doc[position:])
+    return "".join(parts)
 
 
 def _windows(

@@ -13,6 +13,8 @@
   status can report it without rescanning the source.
 - `row_errors`: per (target, source row), the last failure to embed the row's content: kind,
   message, attempts, when to retry, and whether it is dead (see `state.errors`).
+- `vector_cache`: vectors a long run computed and has not stored yet, so an interrupted run
+  keeps its progress (see `state.vector_cache`).
 """
 
 import sqlalchemy as sa
@@ -89,6 +91,14 @@ CREATE TABLE IF NOT EXISTS {STATE_SCHEMA}.row_errors (
 );
 CREATE INDEX IF NOT EXISTS row_errors_due ON {STATE_SCHEMA}.row_errors (target, next_retry_at)
     WHERE next_retry_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS {STATE_SCHEMA}.vector_cache (
+    target text NOT NULL,
+    model text NOT NULL,
+    chunk_hash text NOT NULL,
+    embedding vector NOT NULL,     -- any dimension: the model's
+    cached_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (target, model, chunk_hash)
+);
 CREATE TABLE IF NOT EXISTS {STATE_SCHEMA}.shard_counts (
     target text NOT NULL,
     shard int NOT NULL,

@@ -255,3 +255,32 @@ def test_batched_chunking_equals_one_text_at_a_time(hf_tokenizer: HFTokenizer, l
     assert chunk_texts(texts, WhitespaceTokenizer(), 8, 2) == [
         chunk_text(t, WhitespaceTokenizer(), 8, 2) for t in texts
     ]
+
+
+def test_a_200000_character_word_is_broken_into_embeddable_pieces(
+    hf_tokenizer: HFTokenizer,
+) -> None:
+    # WordPiece gives any word over 100 characters a single [UNK]: one token, one chunk.
+    word = "".join(chr(ord("a") + (i * 7) % 26) for i in range(200_000))
+    assert len(hf_tokenizer.encode_offsets(word)) == 1
+    doc = f"Header line. {word} trailer"
+    chunks = chunk_text(doc, hf_tokenizer, max_tokens=254, overlap=0)
+    assert len(chunks) > 100
+    assert max(len(c.text) for c in chunks) < 2_000
+    assert all(c.token_count == hf_tokenizer.count(c.text) <= 254 for c in chunks)
+    unk = hf_tokenizer._tok.token_to_id("[UNK]")
+    assert all(unk not in hf_tokenizer._tok.encode(c.text).ids for c in chunks)
+    # Nothing lost: without the inserted spaces the chunks spell the document.
+    joined = "".join(c.text.replace(" ", "") for c in chunks)
+    assert joined == doc.replace(" ", "")
+    # Text without such a word is left exactly as it was.
+    assert chunk_text("short words only", hf_tokenizer, 254, 0)[0].text == "short words only"
+
+
+def test_long_tokens_are_broken_every_100_characters() -> None:
+    from embedding_assets.core.chunking import LONG_TOKEN_CHARS, break_long_words
+
+    doc = "ab " + "x" * 250 + " cd"
+    broken = break_long_words(doc, WS.encode_offsets(doc))
+    assert broken == "ab " + " ".join(["x" * LONG_TOKEN_CHARS] * 2 + ["x" * 50]) + " cd"
+    assert break_long_words("ab cd", WS.encode_offsets("ab cd")) is None

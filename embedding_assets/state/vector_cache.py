@@ -1,0 +1,75 @@
+"""Vectors a run computed but has not stored yet: the progress of a long embedding step.
+
+A run with many chunks to embed (a 5 MB row is ~9,000 chunks, minutes of compute) saves
+each finished piece here, committed at once. If the run is interrupted, the next run of
+the shard finds those vectors by chunk hash and embeds only the rest. The store step
+removes the entries it wrote to pgvector; entries of a model the target no longer uses
+are never read (the model is part of the key) and are dropped with `prune`.
+"""
+
+from collections.abc import Sequence
+
+import numpy as np
+import sqlalchemy as sa
+
+from embedding_assets.destinations.pgvector import fetch_binary
+from embedding_assets.state.ddl import STATE_SCHEMA
+
+
+class VectorCache:
+    def __init__(self, engine: sa.Engine, target: str, model_id: str):
+        self.engine = engine
+        self.target = target
+        self.model_id = model_id
+
+    def save(self, chunk_hashes: Sequence[str], vectors: np.ndarray) -> None:
+        """Keep these vectors (committed now, whatever happens to the run)."""
+        if not len(chunk_hashes):
+            return
+        with self.engine.begin() as conn:
+            cursor = conn.connection.driver_connection.cursor()
+            try:
+                with cursor.copy(
+                    f"COPY {STATE_SCHEMA}.vector_cache (target, model, chunk_hash, embedding) "
+                    "FROM STDIN WITH (FORMAT BINARY)"
+                ) as copy:
+                    copy.set_types(["text", "text", "text", "vector"])
+                    for chunk_hash, vector in zip(chunk_hashes, vectors, strict=True):
+                        copy.write_row([self.target, self.model_id, chunk_hash, vector])
+            finally:
+                cursor.close()
+
+    def load(self, chunk_hashes: Sequence[str]) -> dict[str, np.ndarray]:
+        if not chunk_hashes:
+            return {}
+        with self.engine.connect() as conn:
+            found = fetch_binary(
+                conn,
+                f"""SELECT DISTINCT ON (chunk_hash) chunk_hash, embedding
+                FROM {STATE_SCHEMA}.vector_cache WHERE target = %(t)s AND model = %(m)s
+                AND chunk_hash = ANY(%(hashes)s)""",
+                {"t": self.target, "m": self.model_id, "hashes": list(set(chunk_hashes))},
+                ["chunk_hash", "embedding"],
+            )
+        return dict(zip(found["chunk_hash"], found["embedding"], strict=True))
+
+    def forget(self, conn: sa.Connection, chunk_hashes: Sequence[str]) -> None:
+        """In the store's transaction: these vectors are in pgvector now."""
+        if chunk_hashes:
+            conn.execute(
+                sa.text(
+                    f"""DELETE FROM {STATE_SCHEMA}.vector_cache WHERE target = :t
+                    AND chunk_hash = ANY(:hashes)"""
+                ),
+                {"t": self.target, "hashes": list(set(chunk_hashes))},
+            )
+
+    def prune(self) -> int:
+        """Drop entries of other models (after a model change they are never read)."""
+        with self.engine.begin() as conn:
+            return conn.execute(
+                sa.text(
+                    f"DELETE FROM {STATE_SCHEMA}.vector_cache WHERE target = :t AND model <> :m"
+                ),
+                {"t": self.target, "m": self.model_id},
+            ).rowcount
