@@ -11,10 +11,16 @@ import pandas as pd
 import sqlalchemy as sa
 
 from embedding_assets.core.delta import PendingRows, RowFailure
-from embedding_assets.settings import SourceSpec
+from embedding_assets.settings import SourceSpec, split_qualified
 from embedding_assets.state.ddl import STATE_SCHEMA
 from embedding_assets.state.errors import held
-from embedding_assets.state.source_sql import SourceSql, column_types, meta_alias, raw_sql
+from embedding_assets.state.source_sql import (
+    SourceSql,
+    column_types,
+    meta_alias,
+    quote_ident,
+    raw_sql,
+)
 
 
 class SourceColumnsError(ValueError):
@@ -62,20 +68,37 @@ class SourceDiff:
         self._typed_sql: SourceSql | None = None
 
     def typed_sql(self) -> SourceSql:
-        """The source's SQL with its metadata columns read by type (one probe, cached)."""
+        """The source's SQL with its metadata columns read by type, after checking that
+        every configured column exists (once, cached). A table's columns come from the
+        catalog, which a lock on the table does not block."""
         if self._typed_sql is None:
-            self._check_columns()
-            types: list[str] = []
-            if self.spec.metadata:
-                with self.engine.connect() as conn:
-                    types = column_types(conn, self.sql.metadata_probe())
-            self._typed_sql = SourceSql(self.spec, types)
+            with self.engine.connect() as conn:
+                columns = self._source_columns(conn)
+            self._check_columns(set(columns))
+            self._typed_sql = SourceSql(self.spec, [columns[c] for c in self.spec.metadata])
         return self._typed_sql
 
-    def _check_columns(self) -> None:
+    def _source_columns(self, conn: sa.Connection) -> dict[str, str]:
+        """{column: format_type name} of the source."""
+        if self.spec.table:
+            schema, table = split_qualified(self.spec.table)
+            rows = conn.execute(
+                sa.text(
+                    """SELECT attname, format_type(atttypid, NULL) AS type FROM pg_attribute
+                    WHERE attrelid = to_regclass(:rel) AND attnum > 0 AND NOT attisdropped
+                    ORDER BY attnum"""
+                ),
+                {"rel": f"{quote_ident(schema)}.{quote_ident(table)}"},
+            ).fetchall()
+            if rows:
+                return {r.attname: r.type for r in rows}
+        # A query (or a missing table: Postgres's own error names it).
+        probe = f"SELECT * FROM {self.sql.relation} LIMIT 0"
+        names = list(conn.execute(sa.text(probe)).keys())
+        return dict(zip(names, column_types(conn, probe), strict=True))
+
+    def _check_columns(self, names: set[str]) -> None:
         """Every column sources.yaml names exists, before anything is read or written."""
-        with self.engine.connect() as conn:
-            names = set(conn.execute(sa.text(f"SELECT * FROM {self.sql.relation} LIMIT 0")).keys())
         spec = self.spec
         named = [
             ("id_column", [spec.id_column]),
