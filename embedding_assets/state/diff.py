@@ -66,6 +66,7 @@ class SourceDiff:
         self.target = target
         self.version = version
         self._typed_sql: SourceSql | None = None
+        self._unique_ids = False
 
     def typed_sql(self) -> SourceSql:
         """The source's SQL with its metadata columns read by type, after checking that
@@ -76,7 +77,27 @@ class SourceDiff:
                 columns = self._source_columns(conn)
             self._check_columns(set(columns))
             self._typed_sql = SourceSql(self.spec, [columns[c] for c in self.spec.metadata])
+            with self.engine.connect() as conn:
+                self._unique_ids = self._id_is_unique(conn)
         return self._typed_sql
+
+    def _id_is_unique(self, conn: sa.Connection) -> bool:
+        """A table whose id column alone carries a unique index (its primary key, usually)."""
+        if not self.spec.table:
+            return False
+        schema, table = split_qualified(self.spec.table)
+        return bool(
+            conn.scalar(
+                sa.text(
+                    """SELECT EXISTS (SELECT 1 FROM pg_index AS i JOIN pg_attribute AS a
+                        ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+                    WHERE i.indrelid = to_regclass(:rel) AND i.indisunique
+                        AND i.indnkeyatts = 1 AND i.indpred IS NULL AND i.indexprs IS NULL
+                        AND a.attname = :id)"""
+                ),
+                {"rel": f"{quote_ident(schema)}.{quote_ident(table)}", "id": self.spec.id_column},
+            )
+        )
 
     def _source_columns(self, conn: sa.Connection) -> dict[str, str]:
         """{column: format_type name} of the source."""
@@ -139,8 +160,11 @@ class SourceDiff:
             "OR e.content_hash IS DISTINCT FROM src.copies_hash)"
         )
         rows = self.typed_sql().rows(shard, scope.candidates, scope.watermark)
-        return f"""
-            WITH src_all AS (
+        if self._unique_ids:
+            # A unique index on the id: no duplicates possible, and no sort to find them.
+            src = f"src AS (SELECT r.*, 1 AS copies, NULL AS copies_hash FROM ({rows}) AS r),"
+        else:
+            src = f"""src_all AS (
                 SELECT r.*,
                     count(*) FILTER (WHERE r.eligible) OVER ids AS copies,
                     'duplicate:' || (count(*) FILTER (WHERE r.eligible) OVER ids) || ':'
@@ -149,7 +173,9 @@ class SourceDiff:
                         AS copies_hash,
                     row_number() OVER (ids ORDER BY r.eligible DESC) AS nth
                 FROM ({rows}) AS r WINDOW ids AS (PARTITION BY r.row_id)),
-            src AS (SELECT * FROM src_all WHERE eligible OR (copies = 0 AND nth = 1)),
+            src AS (SELECT * FROM src_all WHERE eligible OR (copies = 0 AND nth = 1)),"""
+        return f"""
+            WITH {src}
             st AS (SELECT * FROM {STATE_SCHEMA}.row_state WHERE target = :target {ledger})
             SELECT coalesce(src.row_id, st.row_id) AS row_id,
                    coalesce(src.shard, st.shard) AS shard,
