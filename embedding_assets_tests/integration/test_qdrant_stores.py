@@ -20,6 +20,7 @@ import pytest
 
 from embedding_assets.destinations.qdrant_stores import (
     EmbeddedQdrantStore,
+    IndexConfig,
     IndexPoint,
     QdrantStore,
     ServerQdrantStore,
@@ -146,6 +147,20 @@ def test_search_finds_the_stored_vector_first(store: QdrantStore) -> None:
         assert hits[0].score == pytest.approx(1.0, abs=1e-4)
         assert hits[0].payload == probe.payload
         assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+
+
+def test_index_config_and_exact_search_are_accepted(store: QdrantStore) -> None:
+    # The server store sends HNSW and int8 quantization settings with the collection and
+    # hnsw_ef / exact with each search; the embedded engine always searches exactly.
+    config = IndexConfig(m=8, ef_construct=32, ef_search=64, quantization="scalar")
+    points = make_points(300, 64)
+    store.ensure_collection(COLLECTION, 64, config)
+    store.upsert(COLLECTION, points)
+    probe = list(np.asarray(points[7].vector))
+    approximate = store.search(COLLECTION, probe, limit=10, config=config)
+    exact = store.search(COLLECTION, probe, limit=10, exact=True, config=config)
+    assert approximate[0].id == exact[0].id == points[7].id
+    assert [h.id for h in exact] == [h.id for h in approximate]
 
 
 def test_retrieve_returns_stored_points_with_payload(store: QdrantStore) -> None:
