@@ -10,6 +10,9 @@ import numpy as np
 RECALL_SAMPLE = 5
 RECALL_K = 10
 RECALL_TARGET = 0.95
+# The exact searches scan the whole table: measured at most this often per target (and
+# again after the index is rebuilt), the last figures reported in between.
+RECALL_EVERY_SECONDS = 3600
 SCORE_TOLERANCE = 1e-6  # float32 cosine noise between the two searches
 
 
@@ -55,3 +58,22 @@ def qdrant_recall(runtime, shard: int, vectors: list[np.ndarray]) -> Recall:
     approximate = [[h.score for h in qdrant.search(v, RECALL_K, shard)] for v in vectors]
     exact = [[h.score for h in qdrant.search(v, RECALL_K, shard, exact=True)] for v in vectors]
     return Recall("qdrant", len(vectors), recall_at_k(approximate, exact))
+
+
+def measured_recall(runtime, shard: int) -> tuple[dict[str, float | bool | None], str | None]:
+    """{backend_recall, backend_exact} for both backends, from a fresh measurement on a
+    sample of the shard's chunks, or the target's last one if it is recent enough; and
+    when the reused one was measured (None: measured now)."""
+    recent = runtime.ledger.recent_recall(RECALL_EVERY_SECONDS)
+    if recent is not None:
+        return recent[0], recent[1]
+    sample = runtime.pgvector.sample_chunks(shard, RECALL_SAMPLE)
+    vectors = list(sample["embedding"])
+    figures: dict[str, float | bool | None] = {}
+    for measure in (pgvector_recall, qdrant_recall):
+        recall = measure(runtime, shard, vectors)
+        figures[f"{recall.backend}_recall"] = recall.recall
+        figures[f"{recall.backend}_exact"] = recall.exact_engine
+    if vectors:
+        runtime.ledger.set_recall(figures)
+    return figures, None

@@ -35,6 +35,9 @@ CREATE TABLE IF NOT EXISTS {STATE_SCHEMA}.targets (
 );
 ALTER TABLE {STATE_SCHEMA}.targets ADD COLUMN IF NOT EXISTS vector_index text NOT NULL
     DEFAULT 'built';  -- pgvector HNSW: 'built' | 'deferred' (a bulk load builds it at the end)
+-- The last recall measurement of the approximate searches (see destinations.recall).
+ALTER TABLE {STATE_SCHEMA}.targets ADD COLUMN IF NOT EXISTS recall jsonb;
+ALTER TABLE {STATE_SCHEMA}.targets ADD COLUMN IF NOT EXISTS recall_measured_at timestamptz;
 CREATE TABLE IF NOT EXISTS {STATE_SCHEMA}.row_state (
     target text NOT NULL,
     row_id text NOT NULL,

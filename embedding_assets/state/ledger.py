@@ -4,6 +4,7 @@ derived by comparing source rows with it, never from a cursor alone, so a crash 
 converges. Destinations that are written later (Qdrant) track their own columns beside it.
 """
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -94,11 +95,38 @@ class Ledger:
         return recorded
 
     def set_vector_index(self, conn: sa.Connection, state: str) -> None:
-        """The pgvector HNSW index: 'built', or 'deferred' during a bulk load."""
+        """The pgvector HNSW index: 'built', or 'deferred' during a bulk load. A new index
+        needs its recall measured again."""
         conn.execute(
-            sa.text(f"UPDATE {STATE_SCHEMA}.targets SET vector_index = :v WHERE target = :t"),
+            sa.text(
+                f"""UPDATE {STATE_SCHEMA}.targets SET vector_index = :v,
+                    recall = NULL, recall_measured_at = NULL WHERE target = :t"""
+            ),
             {"v": state, "t": self.target},
         )
+
+    def recent_recall(self, max_age_seconds: float) -> tuple[dict, str] | None:
+        """The last recall measurement and its time (text), if newer than `max_age_seconds`."""
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                sa.text(
+                    f"""SELECT recall, CAST(recall_measured_at AS text) AS at
+                    FROM {STATE_SCHEMA}.targets WHERE target = :t
+                    AND recall_measured_at > now() - make_interval(secs => :age)"""
+                ),
+                {"t": self.target, "age": max_age_seconds},
+            ).one_or_none()
+        return (row.recall, row.at) if row is not None and row.recall is not None else None
+
+    def set_recall(self, recall: dict) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                sa.text(
+                    f"""UPDATE {STATE_SCHEMA}.targets SET recall = CAST(:r AS jsonb),
+                        recall_measured_at = now() WHERE target = :t"""
+                ),
+                {"r": json.dumps(recall), "t": self.target},
+            )
 
     def reshard(self, conn: sa.Connection, shards: int) -> None:
         """The shard count changed: recompute every ledger row's shard."""

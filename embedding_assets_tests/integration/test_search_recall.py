@@ -64,7 +64,10 @@ def test_exact_matches_found_among_thousands_of_near_duplicates(postgres, home, 
     measured = pgvector_recall(runtime, 0, big_vectors)
     assert not measured.exact_engine and measured.recall >= 0.95
     checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
-    assert "search_recall" in checks
+    recall = checks["search_recall"]
+    assert recall.passed and recall.metadata["pgvector_exact"].value is False
+    assert recall.metadata["pgvector_recall"].value >= 0.95
+    assert recall.metadata["qdrant_exact"].value is True  # the embedded engine
 
     out = CliRunner().invoke(
         main,
