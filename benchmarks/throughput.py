@@ -11,7 +11,6 @@ per stage, where the seconds of the runs went (Dagster's step timings); asserts 
 
 import argparse
 import gzip
-import json
 import subprocess
 import sys
 import textwrap
@@ -69,6 +68,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=4000)
     parser.add_argument("--shards", type=int, default=8)
+    parser.add_argument(
+        "--profile", type=Path, help="run the sync under cProfile and write its stats here"
+    )
     args = parser.parse_args()
     home = throwaway_home("ea-throughput-")
 
@@ -104,12 +106,15 @@ def main() -> None:
 
     bare = bare_encode(texts)
     started = time.perf_counter()
-    done = subprocess.run(
-        [*CLI, "--sources", str(sources), "sync", "--json"], capture_output=True, text=True
-    )
-    seconds = time.perf_counter() - started
-    if done.returncode != 0:
-        print(done.stderr[-3000:])
+    if args.profile:
+        seconds = profiled_sync(sources, args.profile)
+    else:
+        done = subprocess.run(
+            [*CLI, "--sources", str(sources), "sync"], capture_output=True, text=True
+        )
+        seconds = time.perf_counter() - started
+        if done.returncode != 0:
+            print(done.stderr[-3000:])
     synced = len(rows) / seconds
     print(f"rows: {len(rows)}, shards: {args.shards}")
     print(f"bare encode(batch_size=32): {bare:7.1f} texts/s")
@@ -120,12 +125,38 @@ def main() -> None:
     print(f"where the {runs} runs' seconds went (summed over runs):")
     for kind, value in sorted(breakdown.items(), key=lambda kv: -kv[1]):
         print(f"  {kind:34} {value:7.2f} s")
-    try:
-        reports = json.loads(done.stdout)
-        print(f"  runs reported by sync: {len(reports)}")
-    except json.JSONDecodeError:
-        pass
     subprocess.run([*CLI, "db", "stop"], check=False, capture_output=True)
+    if args.profile:
+        import pstats
+
+        print(f"profile of the in-process sync ({args.profile}):")
+        stats = pstats.Stats(str(args.profile))
+        stats.sort_stats("tottime").print_stats(25)
+        stats.sort_stats("cumulative").print_stats(r"embedding_assets", 40)
+
+
+def profiled_sync(sources: Path, out: Path) -> float:
+    """The sync in this process (the model already loaded), under cProfile: Dagster's
+    in-process executor runs every step in this thread, so the profile sees them all."""
+    import cProfile
+
+    import dagster as dg
+
+    from embedding_assets.cli import sync_source
+    from embedding_assets.environment import prepare_dagster_home
+    from embedding_assets.instance_connections import pool_instance_connections
+    from embedding_assets.settings import load_settings
+
+    prepare_dagster_home()
+    settings = load_settings(sources)
+    with dg.DagsterInstance.get() as instance:
+        pool_instance_connections(instance)  # as `sync` does
+        profiler = cProfile.Profile()
+        started = time.perf_counter()
+        profiler.runcall(sync_source, settings, "bench", None, instance)
+        seconds = time.perf_counter() - started
+    profiler.dump_stats(str(out))
+    return seconds
 
 
 if __name__ == "__main__":

@@ -321,6 +321,7 @@ def sync(
     import dagster as dg
 
     from embedding_assets.environment import prepare_dagster_home
+    from embedding_assets.instance_connections import pool_instance_connections
     from embedding_assets.pools import apply_pool_limits, pool_limits
     from embedding_assets.run_health import fail_dead_runs
 
@@ -331,6 +332,7 @@ def sync(
     prepare_dagster_home()
     reports: list[ShardReport] = []
     with dg.DagsterInstance.get() as instance:
+        pool_instance_connections(instance)
         apply_pool_limits(instance, pool_limits(settings, not os.environ.get("QDRANT_URL")))
         dead = fail_dead_runs(instance)
         if dead and not as_json:

@@ -10,6 +10,7 @@ import dagster as dg
 from pydantic import PrivateAttr
 
 from embedding_assets.embedders.base import Embedder
+from embedding_assets.instance_connections import pool_instance_connections
 from embedding_assets.resources.database import DatabaseResource
 from embedding_assets.resources.qdrant import QdrantResource
 from embedding_assets.run_health import stamp_worker
@@ -32,6 +33,8 @@ class RuntimeResource(dg.ConfigurableResource):
 
     @contextlib.contextmanager
     def yield_for_execution(self, context: dg.InitResourceContext) -> Iterator["RuntimeResource"]:
+        if context.instance is not None:
+            pool_instance_connections(context.instance)  # not one connection per event
         if context.instance is not None and context.dagster_run is not None:
             stamp_worker(context.instance, context.dagster_run)  # so a dead run can be told
         # A run opens an embedded Qdrant collection once, on first use, not per operation.
