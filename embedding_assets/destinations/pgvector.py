@@ -27,6 +27,7 @@ from embedding_assets.state.ddl import shard_lock
 from embedding_assets.state.pg_values import is_native, needs_text_copy, payload_expr
 from embedding_assets.state.source_sql import (
     SourceSql,
+    catalog_columns,
     column_types,
     meta_alias,
     quote_ident,
@@ -98,8 +99,7 @@ class PgVectorDestination:
         self.table = quote_table(spec.pg_table)
         self.name = spec.pg_table[1]
         self.hnsw_index = quote_ident(self.name + "_embedding_hnsw")
-        self._types: dict[str, str] | None = None
-        self._kinds: dict[str, tuple[str, str]] | None = None
+        self._columns_catalog: dict[str, tuple[str, str]] | None = None
         self._iterative: bool | None = None
 
     # -- schema -------------------------------------------------------------------------
@@ -309,16 +309,14 @@ class PgVectorDestination:
 
     def _column_types(self, conn: sa.Connection, columns: list[str]) -> list[str]:
         """The chunk table's column types (format_type names), in `columns` order."""
-        if self._types is None:
-            rows = conn.execute(
-                sa.text(
-                    """SELECT attname, format_type(atttypid, NULL) AS type FROM pg_attribute
-                    WHERE attrelid = to_regclass(:t) AND attnum > 0 AND NOT attisdropped"""
-                ),
-                {"t": self.table},
-            ).fetchall()
-            self._types = {r.attname: r.type for r in rows}
-        return [self._types[c] for c in columns]
+        catalog = self._catalog(conn)
+        return [catalog[c][0] for c in columns]
+
+    def _catalog(self, conn: sa.Connection) -> dict[str, tuple[str, str]]:
+        """{column: (format_type name, pg_type.typtype)} of the chunk table (cached)."""
+        if self._columns_catalog is None:
+            self._columns_catalog = catalog_columns(conn, self.table)
+        return self._columns_catalog
 
     # -- reads --------------------------------------------------------------------------
 
@@ -375,7 +373,7 @@ class PgVectorDestination:
         converted by its type (state.pg_values.payload_expr), named `metadata`."""
         if not self.spec.metadata:
             return "CAST('{}' AS jsonb) AS metadata"
-        kinds = self._type_kinds(conn)
+        kinds = self._catalog(conn)
         parts = [
             f"jsonb_build_object({quote_literal(name)}, "
             f"{payload_expr(alias + quote_ident(name), *kinds[name])})"
@@ -383,21 +381,6 @@ class PgVectorDestination:
         ]
         # One object per column, joined: jsonb_build_object takes at most 100 arguments.
         return f"({' || '.join(parts)}) AS metadata"
-
-    def _type_kinds(self, conn: sa.Connection) -> dict[str, tuple[str, str]]:
-        """{metadata column: (format_type name, pg_type.typtype)} of the chunk table."""
-        if self._kinds is None:
-            rows = conn.execute(
-                sa.text(
-                    """SELECT a.attname, format_type(a.atttypid, NULL) AS type, t.typtype
-                    FROM pg_attribute AS a JOIN pg_type AS t ON t.oid = a.atttypid
-                    WHERE a.attrelid = to_regclass(:t) AND a.attnum > 0
-                    AND NOT a.attisdropped"""
-                ),
-                {"t": self.table},
-            ).fetchall()
-            self._kinds = {r.attname: (r.type, r.typtype) for r in rows}
-        return self._kinds
 
     def chunk_counts(self) -> dict[int, int]:
         if not self.table_exists():

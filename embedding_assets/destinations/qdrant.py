@@ -271,11 +271,6 @@ class QdrantDestination:
             quantization=qdrant.quantization,
         )
 
-    @property
-    def searches_exactly(self) -> bool:
-        """The embedded engine has no HNSW graph: its search is the exact one."""
-        return self.store_is_embedded
-
     def search(
         self, vector: Sequence[float], limit: int, shard: int | None = None, exact: bool = False
     ) -> list[IndexHit]:

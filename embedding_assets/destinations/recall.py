@@ -19,7 +19,6 @@ SCORE_TOLERANCE = 1e-6  # float32 cosine noise between the two searches
 @dataclass(frozen=True)
 class Recall:
     backend: str
-    sampled: int
     recall: float | None  # None: nothing to sample
     exact_engine: bool = False  # the backend's search is exact; recall is 1 by construction
 
@@ -44,20 +43,20 @@ def pgvector_recall(runtime, shard: int, vectors: list[np.ndarray]) -> Recall:
     """Recall of pgvector's HNSW search; exact by construction while the index is not built."""
     record = runtime.ledger.record()
     if record is None or record.vector_index != "built":
-        return Recall("pgvector", len(vectors), 1.0 if vectors else None, exact_engine=True)
+        return Recall("pgvector", 1.0 if vectors else None, exact_engine=True)
     pg = runtime.pgvector
     approximate = [[h.score for h in pg.search(v, RECALL_K)] for v in vectors]
     exact = [[h.score for h in pg.search(v, RECALL_K, exact=True)] for v in vectors]
-    return Recall("pgvector", len(vectors), recall_at_k(approximate, exact))
+    return Recall("pgvector", recall_at_k(approximate, exact))
 
 
 def qdrant_recall(runtime, shard: int, vectors: list[np.ndarray]) -> Recall:
     qdrant = runtime.qdrant
-    if qdrant.searches_exactly:
-        return Recall("qdrant", len(vectors), 1.0 if vectors else None, exact_engine=True)
+    if qdrant.store_is_embedded:  # no HNSW graph: the embedded engine searches exactly
+        return Recall("qdrant", 1.0 if vectors else None, exact_engine=True)
     approximate = [[h.score for h in qdrant.search(v, RECALL_K, shard)] for v in vectors]
     exact = [[h.score for h in qdrant.search(v, RECALL_K, shard, exact=True)] for v in vectors]
-    return Recall("qdrant", len(vectors), recall_at_k(approximate, exact))
+    return Recall("qdrant", recall_at_k(approximate, exact))
 
 
 def measured_recall(runtime, shard: int) -> tuple[dict[str, float | bool | None], str | None]:

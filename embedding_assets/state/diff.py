@@ -16,9 +16,10 @@ from embedding_assets.state.ddl import STATE_SCHEMA
 from embedding_assets.state.errors import held
 from embedding_assets.state.source_sql import (
     SourceSql,
+    catalog_columns,
     column_types,
     meta_alias,
-    quote_ident,
+    quote_table,
     raw_sql,
 )
 
@@ -75,17 +76,26 @@ class SourceDiff:
         if self._typed_sql is None:
             with self.engine.connect() as conn:
                 columns = self._source_columns(conn)
-            self._check_columns(set(columns))
-            self._typed_sql = SourceSql(self.spec, [columns[c] for c in self.spec.metadata])
-            with self.engine.connect() as conn:
+                self._check_columns(set(columns))
                 self._unique_ids = self._id_is_unique(conn)
+            self._typed_sql = SourceSql(self.spec, [columns[c] for c in self.spec.metadata])
         return self._typed_sql
+
+    def _source_columns(self, conn: sa.Connection) -> dict[str, str]:
+        """{column: format_type name} of the source."""
+        if self.spec.table:
+            found = catalog_columns(conn, quote_table(split_qualified(self.spec.table)))
+            if found:
+                return {name: pg_type for name, (pg_type, _) in found.items()}
+        # A query (or a missing table: Postgres's own error names it).
+        probe = f"SELECT * FROM {self.sql.relation} LIMIT 0"
+        names = list(conn.execute(sa.text(probe)).keys())
+        return dict(zip(names, column_types(conn, probe), strict=True))
 
     def _id_is_unique(self, conn: sa.Connection) -> bool:
         """A table whose id column alone carries a unique index (its primary key, usually)."""
         if not self.spec.table:
             return False
-        schema, table = split_qualified(self.spec.table)
         return bool(
             conn.scalar(
                 sa.text(
@@ -95,28 +105,12 @@ class SourceDiff:
                         AND i.indnkeyatts = 1 AND i.indpred IS NULL AND i.indexprs IS NULL
                         AND a.attname = :id)"""
                 ),
-                {"rel": f"{quote_ident(schema)}.{quote_ident(table)}", "id": self.spec.id_column},
+                {
+                    "rel": quote_table(split_qualified(self.spec.table)),
+                    "id": self.spec.id_column,
+                },
             )
         )
-
-    def _source_columns(self, conn: sa.Connection) -> dict[str, str]:
-        """{column: format_type name} of the source."""
-        if self.spec.table:
-            schema, table = split_qualified(self.spec.table)
-            rows = conn.execute(
-                sa.text(
-                    """SELECT attname, format_type(atttypid, NULL) AS type FROM pg_attribute
-                    WHERE attrelid = to_regclass(:rel) AND attnum > 0 AND NOT attisdropped
-                    ORDER BY attnum"""
-                ),
-                {"rel": f"{quote_ident(schema)}.{quote_ident(table)}"},
-            ).fetchall()
-            if rows:
-                return {r.attname: r.type for r in rows}
-        # A query (or a missing table: Postgres's own error names it).
-        probe = f"SELECT * FROM {self.sql.relation} LIMIT 0"
-        names = list(conn.execute(sa.text(probe)).keys())
-        return dict(zip(names, column_types(conn, probe), strict=True))
 
     def _check_columns(self, names: set[str]) -> None:
         """Every column sources.yaml names exists, before anything is read or written."""

@@ -145,3 +145,21 @@ def column_types(conn, probe_sql: str) -> list[str]:
     finally:
         cursor.close()
     return [conn.scalar(sa.text("SELECT format_type(:oid, NULL)"), {"oid": oid}) for oid in oids]
+
+
+def catalog_columns(conn, relation: str) -> dict[str, tuple[str, str]]:
+    """{column: (format_type name, pg_type.typtype)} of a table (`relation` quoted, e.g.
+    quote_table(...)), in column order, from the catalog: a lock on the table does not
+    block it. {} when the table does not exist."""
+    import sqlalchemy as sa
+
+    rows = conn.execute(
+        sa.text(
+            """SELECT a.attname, format_type(a.atttypid, NULL) AS type, t.typtype
+            FROM pg_attribute AS a JOIN pg_type AS t ON t.oid = a.atttypid
+            WHERE a.attrelid = to_regclass(:rel) AND a.attnum > 0 AND NOT a.attisdropped
+            ORDER BY a.attnum"""
+        ),
+        {"rel": relation},
+    ).fetchall()
+    return {r.attname: (r.type, r.typtype) for r in rows}

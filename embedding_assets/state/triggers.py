@@ -21,7 +21,12 @@ import sqlalchemy as sa
 from embedding_assets.core.sharding import shard_sql
 from embedding_assets.settings import SourceSpec, split_qualified
 from embedding_assets.state.ddl import STATE_DDL, STATE_SCHEMA
-from embedding_assets.state.source_sql import quote_ident, quote_literal, quote_table
+from embedding_assets.state.source_sql import (
+    catalog_columns,
+    quote_ident,
+    quote_literal,
+    quote_table,
+)
 
 OPERATIONS = ("insert", "update", "delete", "truncate")
 SIGNATURE_PREFIX = "embedding_assets capture "
@@ -174,16 +179,7 @@ def installed_signature(conn: sa.Connection, triggers: CaptureTriggers) -> str |
 
 
 def table_columns(conn: sa.Connection, spec: SourceSpec) -> tuple[str, ...]:
-    schema, table = split_qualified(spec.table or "")
-    rows = conn.execute(
-        sa.text(
-            """SELECT attname FROM pg_attribute
-            WHERE attrelid = to_regclass(:rel) AND attnum > 0 AND NOT attisdropped
-            ORDER BY attnum"""
-        ),
-        {"rel": f"{quote_ident(schema)}.{quote_ident(table)}"},
-    ).fetchall()
-    return tuple(r.attname for r in rows)
+    return tuple(catalog_columns(conn, quote_table(split_qualified(spec.table or ""))))
 
 
 def installed_triggers(conn: sa.Connection, triggers: CaptureTriggers) -> int:

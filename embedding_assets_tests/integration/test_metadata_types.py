@@ -207,7 +207,7 @@ def test_every_metadata_type_reaches_pgvector_and_qdrant(postgres, home, tmp_pat
             )
             conn.execute(sa.text(f"UPDATE {name} SET _private = 100000 WHERE id = 1"))
             conn.execute(sa.text(f"UPDATE {name} SET class = 'changed' WHERE id = 4"))
-        runtime.pgvector._types = runtime.pgvector._kinds = None  # the test altered the table
+        runtime.pgvector._columns_catalog = None  # the test altered the table
         with dg.DagsterInstance.ephemeral() as instance:
             result = sync_shards(settings, name, instance, raise_on_error=False)["00"]
         assert payloads(runtime)["4"]["class"] == "changed"
