@@ -43,11 +43,8 @@ def build_embedder(spec: EmbedderSpec, api_key: str | None) -> Embedder:
     from embedding_assets.embedders.sentence_transformers import SentenceTransformerEmbedder
 
     if isinstance(spec, SentenceTransformersEmbedderSpec):
-        return SentenceTransformerEmbedder(
-            model=spec.model,
-            device=spec.device,
-            batch_size=spec.batch_size,
-            precision=spec.precision,
+        return _local_embedder(
+            spec.model, spec.device, spec.batch_size, spec.max_batch_tokens, spec.precision
         )
     from embedding_assets.embedders.providers import WIRE_FORMATS
     from embedding_assets.embedders.remote import RemoteEmbedder, tokenizer_for
@@ -80,6 +77,23 @@ def build_embedder(spec: EmbedderSpec, api_key: str | None) -> Embedder:
         # Rate limits belong to the endpoint: every embedder spec on it shares one budget.
         name=f"{spec.provider}|{spec.model}|{'|'.join(spec.base_urls)}",
         concurrency=spec.concurrency,
+    )
+
+
+@functools.cache
+def _local_embedder(
+    model: str, device: str | None, batch_size: int, max_batch_tokens: int, precision: str
+) -> Embedder:
+    """Keyed by what shapes the vectors and batches only, so the CLI, the Dagster resource
+    and a spec differing in, say, `max_concurrent_runs` share one loaded model."""
+    from embedding_assets.embedders.sentence_transformers import SentenceTransformerEmbedder
+
+    return SentenceTransformerEmbedder(
+        model=model,
+        device=device,
+        batch_size=batch_size,
+        max_batch_tokens=max_batch_tokens,
+        precision=precision,
     )
 
 

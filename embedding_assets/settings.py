@@ -13,6 +13,8 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from embedding_assets.core.batching import DEFAULT_BATCH_SIZE, DEFAULT_MAX_BATCH_TOKENS
+
 BUNDLED_SOURCES = Path(__file__).parent / "data" / "sources.yaml"
 SOURCES_ENV = "EMBEDDING_ASSETS_SOURCES"
 
@@ -52,7 +54,9 @@ class SentenceTransformersEmbedderSpec(_EmbedderSpecBase):
     provider: Literal["sentence_transformers"]
     model: str = "all-MiniLM-L6-v2"
     device: str | None = None
-    batch_size: int = Field(default=32, ge=1, le=4096)
+    # A batch holds at most batch_size texts and max_batch_tokens tokens once padded.
+    batch_size: int = Field(default=DEFAULT_BATCH_SIZE, ge=1, le=4096)
+    max_batch_tokens: int = Field(default=DEFAULT_MAX_BATCH_TOKENS, ge=1)
     # bfloat16: ~2x on CPUs with avx512_bf16/AMX; its vectors get their own model id.
     precision: Literal["float32", "bfloat16"] = "float32"
 

@@ -9,6 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+# A local model's batches: at most this many texts and padded tokens. On this 2-core CPU,
+# 2,048 padded tokens per batch ran MiniLM 1.15-1.25x faster than fixed batches of 32 short
+# texts (bigger matrices, little padding); 8,192 was slower again (cache misses).
+DEFAULT_BATCH_SIZE = 64
+DEFAULT_MAX_BATCH_TOKENS = 2048
+
 
 def token_batches(token_counts: Sequence[int], max_inputs: int, max_tokens: int) -> list[list[int]]:
     """Indices of ``token_counts`` grouped, in order, into batches under both limits.
@@ -38,6 +44,35 @@ def token_batches(token_counts: Sequence[int], max_inputs: int, max_tokens: int)
             current, current_tokens = [], 0
         current.append(i)
         current_tokens += count
+    if current:
+        batches.append(current)
+    return batches
+
+
+def padded_batches(
+    token_counts: Sequence[int], max_inputs: int, max_padded_tokens: int
+) -> list[list[int]]:
+    """Indices of ``token_counts`` sorted by count and grouped into batches for a local model,
+    which pads every input of a batch to the batch's longest: a batch holds at most
+    ``max_inputs`` indices and at most ``max_padded_tokens`` tokens once padded
+    (``len(batch) * longest``). Every index appears exactly once; equal counts keep input
+    order. Short texts thus share large batches and long ones small batches, so the model
+    computes few padding tokens and keeps its matrices a cache-friendly size."""
+    if isinstance(max_inputs, bool) or not isinstance(max_inputs, int) or max_inputs < 1:
+        raise ValueError(f"max_inputs must be an integer >= 1, got {max_inputs!r}")
+    if max_padded_tokens < 1:
+        raise ValueError(f"max_padded_tokens must be >= 1, got {max_padded_tokens!r}")
+    order = sorted(range(len(token_counts)), key=token_counts.__getitem__)
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        # Sorted ascending: the input added now is the batch's longest.
+        if current and (
+            len(current) >= max_inputs or (len(current) + 1) * token_counts[i] > max_padded_tokens
+        ):
+            batches.append(current)
+            current = []
+        current.append(i)
     if current:
         batches.append(current)
     return batches

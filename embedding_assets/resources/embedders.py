@@ -6,6 +6,7 @@ import os
 import dagster as dg
 from pydantic import TypeAdapter
 
+from embedding_assets.core.batching import DEFAULT_BATCH_SIZE, DEFAULT_MAX_BATCH_TOKENS
 from embedding_assets.embedders.base import Embedder
 from embedding_assets.runtime import build_embedder
 from embedding_assets.settings import (
@@ -22,8 +23,16 @@ class SentenceTransformersResource(dg.ConfigurableResource):
 
     model: str = "all-MiniLM-L6-v2"
     device: str | None = None
-    batch_size: int = 32
+    batch_size: int = DEFAULT_BATCH_SIZE
+    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
     precision: str = "float32"
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        # A run that embeds starts loading the model now, so the import overlaps the run's
+        # first steps (reading pending rows, chunking) instead of following them.
+        run = context.dagster_run
+        if run is not None and _embeds(run):
+            self.embedder().load_in_background()
 
     def embedder(self) -> Embedder:
         return build_embedder(
@@ -32,10 +41,18 @@ class SentenceTransformersResource(dg.ConfigurableResource):
                 model=self.model,
                 device=self.device,
                 batch_size=self.batch_size,
+                max_batch_tokens=self.max_batch_tokens,
                 precision=self.precision,
             ),
             None,
         )
+
+
+def _embeds(run: dg.DagsterRun) -> bool:
+    """Whether a run materializes an `embeddings` asset (a sync job, a UI selection)."""
+    if run.asset_selection:
+        return any(key.path[-1] == "embeddings" for key in run.asset_selection)
+    return run.job_name.endswith("_sync")
 
 
 class RemoteEmbedderResource(dg.ConfigurableResource):
@@ -68,6 +85,7 @@ def embedder_resource(spec) -> dg.ConfigurableResource:
             model=spec.model,
             device=spec.device,
             batch_size=spec.batch_size,
+            max_batch_tokens=spec.max_batch_tokens,
             precision=spec.precision,
         )
     options = spec.model_dump(exclude={"provider", "model", "base_urls"}, exclude_none=True)

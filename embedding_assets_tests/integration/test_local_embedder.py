@@ -189,3 +189,35 @@ def test_bfloat16_precision_is_close_and_has_its_own_model_id():
     assert int(np.argmax(b @ query)) == 3
     names = default_model_names(bf16, "all-MiniLM-L6-v2")
     assert "all-MiniLM-L6-v2@bf16" in names and "all-MiniLM-L6-v2" not in names
+
+
+def test_token_budget_batches_match_a_bare_encode(texts: list[str]) -> None:
+    """Batches bounded by padded tokens (here small, so short and long texts land in very
+    different batches) give the vectors of a bare `encode` of each text."""
+    budget = SentenceTransformerEmbedder(batch_size=64, max_batch_tokens=96)
+    vectors = budget.embed_documents(texts)
+    model = budget.load()
+    alone = np.vstack(
+        [model.encode([t], normalize_embeddings=True, show_progress_bar=False) for t in texts]
+    )
+    assert (vectors * alone).sum(axis=1).min() >= 0.99999
+
+
+def test_model_loads_in_the_background_and_the_first_embed_waits_for_it(texts) -> None:
+    fresh = SentenceTransformerEmbedder(model_id="background-load-test")
+    assert not fresh.is_loaded
+    fresh.load_in_background()
+    fresh.load_in_background()  # a second call starts nothing more
+    vectors = fresh.embed_documents(texts[:8])
+    assert fresh.is_loaded and vectors.shape == (8, 384)
+    reference = SentenceTransformerEmbedder().embed_documents(texts[:8])
+    np.testing.assert_allclose(vectors, reference, atol=1e-5)
+
+
+def test_torch_threads_never_exceed_the_cores_this_process_may_use() -> None:
+    import os
+
+    import torch
+
+    SentenceTransformerEmbedder().load()
+    assert torch.get_num_threads() <= len(os.sched_getaffinity(0))
