@@ -2,8 +2,10 @@
 store (pgvector + ledger + change-feed acknowledgement in one transaction). The Qdrant
 stage lives in `destinations.qdrant`. Dagster assets, IO managers and tests call these."""
 
+import math
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -137,22 +139,34 @@ def _raise_if_unavailable(embedder: Embedder, failed: dict[int, InputFailure], i
 def _embed_in_pieces(
     embedder: Embedder, texts: list[str], hashes: list[str], progress: Progress | None
 ) -> tuple[np.ndarray, dict[int, InputFailure]]:
-    size = PROGRESS_CHUNKS if progress is not None else max(1, len(texts))
+    """With `progress` and more than PROGRESS_CHUNKS texts: pieces of at most that size
+    (evenly sized, so 513 texts are two of 257, not 512 and 1), each handed to `progress`
+    on a writer thread while the model embeds the next piece. One write at most is in
+    flight, so memory stays bounded and a failed write stops the run at the next piece."""
+    count = max(1, math.ceil(len(texts) / PROGRESS_CHUNKS)) if progress is not None else 1
+    size = max(1, math.ceil(len(texts) / count))
     pieces, failed = [], {}
-    for start in range(0, len(texts), size):
-        piece = texts[start : start + size]
-        vectors, piece_failed = _embed(embedder, piece)
-        _raise_if_unavailable(embedder, piece_failed, len(piece))
-        pieces.append(vectors)
-        failed.update({start + i: f for i, f in piece_failed.items()})
-        if progress is not None and len(texts) > size:
-            keep = [i for i in range(len(piece)) if i not in piece_failed]
-            progress(
-                [hashes[start + i] for i in keep],
-                vectors[keep],
-                start + len(piece),
-                len(texts),
-            )
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="progress-writer") as writer:
+        in_flight: Future | None = None
+        for start in range(0, len(texts), size):
+            piece = texts[start : start + size]
+            vectors, piece_failed = _embed(embedder, piece)
+            _raise_if_unavailable(embedder, piece_failed, len(piece))
+            pieces.append(vectors)
+            failed.update({start + i: f for i, f in piece_failed.items()})
+            if progress is not None and count > 1:
+                if in_flight is not None:
+                    in_flight.result()  # raises the writer's error here
+                keep = [i for i in range(len(piece)) if i not in piece_failed]
+                in_flight = writer.submit(
+                    progress,
+                    [hashes[start + i] for i in keep],
+                    vectors[keep],
+                    start + len(piece),
+                    len(texts),
+                )
+        if in_flight is not None:
+            in_flight.result()
     return np.concatenate(pieces) if pieces else np.zeros((0, embedder.dimension)), failed
 
 

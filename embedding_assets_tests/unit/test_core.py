@@ -66,3 +66,54 @@ def test_failed_work_waits_longer_after_each_failure_up_to_an_hour():
 
     assert [retry_wait(n) for n in (1, 2, 3, 4)] == [60, 120, 240, 480]
     assert retry_wait(30) == 3600
+
+
+def test_pieces_are_even_and_written_while_the_next_is_embedded(monkeypatch):
+    import threading
+    import time
+
+    import embedding_assets.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "PROGRESS_CHUNKS", 4)
+    embedder = CountingEmbedder()
+    writes: list[tuple[list[str], int, int]] = []
+    writing = threading.Event()
+    overlapped = []
+
+    def progress(hashes, vectors, done, total):
+        writing.set()
+        time.sleep(0.05)  # a slow write: the next piece is embedded meanwhile
+        writes.append((hashes, done, total))
+        writing.clear()
+
+    original = embedder.embed_documents
+
+    def embed(texts):
+        overlapped.append(writing.is_set())
+        return original(texts)
+
+    embedder.embed_documents = embed
+    texts = [f"t{i}" for i in range(9)]  # 9 over pieces of 4: three pieces of 3
+    result = embed_chunks(chunked(texts), embedder, {}, progress)
+    assert [len(call) for call in embedder.calls] == [3, 3, 3]
+    assert [(done, total) for _, done, total in writes] == [(3, 9), (6, 9), (9, 9)]
+    assert [h for hashes, _, _ in writes for h in hashes] == [f"h-{t}" for t in texts]
+    assert True in overlapped[1:]  # a piece was embedded while the previous one was written
+    plain = embed_chunks(chunked(texts), CountingEmbedder(), {})
+    np.testing.assert_array_equal(result.vectors, plain.vectors)
+
+
+def test_a_failed_progress_write_stops_the_embedding(monkeypatch):
+    import pytest
+
+    import embedding_assets.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "PROGRESS_CHUNKS", 2)
+    embedder = CountingEmbedder()
+
+    def progress(*_):
+        raise OSError("vector cache unreachable")
+
+    with pytest.raises(OSError, match="vector cache unreachable"):
+        embed_chunks(chunked([f"t{i}" for i in range(8)]), embedder, {}, progress)
+    assert len(embedder.calls) <= 3  # stopped at the next piece, not after all four
