@@ -1,0 +1,28 @@
+"""The console entry leaves with os._exit (no interpreter teardown): its output must still
+be flushed and its exit status the command's."""
+
+import subprocess
+import sys
+
+CLI = [sys.executable, "-m", "embedding_assets.cli"]
+
+
+def test_help_is_printed_and_exits_zero():
+    done = subprocess.run([*CLI, "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0
+    assert "sync" in done.stdout and done.stdout.endswith("\n")
+
+
+def test_an_error_keeps_its_message_and_status(tmp_path):
+    missing = tmp_path / "missing.yaml"
+    done = subprocess.run(
+        [*CLI, "--sources", str(missing), "status"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode not in (0, None)
+    assert "missing.yaml" in done.stderr
+
+
+def test_a_usage_error_exits_two():
+    done = subprocess.run([*CLI, "no-such-command"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "no-such-command" in done.stderr
