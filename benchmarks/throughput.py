@@ -86,8 +86,7 @@ PATHS = {
     # name: (embedder line of sources.yaml, worker precision or None)
     "local": ("{provider: sentence_transformers}", None),
     "worker": (
-        "{provider: openai, model: all-MiniLM-L6-v2, base_urls: ['%s'], "
-        "encoding_format: base64}",
+        "{provider: openai, model: all-MiniLM-L6-v2, base_urls: ['%s'], encoding_format: base64}",
         "float32",
     ),
     "bf16": ("{provider: sentence_transformers, precision: bfloat16}", None),
