@@ -141,8 +141,8 @@ class SentenceTransformerEmbedder:
     ``embed_documents`` counts tokens with the fast tokenizer, sorts the texts by count and
     encodes batches of similar length bounded by ``batch_size`` texts and
     ``max_batch_tokens`` padded tokens: ``SentenceTransformer.encode`` sorts by characters in
-    fixed batches of 32, which for short texts computes mostly padding and small matrices
-    (1.5x at fixed batches of 32, 1.7-1.9x with the token budget, measured here).
+    fixed batches of 32, which for short texts computes mostly padding (1.5-1.67x a bare
+    encode measured here, batch settings within noise of each other).
     """
 
     def __init__(
