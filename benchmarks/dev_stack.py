@@ -1,40 +1,31 @@
 """The dev stack from nothing to searchable (issue 9): `embedding-assets dev` on a throwaway
 home loads the bundled demo (10,000 rows), starts the worker and Dagster, and its sensor
 launches one run per shard. Measured: from dev's start and from the first run's start to
-the moment every row is in pgvector and Qdrant (polling `status --json` every second), with
-per-stage seconds summed over the runs. Prints figures; asserts nothing.
+the moment every row is in pgvector and Qdrant (`status --json` polled every second, judged
+by failures.py's `converged`), with per-stage seconds summed over the runs. Prints figures;
+asserts nothing.
 
     .venv/bin/python benchmarks/dev_stack.py
 """
 
-import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
+from failures import CLI, cli, converged, status, wait_until
 from throughput import step_breakdown
 from throwaway import free_port, stop_group, throwaway_home
 
-CLI = [sys.executable, "-m", "embedding_assets.cli"]
 
-
-def status() -> dict | None:
-    done = subprocess.run([*CLI, "status", "--json"], capture_output=True, text=True)
-    return json.loads(done.stdout)[0] if done.returncode == 0 else None
-
-
-def searchable(report: dict | None) -> bool:
-    return bool(
-        report
-        and report["pending_rows"] == 0
-        and report["embedded_rows"] == report["eligible_rows"] > 0
-        and report["qdrant_points"] == report["pgvector_chunks"]
-    )
+def searchable_report() -> dict | None:
+    """`status --json` once every row is in pgvector and Qdrant, else None."""
+    report = status()
+    return report if converged(report) else None
 
 
 def main() -> None:
-    home = throwaway_home("ea-dev-stack-")
+    # Its own worker port, as failures.py: a worker already on 8431 must not serve this.
+    home = throwaway_home("ea-dev-stack-", EMBEDDING_ASSETS_WORKER_PORT=str(free_port()))
     import dagster as dg
 
     from embedding_assets.environment import prepare_dagster_home
@@ -48,22 +39,20 @@ def main() -> None:
         start_new_session=True,
     )
     try:
-        deadline = time.monotonic() + 900
-        report = None
-        while time.monotonic() < deadline and not searchable(report := status()):
-            time.sleep(1)
+        up = wait_until(lambda: cli("status", "--json").returncode == 0, 300, 1)
+        report = wait_until(searchable_report, 900, 1) if up else None
         done_at = time.time()
-        if not searchable(report):
-            print("NOT searchable after 900 s:", report)
+        if report is None:
+            print("NOT searchable within 900 s:", status() if up else "dev did not come up")
             print(Path(log.name).read_text()[-3000:])
             return
-        prepare_dagster_home()
+        dagster_home = prepare_dagster_home()
         with dg.DagsterInstance.get() as instance:
             records = instance.get_run_records()
             starts = [instance.get_run_stats(r.dagster_run.run_id).start_time for r in records]
             first = min(s for s in starts if s)
         job = records[0].dagster_run.job_name
-        breakdown, per_run = step_breakdown(prepare_dagster_home(), job, first, done_at)
+        breakdown, per_run = step_breakdown(dagster_home, job, first, done_at)
         runs = int(breakdown.pop("runs", 0))
         print(f"rows: {report['embedded_rows']}, points: {report['qdrant_points']}, runs: {runs}")
         print(f"dev start -> first run start:       {first - began:6.1f} s")
