@@ -181,30 +181,57 @@ class ShardReport:
     reused_chunks: int = 0
     points_upserted: int = 0
     failed_rows: int = 0  # rows the embedder failed on: in the error table, retried later
+    rows_waiting_for_budget: int = 0  # left pending: the embedder's daily tokens are spent
     seconds: float = 0.0
     index_build_seconds: float = 0.0  # the pgvector HNSW build after a bulk load, if this run
     error: str | None = None
+    generation: int | None = None
+    generation_state: str | None = None  # before the run: live, building (a build's runs)
+    promoted_generation: int | None = None  # this run finished a build that went live
+    promotion_blocked: str | None = None
 
 
 def sync_source(
     settings: Settings, source: str, shard: str | None, instance, every_shard: bool = True
 ) -> list[ShardReport]:
-    """Materialize every shard (or one) of a source in this process, recorded in `instance`.
+    """Materialize every shard (or one) of a source in this process, recorded in `instance`:
+    of its live generation and, while one is built, of the new one.
 
     A shard with a backlog (more than `max_rows_per_run` rows of work) runs again until it
     is done or a run makes no progress. Without `every_shard`, shards whose change feed and
     Qdrant lag show no work are skipped (the feed makes asking cheap).
     """
     from embedding_assets.definitions import build_definitions
-    from embedding_assets.destinations.audit import audit_destinations, without_store_lock
     from embedding_assets.environment import database_url
-    from embedding_assets.runtime import qdrant_store_from_env, runtime_for
+    from embedding_assets.generations import all_runtimes
+    from embedding_assets.runtime import make_embedder, qdrant_store_from_env
 
     spec = settings.source(source)
     if shard is not None and shard not in spec.shard_keys:
         raise click.ClickException(f"source {source!r} has shards {spec.shard_keys}, not {shard!r}")
+    embedder_spec = settings.embedder_for(spec)
+    runtimes = all_runtimes(
+        spec,
+        embedder_spec,
+        make_embedder(embedder_spec),
+        database_url(),
+        qdrant_store_from_env(),
+    )
+    job = build_definitions(settings).resolve_job_def(f"{source}_sync")
+    reports = []
+    for runtime in runtimes:
+        reports.extend(_sync_generation(runtime, job, source, shard, instance, every_shard))
+    return reports
+
+
+def _sync_generation(
+    runtime, job, source: str, shard: str | None, instance, every_shard: bool
+) -> list[ShardReport]:
+    from embedding_assets.destinations.audit import audit_destinations, without_store_lock
+    from embedding_assets.runtime import qdrant_store_from_env
+
+    spec = runtime.spec
     keys = [shard] if shard else spec.shard_keys
-    runtime = runtime_for(settings, source, database_url())
     # A destination that lost data (TRUNCATE, a removed Qdrant store) becomes work here.
     # An embedded store is only checked for existence (counting waits for its lock); each
     # shard run counts its own points, and `--all-shards` runs every shard.
@@ -216,14 +243,13 @@ def sync_source(
     if not every_shard:
         work = runtime.work()
         keys = [key for key in keys if work[spec.shard_keys.index(key)].has_work]
-
-    job = build_definitions(settings).resolve_job_def(f"{source}_sync")
+    generation = runtime.generation
     reports = []
     # Every run of this sync shares one opening of an embedded Qdrant collection.
     with qdrant_store_from_env().keep_open():
         for key in keys:
             while True:
-                report, backlog = _run_shard(job, source, key, instance)
+                report, backlog = _run_shard(job, source, key, instance, generation)
                 reports.append(report)
                 progress = report.rows or report.rows_deleted or report.points_upserted
                 if not (report.success and backlog and progress):
@@ -246,9 +272,10 @@ def describe_audit(audit) -> str:
     return "; ".join(parts)
 
 
-def _run_shard(job, source: str, key: str, instance) -> tuple[ShardReport, bool]:
+def _run_shard(job, source: str, key: str, instance, generation=None) -> tuple[ShardReport, bool]:
     import uuid
 
+    from embedding_assets.resources.runtime import GENERATION_TAG
     from embedding_assets.run_health import worker_tag
 
     started = time.perf_counter()
@@ -259,12 +286,18 @@ def _run_shard(job, source: str, key: str, instance) -> tuple[ShardReport, bool]
         instance=instance,
         raise_on_error=False,
         run_id=run_id,
-        tags=worker_tag(run_id),  # a later sync fails this run if this process dies
+        # A later sync fails this run if this process dies.
+        tags={
+            **worker_tag(run_id),
+            **({GENERATION_TAG: str(generation.number)} if generation is not None else {}),
+        },
     )
     report = ShardReport(
         source, key, result.success, seconds=round(time.perf_counter() - started, 2)
     )
-    backlog = False
+    if generation is not None:
+        report.generation, report.generation_state = generation.number, generation.state
+    backlog = waiting_for_budget = False
     for event in result.get_asset_materialization_events():
         mat = event.event_specific_data.materialization
         meta = {k: v.value for k, v in mat.metadata.items()}
@@ -278,12 +311,17 @@ def _run_shard(job, source: str, key: str, instance) -> tuple[ShardReport, bool]
             report.reused_chunks = meta["reused_chunks"]
             report.failed_rows = meta.get("failed_rows", 0)
             report.index_build_seconds = meta.get("seconds_building_vector_index", 0.0)
+            report.rows_waiting_for_budget = meta.get("rows_waiting_for_token_budget", 0)
+            # The day's token budget is spent: running again would take nothing.
+            waiting_for_budget = bool(report.rows_waiting_for_budget)
         elif stage == "vector_index":
             report.points_upserted = meta.get("points_upserted", 0)
+            report.promoted_generation = meta.get("promoted_generation")
+            report.promotion_blocked = meta.get("promotion_blocked")
             backlog = backlog or bool(meta.get("backlog"))
     if not result.success:
         report.error = failure_cause(result.all_events)
-    return report, backlog
+    return report, backlog and not waiting_for_budget
 
 
 def failure_cause(events) -> str:
@@ -425,8 +463,19 @@ def shard_line(report: ShardReport) -> str:
         status = f"{report.failed_rows} rows FAILED (see `embedding-assets errors`)"
     else:
         status = "ok"
+    if report.rows_waiting_for_budget:
+        status += (
+            f"; {report.rows_waiting_for_budget} rows wait for the embedder's daily token "
+            "budget (pending, not failed)"
+        )
+    if report.promoted_generation is not None:
+        status += f"; generation {report.promoted_generation} is live now"
+    elif report.promotion_blocked:
+        status += f"; generation {report.generation} is not promoted: {report.promotion_blocked}"
+    building = f" [building g{report.generation}]" if report.generation_state == "building" else ""
     return (
-        f"{report.source}/{report.shard}: {report.rows} rows, {report.rows_deleted} deleted, "
+        f"{report.source}/{report.shard}{building}: {report.rows} rows, "
+        f"{report.rows_deleted} deleted, "
         f"{report.chunks} chunks ({report.embedded_chunks} embedded, {report.reused_chunks} "
         f"reused), {report.points_upserted} points, {report.seconds}s  {status}"
     )
@@ -481,11 +530,12 @@ def require_reachable_embedders(settings: Settings, sources: list[str]) -> None:
 def search_source(
     settings: Settings, source: str, text: str, limit: int, backend: str, exact: bool = False
 ) -> list[dict]:
-    """Nearest chunks to `text`: row id, score (cosine similarity), chunk text."""
+    """Nearest chunks to `text` in the live generation (with its model, whatever
+    sources.yaml says now): row id, score (cosine similarity), chunk text."""
     from embedding_assets.environment import database_url
     from embedding_assets.runtime import runtime_for
 
-    runtime = runtime_for(settings, source, database_url())
+    runtime = runtime_for(settings, source, database_url(), "live")
     if not runtime.pgvector.table_exists():
         raise click.ClickException(
             f"source {source!r} has no embeddings yet (its pgvector table "
@@ -571,11 +621,12 @@ def status_report(settings: Settings, source: str, exact: bool = False) -> dict:
     """
     from embedding_assets.destinations.audit import audit_destinations, without_store_lock
     from embedding_assets.environment import database_url
+    from embedding_assets.generations_cli import generations_report
     from embedding_assets.runtime import runtime_for
     from embedding_assets.state.diff import DUPLICATE_KIND
 
-    spec = settings.source(source)
-    runtime = runtime_for(settings, source, database_url())
+    runtime = runtime_for(settings, source, database_url(), "live")
+    spec = runtime.spec
     runtime.feed.ensure()
     is_exact = exact or runtime.feed.mode == "diff"
     # First make the ledger honest about what the destinations hold (a TRUNCATE or a
@@ -620,8 +671,12 @@ def status_report(settings: Settings, source: str, exact: bool = False) -> dict:
         "null_id_rows": runtime.diff.null_id_rows(),
         "duplicate_ids": runtime.errors.ids_of_kind(DUPLICATE_KIND),
         "source": source,
-        "pgvector_table": spec.target,
-        "qdrant_collection": spec.qdrant_collection,
+        "pgvector_table": ".".join(runtime.stable_table),
+        "qdrant_collection": runtime.stable_collection,
+        "generation": runtime.number,
+        "model": runtime.model_id,
+        "generations": generations_report(settings, source),
+        "token_budget": runtime.budget.describe(),
         **totals,
         "change_capture": runtime.feed.mode,
         "exact": is_exact,
@@ -659,6 +714,8 @@ def id_warnings(report: dict, id_column: str) -> list[str]:
 @click.pass_context
 def status(ctx: click.Context, source: str | None, exact: bool, as_json: bool) -> None:
     """Per source and shard: eligible, embedded and pending rows, chunks and points."""
+    from embedding_assets.generations_cli import generation_line
+
     ensure_database()
     settings = _settings(ctx)
     reports = [status_report(settings, name, exact) for name in _sources(settings, source)]
@@ -676,6 +733,15 @@ def status(ctx: click.Context, source: str | None, exact: bool, as_json: bool) -
         click.echo(f"  {'total':>5} " + " ".join(f"{report[f]:>15}" for f in STATUS_FIELDS))
         for warning in id_warnings(report, settings.source(report["source"]).id_column):
             click.echo(f"  WARNING: {warning}")
+        for generation in report["generations"]:
+            click.echo(f"  {generation_line(generation)}")
+        budget = report["token_budget"]
+        if budget["spent"]:
+            click.echo(
+                f"  WAITING: the daily token budget of embedder {budget['embedder']!r} is "
+                f"spent ({budget['tokens_used_today']:,} of {budget['max_tokens_per_day']:,} "
+                "tokens today, UTC); pending rows wait for tomorrow, nothing fails"
+            )
         if not report["exact"]:
             counted = report["eligible_rows_counted"]
             when = report["counted_at"] or "never"
@@ -690,15 +756,33 @@ def status(ctx: click.Context, source: str | None, exact: bool, as_json: bool) -
 # -- errors ---------------------------------------------------------------------------
 
 
-def errors_report(settings: Settings, source: str, dead_only: bool, limit: int) -> list[dict]:
+def generation_runtimes(settings: Settings, source: str) -> list:
+    """Runtimes of the source's live and (while one is built) building generation."""
     from embedding_assets.environment import database_url
-    from embedding_assets.runtime import runtime_for
+    from embedding_assets.generations import all_runtimes
+    from embedding_assets.runtime import make_embedder, qdrant_store_from_env
 
-    runtime = runtime_for(settings, source, database_url())
+    spec = settings.source(source)
+    embedder_spec = settings.embedder_for(spec)
+    return all_runtimes(
+        spec, embedder_spec, make_embedder(embedder_spec), database_url(), qdrant_store_from_env()
+    )
+
+
+def errors_report(settings: Settings, source: str, dead_only: bool, limit: int) -> list[dict]:
+    return [
+        error
+        for runtime in generation_runtimes(settings, source)
+        for error in _generation_errors(runtime, source, dead_only, limit)
+    ]
+
+
+def _generation_errors(runtime, source: str, dead_only: bool, limit: int) -> list[dict]:
     spec = runtime.spec
     return [
         {
             "source": source,
+            "generation": runtime.number,
             "row_id": e.row_id,
             "shard": spec.shard_keys[e.shard] if e.shard < spec.shards else str(e.shard),
             "state": e.state,
@@ -764,21 +848,19 @@ def errors_replay(
     ctx: click.Context, source: str | None, rows: tuple[str, ...], all_dead: bool, every: bool
 ) -> None:
     """Forget rows' failures and make them pending now (the next sync or sensor run tries
-    them again)."""
-    from embedding_assets.environment import database_url
-    from embedding_assets.runtime import runtime_for
-
+    them again), in the live generation and the one being built."""
     if sum([bool(rows), all_dead, every]) != 1:
         raise click.UsageError("give --row ID (repeatable), --all-dead or --all")
     ensure_database()
     settings = _settings(ctx)
     for name in _sources(settings, source):
-        runtime = runtime_for(settings, name, database_url())
-        replayed = runtime.errors.replay(
-            list(rows) if rows else None,
-            dead_only=all_dead,
-            enqueue=runtime.feed.mode != "diff",
-        )
+        replayed = 0
+        for runtime in generation_runtimes(settings, name):
+            replayed += runtime.errors.replay(
+                list(rows) if rows else None,
+                dead_only=all_dead,
+                enqueue=runtime.feed.mode != "diff",
+            )
         click.echo(f"{name}: {replayed} rows pending again")
 
 
@@ -792,27 +874,12 @@ def errors_replay(
 def reconcile(ctx: click.Context, source: str | None, as_json: bool) -> None:
     """Compare each source with the ledger (a full scan) and queue whatever the change feed
     missed; `sync` or the sensor then brings those rows up to date."""
-    from embedding_assets.environment import database_url
-    from embedding_assets.runtime import runtime_for
-
     ensure_database()
     settings = _settings(ctx)
     results = []
     for name in _sources(settings, source):
-        runtime = runtime_for(settings, name, database_url())
-        started = time.perf_counter()
-        found, disagree = runtime.reconcile()
-        results.append(
-            {
-                "source": name,
-                "change_capture": runtime.feed.mode,
-                "rows_queued": found,
-                "destinations_repaired": {
-                    runtime.spec.shard_keys[a.shard]: describe_audit(a) for a in disagree
-                },
-                "seconds": round(time.perf_counter() - started, 2),
-            }
-        )
+        for runtime in generation_runtimes(settings, name):
+            results.append(_reconcile_generation(runtime, name))
     if as_json:
         click.echo(json.dumps(results))
         return
@@ -825,6 +892,21 @@ def reconcile(ctx: click.Context, source: str | None, as_json: bool) -> None:
         click.echo(f"{r['source']}: {r['rows_queued']} rows queued in {r['seconds']}s{note}")
         for key, what in r["destinations_repaired"].items():
             click.echo(f"  shard {key}: {what}")
+
+
+def _reconcile_generation(runtime, source: str) -> dict:
+    started = time.perf_counter()
+    found, disagree = runtime.reconcile()
+    return {
+        "source": source,
+        "generation": runtime.number,
+        "change_capture": runtime.feed.mode,
+        "rows_queued": found,
+        "destinations_repaired": {
+            runtime.spec.shard_keys[a.shard]: describe_audit(a) for a in disagree
+        },
+        "seconds": round(time.perf_counter() - started, 2),
+    }
 
 
 @main.group()
@@ -842,7 +924,9 @@ def _trigger_feed(ctx: click.Context, source: str):
     if settings.source(name).table is None:
         raise click.ClickException(f"source {name!r} is a `query:` source: no triggers")
     runtime = runtime_for(settings, name, database_url())
-    return TriggerFeed(runtime.engine, runtime.spec, runtime.diff, runtime.feed.queue)
+    return TriggerFeed(
+        runtime.engine, runtime.spec, runtime.diff, runtime.feed.queue, runtime.feed.watched_extra
+    )
 
 
 @triggers.command("sql")
@@ -1012,6 +1096,16 @@ def stop_child(child: subprocess.Popen) -> None:
         except ProcessLookupError:
             return
         time.sleep(2)
+
+
+def _add_generation_commands() -> None:
+    from embedding_assets.generations_cli import generations, plan
+
+    main.add_command(generations)
+    main.add_command(plan)
+
+
+_add_generation_commands()
 
 
 def entry() -> None:

@@ -1,7 +1,7 @@
 """build_source_defs(spec): the assets, checks, job and sensor of one configured source."""
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import dagster as dg
 
@@ -12,6 +12,7 @@ from embedding_assets.pipeline import (
     chunk_rows,
     effective_max_tokens,
     embed_chunks,
+    fit_token_budget,
     reusable_vectors,
 )
 from embedding_assets.resources.embedders import embedder_pool, embedder_resource_key
@@ -42,6 +43,14 @@ def embedder_stats(embedder) -> dict[str, float]:
 def stats_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
     """This run's share: requests, retries, throttled seconds, tokens, provider usage."""
     return {f"embedder_{k}": round(v - before.get(k, 0), 3) for k, v in after.items()}
+
+
+def generation_metadata(runtime) -> dict[str, object]:
+    """Which generation a step worked on: the UI shows a build's progress by it."""
+    generation = runtime.generation
+    if generation is None:
+        return {}
+    return {"generation": generation.number, "generation_state": generation.state}
 
 
 def _per_second(count: int, seconds: float) -> float:
@@ -75,7 +84,9 @@ def build_source_defs(spec: SourceSpec, qdrant_embedded: bool) -> SourceDefs:
                 "its write, so no row is embedded twice"
             ),
         )
-        pending = runtime.feed.pending(shard, spec.max_rows_per_run)
+        pending = replace(
+            runtime.feed.pending(shard, spec.max_rows_per_run), generation=runtime.number
+        )
         seconds = time.perf_counter() - started
         context.add_output_metadata(
             {
@@ -84,6 +95,7 @@ def build_source_defs(spec: SourceSpec, qdrant_embedded: bool) -> SourceDefs:
                 "empty_text_rows": pending.empty_rows,
                 "backlog": pending.backlog,
                 "change_capture": runtime.feed.mode,
+                **generation_metadata(runtime),
                 "feed_entries": len(pending.consumed),
                 "seconds": round(seconds, 3),
             }
@@ -103,15 +115,16 @@ def build_source_defs(spec: SourceSpec, qdrant_embedded: bool) -> SourceDefs:
         embedder's own tokenizer, overlapping by `overlap` tokens, with a content hash per
         chunk. Rows with NULL or blank text get no chunk."""
         started = time.perf_counter()
-        embedder = runtime_of(context, spec).embedder
-        chunked = chunk_rows(pending_rows, spec, embedder)
+        runtime = runtime_of(context, spec, pending_rows.generation)
+        embedder = runtime.embedder
+        chunked = chunk_rows(pending_rows, runtime.spec, embedder)
         seconds = time.perf_counter() - started
         context.add_output_metadata(
             {
                 "rows": len(pending_rows.rows),
                 "chunks": len(chunked.chunks),
                 "tokens": chunked.tokens,
-                "max_tokens": effective_max_tokens(spec, embedder),
+                "max_tokens": effective_max_tokens(runtime.spec, embedder),
                 "empty_text_rows": pending_rows.empty_rows,
                 "seconds": round(seconds, 3),
                 "rows_per_second": _per_second(len(pending_rows.rows), seconds),
@@ -133,10 +146,20 @@ def build_source_defs(spec: SourceSpec, qdrant_embedded: bool) -> SourceDefs:
         already has a vector for this model is copied, not re-embedded: only changed
         chunks cost compute."""
         started = time.perf_counter()
-        runtime = runtime_of(context, spec)
+        runtime = runtime_of(context, spec, chunks.pending.generation)
         embedder = runtime.embedder
         reusable = reusable_vectors(runtime, chunks)
         calls_before = embedder_stats(embedder)
+        tokens_left = runtime.budget.left()
+        deferred: list[str] = []
+        if tokens_left is not None:
+            chunks, deferred = fit_token_budget(chunks, reusable, embedder.dimension, tokens_left)
+            if deferred:
+                context.log.warning(
+                    f"{len(deferred)} rows wait for tomorrow's token budget of embedder "
+                    f"{runtime.budget.embedder!r} ({runtime.budget.per_day:,} tokens per UTC "
+                    f"day, {tokens_left:,} left): they stay pending, nothing fails"
+                )
 
         def keep_progress(hashes: list[str], vectors, done: int, total: int) -> None:
             # Committed at once: a run interrupted after this keeps these vectors.
@@ -144,6 +167,7 @@ def build_source_defs(spec: SourceSpec, qdrant_embedded: bool) -> SourceDefs:
             context.log.info(f"embedded {done:,} of {total:,} new chunks (progress kept)")
 
         embedded = embed_chunks(chunks, embedder, reusable, keep_progress)
+        runtime.budget.spend(embedded.embedded_tokens)
         seconds = time.perf_counter() - started
         rows = len(chunks.pending.rows)
         reasons = {
@@ -161,12 +185,15 @@ def build_source_defs(spec: SourceSpec, qdrant_embedded: bool) -> SourceDefs:
                 "failed_rows": len(embedded.failures),
                 "failed_row_reasons": dg.MetadataValue.json(dict(list(reasons.items())[:50])),
                 "model": embedder.model_id,
+                **generation_metadata(runtime),
                 "dimension": embedder.dimension,
                 "rows": rows,
                 "chunks": len(chunks.chunks),
                 "tokens": chunks.tokens,
                 "embedded_chunks": embedded.embedded_chunks,
+                "embedded_tokens": embedded.embedded_tokens,
                 "reused_chunks": embedded.reused_chunks,
+                "rows_waiting_for_token_budget": len(deferred),
                 "seconds": round(seconds, 3),
                 "rows_per_second": _per_second(rows, seconds),
             }
@@ -195,6 +222,7 @@ def build_source_defs(spec: SourceSpec, qdrant_embedded: bool) -> SourceDefs:
             spec.max_rows_per_run,
             runtime.model_id,
         )
+        update.generation = runtime.number
         seconds = time.perf_counter() - started
         context.add_output_metadata(
             {
@@ -202,6 +230,7 @@ def build_source_defs(spec: SourceSpec, qdrant_embedded: bool) -> SourceDefs:
                 "reconciled_shard": stats.reconciled,
                 "created_collection": stats.created_collection,
                 "backlog": update.backlog,
+                **generation_metadata(runtime),
                 "seconds_planning": round(seconds, 3),
             }
         )
@@ -245,9 +274,19 @@ def build_reconcile_job(spec: SourceSpec) -> dg.JobDefinition:
         tags={"kind": "postgres"},
     )
     def reconcile(context: dg.OpExecutionContext) -> dg.Output[int]:
-        runtime = runtime_of(context, spec)
+        embedder = getattr(context.resources, embedder_resource_key(spec.embedder)).embedder()
         started = time.perf_counter()
-        found, disagree = runtime.reconcile()
+        found, repaired = 0, 0
+        # The live generation and the one being built each compare with their own ledger.
+        for runtime in context.resources.runtime.generations(spec.name, embedder):
+            queued, disagree = runtime.reconcile()
+            found += queued
+            repaired += len(disagree)
+            context.log.info(
+                f"reconcile of {spec.name} generation {runtime.number} ({runtime.feed.mode} "
+                f"capture): {queued} rows queued; {len(disagree)} shards whose destinations "
+                f"had lost data, now marked for repair: {disagree}"
+            )
         seconds = time.perf_counter() - started
         null_ids = runtime.diff.null_id_rows()
         if null_ids:
@@ -255,17 +294,12 @@ def build_reconcile_job(spec: SourceSpec) -> dg.JobDefinition:
                 f"{null_ids} eligible rows of {spec.name} have a NULL `{spec.id_column}` and "
                 "are never embedded; give them an id, or leave them out with `where:`"
             )
-        context.log.info(
-            f"reconcile of {spec.name} ({runtime.feed.mode} capture): {found} rows queued; "
-            f"{len(disagree)} shards whose destinations had lost data, now marked for "
-            f"repair: {disagree}"
-        )
         return dg.Output(
             found,
             metadata={
                 "rows_found": found,
                 "null_id_rows": null_ids,
-                "shards_repaired": len(disagree),
+                "shards_repaired": repaired,
                 "change_capture": runtime.feed.mode,
                 "seconds": round(seconds, 3),
             },

@@ -47,13 +47,14 @@ def chunk_rows(pending: PendingRows, spec: SourceSpec, embedder: Embedder) -> Ch
 
 
 def reusable_vectors(runtime: SourceRuntime, chunked: ChunkedRows) -> dict[str, np.ndarray]:
-    """Stored vectors for the chunks' texts: pgvector's by chunk hash, then the vector
+    """Stored vectors for the chunks' texts: pgvector's by chunk hash (this generation's
+    table, then other generations' of the same model), then the vector
     cache's (progress of an interrupted run); and for rows whose
     content is unchanged but whose chunks pgvector lost (see destinations.audit), the
     points Qdrant still holds with the same text."""
     chunks = chunked.chunks
     hashes = chunks["chunk_hash"].tolist()
-    found = runtime.pgvector.reusable_vectors(hashes)
+    found = runtime.pgvector.reusable_vectors(hashes, runtime.same_model_tables)
     # What an interrupted run of this shard computed and could not store.
     found.update(runtime.vector_cache.load([h for h in hashes if h not in found]))
     rows = chunked.pending.rows
@@ -86,15 +87,12 @@ def embed_chunks(
     chunks = chunked.chunks
     dimension = embedder.dimension
     vectors = np.zeros((len(chunks), dimension), dtype=np.float32)
-    missing: dict[str, list[int]] = {}
-    reused = np.zeros(len(chunks), dtype=bool)
-    for position, chunk_hash in enumerate(chunks["chunk_hash"]):
-        stored = reusable.get(chunk_hash)
-        if stored is not None and stored.shape == (dimension,):
-            vectors[position] = stored
-            reused[position] = True
-        else:
-            missing.setdefault(chunk_hash, []).append(position)
+    missing = new_chunks(chunks, reusable, dimension)
+    reused = np.ones(len(chunks), dtype=bool)
+    for positions in missing.values():
+        reused[positions] = False
+    for position in np.flatnonzero(reused):
+        vectors[position] = reusable[chunks["chunk_hash"].iat[position]]
     failures: dict[str, RowFailure] = {}
     if missing:
         first_texts = [chunks["text"].iat[positions[0]] for positions in missing.values()]
@@ -117,7 +115,61 @@ def embed_chunks(
             chunked, vectors, int((~reused).sum()), reused_chunks=int(reused.sum())
         )
     result.model_id = embedder.model_id
+    result.embedded_tokens = new_tokens(chunks, missing)
     return result
+
+
+def new_chunks(
+    chunks: pd.DataFrame, reusable: dict[str, np.ndarray], dimension: int
+) -> dict[str, list[int]]:
+    """{chunk hash: positions} of the chunks that need the embedder: no stored vector of
+    this dimension for their text. Identical new texts are one entry (embedded once)."""
+    missing: dict[str, list[int]] = {}
+    for position, chunk_hash in enumerate(chunks["chunk_hash"]):
+        stored = reusable.get(chunk_hash)
+        if stored is None or stored.shape != (dimension,):
+            missing.setdefault(chunk_hash, []).append(position)
+    return missing
+
+
+def new_tokens(chunks: pd.DataFrame, missing: dict[str, list[int]]) -> int:
+    """Tokens the embedder is sent for `missing` (each distinct text once)."""
+    counts = chunks["token_count"]
+    return int(sum(int(counts.iat[positions[0]]) for positions in missing.values()))
+
+
+def fit_token_budget(
+    chunked: ChunkedRows, reusable: dict[str, np.ndarray], dimension: int, tokens_left: int
+) -> tuple[ChunkedRows, list[str]]:
+    """The rows whose new chunks fit in `tokens_left`, in order, and the ids of the rows
+    deferred: they stay pending (their feed entries unconsumed) for a later run. Rows that
+    need no new tokens and rows to delete always go through."""
+    chunks = chunked.chunks
+    missing = new_chunks(chunks, reusable, dimension)
+    first_use: dict[str, int] = {}  # a text shared by rows is charged to the first one
+    for positions in missing.values():
+        row_id = chunks["row_id"].iat[positions[0]]
+        first_use[row_id] = first_use.get(row_id, 0) + int(chunks["token_count"].iat[positions[0]])
+    pending = chunked.pending
+    deferred, spent = [], 0
+    for row_id in pending.rows["row_id"].tolist():
+        cost = first_use.get(row_id, 0)
+        if cost and (deferred or spent + cost > tokens_left):
+            deferred.append(row_id)
+        else:
+            spent += cost
+    if not deferred:
+        return chunked, []
+    held = set(deferred)
+    kept_pending = replace(
+        pending,
+        rows=pending.rows[~pending.rows["row_id"].isin(held)].reset_index(drop=True),
+        consumed=[entry for entry in pending.consumed if entry[1] not in held],
+        watermark=None,  # the mark stays: the deferred rows are read again
+        backlog=True,
+    )
+    kept_chunks = chunks[~chunks["row_id"].isin(held)].reset_index(drop=True)
+    return ChunkedRows(kept_pending, kept_chunks), deferred
 
 
 class EmbedderUnavailableError(RuntimeError):
@@ -234,6 +286,7 @@ def store_embeddings(runtime: SourceRuntime, batch: EmbeddedRows) -> WriteStats:
         runtime.ensure_target(dimension)
     with runtime.engine.begin() as conn:
         shard_lock(conn, runtime.target, pending.shard)
+        runtime.require_kept(conn)
         stale = runtime.ledger.newer_rows(conn, all_ids, pending.computed_at) if all_ids else set()
         dropped = runtime.pgvector.drop_index_for_rewrite(conn, len(batch.chunked.chunks))
         if dropped:

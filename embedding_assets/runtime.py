@@ -14,7 +14,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from embedding_assets.destinations.audit import ShardAudit, audit_destinations
-from embedding_assets.destinations.pgvector import PgVectorDestination
+from embedding_assets.destinations.pgvector import PgVectorDestination, publish_view
 from embedding_assets.destinations.qdrant import QdrantDestination
 from embedding_assets.destinations.qdrant_stores import QdrantStore, open_qdrant_store
 from embedding_assets.embedders.base import Embedder
@@ -24,11 +24,13 @@ from embedding_assets.settings import (
     Settings,
     SourceSpec,
 )
+from embedding_assets.state.budget import TokenBudget
 from embedding_assets.state.db import engine_for
 from embedding_assets.state.ddl import ddl_lock
 from embedding_assets.state.diff import ShardWork, SourceDiff
 from embedding_assets.state.errors import RowErrors
 from embedding_assets.state.feeds import ChangeFeed, build_feed
+from embedding_assets.state.generations import Generation, GenerationError
 from embedding_assets.state.ledger import Ledger, pipeline_version
 from embedding_assets.state.queue import ChangeQueue
 from embedding_assets.state.vector_cache import VectorCache
@@ -118,6 +120,18 @@ class SourceRuntime:
     feed: ChangeFeed
     pgvector: PgVectorDestination
     qdrant: QdrantDestination
+    target: str
+    # The generation this runtime syncs; None for a runtime built outside the registry
+    # (`plan` of a generation that does not exist yet).
+    generation: Generation | None = None
+    # The names readers use: the view over the live generation's table, the Qdrant alias.
+    stable_table: tuple[str, str] = ("public", "")
+    stable_collection: str = ""
+    # Tables of the source's other generations with the same model: vectors to copy.
+    same_model_tables: tuple[tuple[str, str], ...] = ()
+    # The embedder's name in sources.yaml and its daily token budget (None: no budget).
+    embedder_name: str = ""
+    tokens_per_day: int | None = None
     target_ready: bool = False
     _claims: dict[int, sa.Connection] = field(default_factory=dict, repr=False)
 
@@ -126,12 +140,18 @@ class SourceRuntime:
         return self.embedder.model_id
 
     @property
-    def target(self) -> str:
-        return self.spec.target
+    def number(self) -> int | None:
+        return self.generation.number if self.generation is not None else None
 
     @property
     def errors(self) -> RowErrors:
         return self.feed.errors
+
+    @functools.cached_property
+    def budget(self) -> TokenBudget:
+        return TokenBudget(
+            self.engine, self.embedder_name or self.spec.embedder, self.tokens_per_day
+        )
 
     @functools.cached_property
     def vector_cache(self) -> VectorCache:
@@ -144,7 +164,12 @@ class SourceRuntime:
             return
         with self.engine.begin() as conn:
             ddl_lock(conn)
+            self.require_kept(conn)
             created = self.pgvector.ensure(conn, dimension)
+            added = [] if created else self.pgvector.add_metadata_columns(conn)
+            live = self.generation is not None and self.generation.state == "live"
+            if (created or added) and live:  # the view shows new columns too
+                publish_view(conn, self.stable_table, self.spec.pg_table)
             recorded = self.ledger.claim_target(
                 conn,
                 self.model_id,
@@ -159,6 +184,21 @@ class SourceRuntime:
                 ChangeQueue(self.engine, self.target).reshard(conn, self.spec.shards)
         self.vector_cache.prune()
         self.target_ready = True
+
+    def require_kept(self, conn: sa.Connection) -> None:
+        """Refuse to write a generation that was dropped after this runtime was built."""
+        if self.generation is None:
+            return
+        state = conn.scalar(
+            sa.text("SELECT state FROM embedding_assets.generations WHERE target = :t FOR SHARE"),
+            {"t": self.target},
+        )
+        if state in (None, "dropped"):
+            raise GenerationError(
+                f"generation {self.generation.number} of source {self.spec.name!r} was "
+                "dropped; nothing is written to it. Runs of the source's live or building "
+                "generation continue."
+            )
 
     def claim_shard(self, shard: int, on_wait=None) -> None:
         """Hold the shard until this run's write commits (or its process ends): a second
@@ -217,18 +257,41 @@ _RUNTIMES: dict[tuple, SourceRuntime] = {}
 
 
 def source_runtime(
-    spec: SourceSpec, database_url: str, embedder: Embedder, qdrant: QdrantStore
+    spec: SourceSpec,
+    database_url: str,
+    embedder: Embedder,
+    qdrant: QdrantStore,
+    generation: Generation | None = None,
+    stable: tuple[tuple[str, str], str] | None = None,
+    watched_extra: tuple[str, ...] = (),
+    same_model_tables: tuple[tuple[str, str], ...] = (),
+    embedder_name: str = "",
+    tokens_per_day: int | None = None,
 ) -> SourceRuntime:
-    """The one place a source's runtime is built; one per configuration and process."""
-    key = (spec.model_dump_json(), database_url, id(embedder), id(qdrant))
+    """The one place a source's runtime is built; one per configuration and process.
+    `spec` is the generation's (its own table, collection, template and chunking)."""
+    target = generation.target if generation is not None else spec.target
+    key = (
+        spec.model_dump_json(),
+        database_url,
+        id(embedder),
+        id(qdrant),
+        target,
+        generation.state if generation is not None else None,
+        watched_extra,
+        same_model_tables,
+        embedder_name,
+        tokens_per_day,
+    )
     if key not in _RUNTIMES:
         engine = engine_for(database_url)
         version = pipeline_version(
             embedder.model_id, spec.chunking.max_tokens, spec.chunking.overlap
         )
-        ledger = Ledger(engine, spec.target, spec.name, version)
-        diff = SourceDiff(engine, spec, spec.target, version)
-        pgvector = PgVectorDestination(engine, spec)
+        ledger = Ledger(engine, target, spec.name, version)
+        diff = SourceDiff(engine, spec, target, version)
+        pgvector = PgVectorDestination(engine, spec, target)
+        stable_table, stable_collection = stable or (spec.pg_table, spec.qdrant_collection)
         _RUNTIMES[key] = SourceRuntime(
             spec=spec,
             engine=engine,
@@ -236,9 +299,16 @@ def source_runtime(
             version=version,
             ledger=ledger,
             diff=diff,
-            feed=build_feed(engine, spec, diff),
+            feed=build_feed(engine, spec, diff, watched_extra),
             pgvector=pgvector,
-            qdrant=QdrantDestination(engine, spec, spec.target, qdrant, pgvector),
+            qdrant=QdrantDestination(engine, spec, target, qdrant, pgvector),
+            target=target,
+            generation=generation,
+            stable_table=stable_table,
+            stable_collection=stable_collection,
+            same_model_tables=same_model_tables,
+            embedder_name=embedder_name,
+            tokens_per_day=tokens_per_day,
         )
     return _RUNTIMES[key]
 
@@ -249,11 +319,22 @@ def release_all_claims() -> None:
         runtime.release_claims()
 
 
-def runtime_for(settings: Settings, source: str, database_url: str) -> SourceRuntime:
-    """A source's runtime outside Dagster (CLI, tests, benchmarks)."""
+def runtime_for(
+    settings: Settings, source: str, database_url: str, generation: int | str | None = None
+) -> SourceRuntime:
+    """A source's runtime outside Dagster (CLI, tests, benchmarks): of `generation` (a
+    number, or "live"), by default the one being built, else the live one."""
+    from embedding_assets.generations import generation_runtime
+
     spec = settings.source(source)
-    return source_runtime(
-        spec, database_url, make_embedder(settings.embedder_for(spec)), qdrant_store_from_env()
+    embedder_spec = settings.embedder_for(spec)
+    return generation_runtime(
+        spec,
+        embedder_spec,
+        make_embedder(embedder_spec),
+        database_url,
+        qdrant_store_from_env(),
+        generation,
     )
 
 

@@ -7,8 +7,9 @@ import time
 import dagster as dg
 
 from embedding_assets.destinations.audit import audit_destinations, without_store_lock
+from embedding_assets.promotion import converge_readers
 from embedding_assets.resources.embedders import embedder_resource_key
-from embedding_assets.resources.runtime import runtime_of
+from embedding_assets.resources.runtime import GENERATION_TAG
 from embedding_assets.run_health import WORKER_LOST_TAG, fail_dead_runs
 from embedding_assets.settings import SourceSpec
 
@@ -46,6 +47,20 @@ def retry_run_key(work_id: str, failed: int, lost: int) -> str:
     return f"{key}:lost{lost}" if lost else key
 
 
+def _finished_build_note(source: str, generation) -> str:
+    """What a building generation with no work left waits for, if anything."""
+    if generation.promote == "manual":
+        return (
+            f"generation {generation.number} is built and waits for `embedding-assets "
+            f"generations promote --source {source}`"
+        )
+    if generation.blocked_reason:
+        return f"generation {generation.number} is built but not promoted: " + (
+            generation.blocked_reason
+        )
+    return ""
+
+
 def build_sensor(spec: SourceSpec, job) -> dg.SensorDefinition:
     embedder_key = embedder_resource_key(spec.embedder)
     keys = spec.shard_keys
@@ -65,75 +80,108 @@ def build_sensor(spec: SourceSpec, job) -> dg.SensorDefinition:
         dead = fail_dead_runs(context.instance)
         if dead:
             context.log.warning(f"failed {len(dead)} runs whose process is gone: {dead}")
-        runtime = runtime_of(context, spec)
-        work = runtime.work()
+        embedder = getattr(context.resources, embedder_key).embedder()
+        # The live generation and, while one is built, the new one: each follows the feed.
+        runtimes = context.resources.runtime.generations(spec.name, embedder)
+        live = next((r for r in runtimes if r.generation.state == "live"), runtimes[0])
+        moved = converge_readers(
+            live.engine,
+            spec.name,
+            live.stable_table,
+            live.stable_collection,
+            live.qdrant.store,
+            live.generation,
+        )
+        if moved:
+            context.log.warning(f"readers of {spec.name} moved to the live generation: {moved}")
         runs = recent_runs(context.instance, job.name)
         busy = {
-            r.dagster_run.tags.get("dagster/partition")
+            (r.dagster_run.tags.get(GENERATION_TAG), r.dagster_run.tags.get("dagster/partition"))
             for r in runs
             if r.dagster_run.status in IN_FLIGHT
         }
         audited_at = float(context.cursor or 0)
-        if not busy and time.time() - audited_at >= AUDIT_INTERVAL_SECONDS:
-            # Only while no run writes: a write half-applied is not a loss. An embedded
-            # Qdrant store is only checked for existence here (counting takes its lock).
-            mode = without_store_lock(runtime)
-            repaired = [a for a in audit_destinations(runtime, qdrant=mode) if a.repaired]
-            for audit in repaired:
-                context.log.warning(
-                    f"destinations of {spec.name} disagree with the ledger: {audit}"
-                )
-            if repaired:
-                work = runtime.work()
-            context.update_cursor(str(time.time()))
-        requests = []
-        waiting = []
-        for shard, shard_work in sorted(work.items()):
-            key = keys[shard]
-            if not shard_work.has_work:
-                continue
-            if key in busy:
-                waiting.append(f"{key} (run in flight)")
-                continue
-            # The fingerprint changes with the outstanding work (queue entries, watermark
-            # window, lagging rows): the same work never gets a second run, unless it failed.
-            work_id = f"{spec.name}:{key}:{shard_work.fingerprint}"
-            failed = [
-                r
-                for r in runs
-                if r.dagster_run.tags.get(WORK_TAG) == work_id
-                and r.dagster_run.status in FAILED
-                # A run whose process died says nothing about the work: no wait for it.
-                and r.dagster_run.tags.get(WORKER_LOST_TAG) != "true"
-            ]
-            lost = sum(
-                1
-                for r in runs
-                if r.dagster_run.tags.get(WORK_TAG) == work_id
-                and r.dagster_run.tags.get(WORKER_LOST_TAG) == "true"
-            )
-            if failed:
-                last = max(r.end_time or r.update_timestamp.timestamp() for r in failed)
-                due = last + retry_wait(len(failed)) - time.time()
-                if due > 0:
-                    waiting.append(f"{key} (failed {len(failed)}x, retry in {due:.0f}s)")
+        audit_due = not busy and time.time() - audited_at >= AUDIT_INTERVAL_SECONDS
+        requests, waiting, notes = [], [], []
+        for runtime in runtimes:
+            generation = runtime.generation
+            work = runtime.work()
+            if audit_due:
+                # Only while no run writes: a write half-applied is not a loss. An embedded
+                # Qdrant store is only checked for existence here (counting takes its lock).
+                mode = without_store_lock(runtime)
+                repaired = [a for a in audit_destinations(runtime, qdrant=mode) if a.repaired]
+                for audit in repaired:
+                    context.log.warning(
+                        f"destinations of {spec.name} disagree with the ledger: {audit}"
+                    )
+                if repaired:
+                    work = runtime.work()
+            label = f"g{generation.number}"
+            budget_spent = runtime.budget.left() == 0
+            if generation.state == "building" and not any(w.has_work for w in work.values()):
+                notes.append(_finished_build_note(spec.name, generation))
+            for shard, shard_work in sorted(work.items()):
+                key = keys[shard]
+                if not shard_work.has_work:
                     continue
-            requests.append(
-                dg.RunRequest(
-                    partition_key=key,
-                    run_key=retry_run_key(work_id, len(failed), lost),
-                    tags={
-                        WORK_TAG: work_id,
-                        "embedding_assets/pending_rows": str(shard_work.pending_rows),
-                        "embedding_assets/qdrant_lag_rows": str(shard_work.qdrant_lag_rows),
-                    },
+                if (str(generation.number), key) in busy:
+                    waiting.append(f"{label}/{key} (run in flight)")
+                    continue
+                if budget_spent and not shard_work.qdrant_lag_rows:
+                    waiting.append(
+                        f"{label}/{key} ({shard_work.pending_rows} rows wait for tomorrow's "
+                        f"token budget of embedder {runtime.budget.embedder!r})"
+                    )
+                    continue
+                # The fingerprint changes with the outstanding work (queue entries, watermark
+                # window, lagging rows): the same work never gets a second run, unless it
+                # failed.
+                work_id = f"{spec.name}:{label}:{key}:{shard_work.fingerprint}"
+                failed = [
+                    r
+                    for r in runs
+                    if r.dagster_run.tags.get(WORK_TAG) == work_id
+                    and r.dagster_run.status in FAILED
+                    # A run whose process died says nothing about the work: no wait for it.
+                    and r.dagster_run.tags.get(WORKER_LOST_TAG) != "true"
+                ]
+                lost = sum(
+                    1
+                    for r in runs
+                    if r.dagster_run.tags.get(WORK_TAG) == work_id
+                    and r.dagster_run.tags.get(WORKER_LOST_TAG) == "true"
                 )
-            )
+                if failed:
+                    last = max(r.end_time or r.update_timestamp.timestamp() for r in failed)
+                    due = last + retry_wait(len(failed)) - time.time()
+                    if due > 0:
+                        waiting.append(
+                            f"{label}/{key} (failed {len(failed)}x, retry in {due:.0f}s)"
+                        )
+                        continue
+                requests.append(
+                    dg.RunRequest(
+                        partition_key=key,
+                        run_key=retry_run_key(work_id, len(failed), lost),
+                        tags={
+                            WORK_TAG: work_id,
+                            GENERATION_TAG: str(generation.number),
+                            "embedding_assets/generation_state": generation.state,
+                            "embedding_assets/pending_rows": str(shard_work.pending_rows),
+                            "embedding_assets/qdrant_lag_rows": str(shard_work.qdrant_lag_rows),
+                        },
+                    )
+                )
+        if audit_due:
+            context.update_cursor(str(time.time()))
         if not requests:
-            if waiting:
-                return dg.SkipReason(f"shards with work are waiting: {', '.join(waiting)}")
+            parts = [f"shards with work are waiting: {', '.join(waiting)}"] if waiting else []
+            parts += [n for n in notes if n]
+            if parts:
+                return dg.SkipReason("; ".join(parts))
             return dg.SkipReason(
-                f"nothing pending ({runtime.feed.mode} capture): every shard is current"
+                f"nothing pending ({live.feed.mode} capture): every shard is current"
             )
         return dg.SensorResult(run_requests=requests)
 

@@ -46,6 +46,11 @@ class _Spec(BaseModel):
 class _EmbedderSpecBase(_Spec):
     # Runs calling one embedder at once (a Dagster pool per embedder bounds them).
     max_concurrent_runs: int = Field(default=2, ge=1)
+    # What `embedding-assets plan` multiplies tokens by (a remote provider's list price).
+    price_per_million_tokens: float | None = Field(default=None, ge=0)
+    # Tokens sent to this embedder per UTC day; once spent, runs take no new rows until
+    # the next day (rows wait, nothing fails). None: no budget.
+    max_tokens_per_day: int | None = Field(default=None, ge=1)
 
 
 class SentenceTransformersEmbedderSpec(_EmbedderSpecBase):
@@ -255,6 +260,16 @@ class RetrySpec(_Spec):
 CaptureMode = Literal["auto", "trigger", "watermark", "diff"]
 
 
+class GenerationsSpec(_Spec):
+    """A change of the model, template or chunking builds a new generation beside the live
+    one; `promote` says whether it goes live by itself once complete and its checks pass
+    (auto) or waits for `embedding-assets generations promote` (manual). The previous
+    generation stays, not updated, for `keep_previous_hours` (rollback), then is dropped."""
+
+    promote: Literal["auto", "manual"] = "auto"
+    keep_previous_hours: float = Field(default=24, ge=0)
+
+
 class SourceSpec(_Spec):
     """One table (or query) whose rows are kept embedded."""
 
@@ -276,6 +291,7 @@ class SourceSpec(_Spec):
     watermark_overlap_seconds: int = Field(default=60, ge=0)
     reconcile: ReconcileSpec = ReconcileSpec()
     retries: RetrySpec = RetrySpec()
+    generations: GenerationsSpec = GenerationsSpec()
     chunking: ChunkingSpec = ChunkingSpec()
     pgvector: PgvectorSpec = PgvectorSpec()
     qdrant: QdrantSpec = QdrantSpec()

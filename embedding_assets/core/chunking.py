@@ -31,6 +31,10 @@ class Tokenizer(Protocol):
 # broken with a space every LONG_TOKEN_CHARS characters before chunking, so its pieces are
 # tokenized, chunked and embedded like other text.
 LONG_TOKEN_CHARS = 100
+# The version of the rules above that turn a row's text into chunk texts. Part of every
+# generation's pipeline: raising it builds a new generation instead of mixing old and new
+# chunks in one index.
+TEXT_RULES_VERSION = 1
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,8 @@ class PendingRows:
     watermark: str | None = None
     # Rows found unfit to write at read time (a duplicated id): recorded with the write.
     failures: dict[str, "RowFailure"] = field(default_factory=dict)
+    # The source generation the rows are for (every later stage works on the same one).
+    generation: int | None = None
 
     @property
     def empty_rows(self) -> int:
@@ -69,6 +71,7 @@ class EmbeddedRows:
     # Rows the embedder failed on: left out of the write, recorded in the error table.
     failures: dict[str, RowFailure] = field(default_factory=dict)
     model_id: str = ""  # the embedder that computed `vectors`; the write stamps it
+    embedded_tokens: int = 0  # tokens sent to the embedder for them
 
     @property
     def pending(self) -> PendingRows:
@@ -90,3 +93,4 @@ class IndexUpdate:
     # and/or drop the shard's points and resend them all (the plan then covers every row).
     create_collection: bool = False
     reset_shard: bool = False
+    generation: int | None = None

@@ -7,6 +7,7 @@ work left (building it once is far cheaper than maintaining it row by row); a ru
 rewrites most of a table drops it first. Until it exists, search is an exact scan.
 """
 
+import hashlib
 import os
 import re
 import uuid
@@ -91,14 +92,92 @@ def vector_text(vector: np.ndarray) -> str:
 
 _VECTOR_FORMATS: dict[int, str] = {}
 
+POSTGRES_NAME_LIMIT = 63  # longer identifiers are cut silently, and two cut names may clash
+INDEX_SUFFIXES = ("_embedding_hnsw", "_chunk_hash", "_shard")
+
+
+def relation_name(table: str, suffix: str) -> str:
+    """`table + suffix` if Postgres keeps it whole, else a shortened name with a hash of the
+    full one, so the indexes of `docs__g1` and `docs__g2` never share a name."""
+    name = table + suffix
+    if len(name) <= POSTGRES_NAME_LIMIT:
+        return name
+    digest = hashlib.md5(name.encode()).hexdigest()[:8]
+    return f"{table[: POSTGRES_NAME_LIMIT - len(suffix) - 9]}_{digest}{suffix}"
+
+
+def relation_kind(conn: sa.Connection, schema: str, name: str) -> str | None:
+    """pg_class.relkind of schema.name ('r' table, 'v' view, ...), None if there is none."""
+    return conn.scalar(
+        sa.text("SELECT relkind FROM pg_class WHERE oid = to_regclass(:t)"),
+        {"t": f"{quote_ident(schema)}.{quote_ident(name)}"},
+    )
+
+
+def view_reads(conn: sa.Connection, schema: str, view: str) -> str | None:
+    """The table (schema.name) a view reads, or None if `view` is no view."""
+    return conn.scalar(
+        sa.text(
+            """SELECT DISTINCT n.nspname || '.' || c.relname
+            FROM pg_rewrite AS r JOIN pg_depend AS d ON d.objid = r.oid
+                AND d.classid = 'pg_rewrite'::regclass
+            JOIN pg_class AS c ON c.oid = d.refobjid AND c.oid <> r.ev_class
+            JOIN pg_namespace AS n ON n.oid = c.relnamespace
+            WHERE r.ev_class = to_regclass(:v) AND c.relkind IN ('r', 'p')"""
+        ),
+        {"v": f"{quote_ident(schema)}.{quote_ident(view)}"},
+    )
+
+
+def publish_view(conn: sa.Connection, stable: tuple[str, str], table: tuple[str, str]) -> None:
+    """Make the stable view read `table`, in the caller's transaction: readers see the old
+    generation until it commits and the new one after, never a mix. A view of another
+    dimension cannot be replaced in place, so it is dropped and created again (still one
+    transaction)."""
+    schema, view = stable
+    kind = relation_kind(conn, schema, view)
+    if kind not in (None, "v"):
+        raise RuntimeError(
+            f"{schema}.{view} is a table, not the view embedding_assets keeps for readers; "
+            "rename or drop it (or set another `pgvector: {table: ...}`)"
+        )
+    select = f"SELECT * FROM {quote_table(table)}"
+    target = quote_table(stable)
+    conn.execute(sa.text(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(schema)}"))
+    if kind == "v":
+        try:
+            with conn.begin_nested():
+                conn.execute(sa.text(f"CREATE OR REPLACE VIEW {target} AS {select}"))
+            return
+        except sa.exc.DBAPIError:
+            conn.execute(sa.text(f"DROP VIEW {target}"))
+    conn.execute(sa.text(f"CREATE VIEW {target} AS {select}"))
+
+
+def adopt_table(conn: sa.Connection, stable: tuple[str, str], table: tuple[str, str]) -> None:
+    """A chunk table made before generations existed becomes generation 1: renamed with its
+    indexes, and the stable name becomes a view over it, in the caller's transaction."""
+    schema, old = stable
+    new = table[1]
+    conn.execute(sa.text(f"ALTER TABLE {quote_table(stable)} RENAME TO {quote_ident(new)}"))
+    for suffix in INDEX_SUFFIXES:
+        conn.execute(
+            sa.text(
+                f"ALTER INDEX IF EXISTS {quote_ident(schema)}.{quote_ident(old + suffix)} "
+                f"RENAME TO {quote_ident(relation_name(new, suffix))}"
+            )
+        )
+    publish_view(conn, stable, table)
+
 
 class PgVectorDestination:
-    def __init__(self, engine: sa.Engine, spec: SourceSpec):
+    def __init__(self, engine: sa.Engine, spec: SourceSpec, target: str | None = None):
         self.engine = engine
         self.spec = spec
+        self.target = target or spec.target  # the ledger key (a generation's)
         self.table = quote_table(spec.pg_table)
         self.name = spec.pg_table[1]
-        self.hnsw_index = quote_ident(self.name + "_embedding_hnsw")
+        self.hnsw_index = quote_ident(relation_name(self.name, "_embedding_hnsw"))
         self._columns_catalog: dict[str, tuple[str, str]] | None = None
         self._iterative: bool | None = None
 
@@ -142,12 +221,26 @@ class PgVectorDestination:
             )
         )
         for suffix, column in (("_chunk_hash", "chunk_hash"), ("_shard", "shard")):
-            conn.execute(
-                sa.text(
-                    f"CREATE INDEX {quote_ident(self.name + suffix)} ON {self.table} ({column})"
-                )
-            )
+            index = quote_ident(relation_name(self.name, suffix))
+            conn.execute(sa.text(f"CREATE INDEX {index} ON {self.table} ({column})"))
         return True
+
+    def add_metadata_columns(self, conn: sa.Connection) -> list[str]:
+        """Metadata columns added to sources.yaml since the table was made: added to it
+        (rows get their values when the diff sends them again, without re-embedding). A
+        column no longer configured is left as it is, with its last values."""
+        have = catalog_columns(conn, self.table)
+        missing = [name for name in self.spec.metadata if name not in have]
+        if not missing:
+            return []
+        types = column_types(conn, SourceSql(self.spec).metadata_probe())
+        by_name = dict(zip(self.spec.metadata, types, strict=True))
+        for name in missing:
+            conn.execute(
+                sa.text(f"ALTER TABLE {self.table} ADD COLUMN {quote_ident(name)} {by_name[name]}")
+            )
+        self._columns_catalog = None
+        return missing
 
     def has_index(self, conn: sa.Connection) -> bool:
         schema, _ = self.spec.pg_table
@@ -160,7 +253,7 @@ class PgVectorDestination:
 
     def build_index(self, conn: sa.Connection) -> bool:
         """Build the HNSW index if missing (under the target's lock, so one run builds it)."""
-        shard_lock(conn, self.spec.target, -1)
+        shard_lock(conn, self.target, -1)
         if self.has_index(conn):
             return False
         conn.execute(sa.text(f"SET LOCAL maintenance_work_mem = '{INDEX_BUILD_MEMORY}'"))
@@ -276,7 +369,7 @@ class PgVectorDestination:
                 refused[row_id] = RowFailure(
                     hashes[row_id],
                     "unstorable",
-                    f"{self.spec.target} refused this row's values "
+                    f"{self.spec.pg_table[0]}.{self.name} refused this row's values "
                     f"({type(exc).__name__}: {' '.join(str(exc).split())}); fix the value, "
                     "or if a source column changed type, drop the pgvector table and sync "
                     "again, then `embedding-assets errors replay`",
@@ -320,19 +413,30 @@ class PgVectorDestination:
 
     # -- reads --------------------------------------------------------------------------
 
-    def reusable_vectors(self, chunk_hashes: Sequence[str]) -> dict[str, np.ndarray]:
-        """Stored vectors for these chunk hashes (this table holds one model only)."""
-        if not chunk_hashes or not self.table_exists():
-            return {}
+    def reusable_vectors(
+        self, chunk_hashes: Sequence[str], also_from: Sequence[tuple[str, str]] = ()
+    ) -> dict[str, np.ndarray]:
+        """Stored vectors for these chunk hashes: this table's (it holds one model only),
+        then for hashes still missing those of `also_from`, tables of other generations
+        with the same model (a template change leaves most chunk texts equal)."""
+        wanted = set(chunk_hashes)
+        found: dict[str, np.ndarray] = {}
         with self.engine.connect() as conn:
-            found = fetch_binary(
-                conn,
-                f"SELECT DISTINCT ON (chunk_hash) chunk_hash, embedding FROM {self.table} "
-                "WHERE chunk_hash = ANY(%(hashes)s)",
-                {"hashes": list(set(chunk_hashes))},
-                ["chunk_hash", "embedding"],
-            )
-        return dict(zip(found["chunk_hash"], found["embedding"], strict=True))
+            for table in (self.spec.pg_table, *also_from):
+                if not wanted:
+                    break
+                if relation_kind(conn, *table) is None:
+                    continue
+                rows = fetch_binary(
+                    conn,
+                    f"SELECT DISTINCT ON (chunk_hash) chunk_hash, embedding "
+                    f"FROM {quote_table(table)} WHERE chunk_hash = ANY(%(hashes)s)",
+                    {"hashes": list(wanted)},
+                    ["chunk_hash", "embedding"],
+                )
+                found.update(zip(rows["chunk_hash"], rows["embedding"], strict=True))
+                wanted.difference_update(rows["chunk_hash"])
+        return found
 
     COLUMNS = ("point_id", "row_id", "chunk_index", "chunk_text", "embedding", "metadata")
 
@@ -401,31 +505,35 @@ class PgVectorDestination:
                 )
             )
 
-    def invalid_vectors(self, shard: int, dimension: int) -> dict[str, int]:
-        """Stored vectors of the wrong length or zero norm (pgvector itself rejects NaN)."""
+    def invalid_vectors(self, shard: int | None, dimension: int) -> dict[str, int]:
+        """Stored vectors (of the shard, or all) of the wrong length or zero norm (pgvector
+        itself rejects NaN)."""
         if not self.table_exists():
             return {"wrong_dimension": 0, "zero_norm": 0, "checked": 0}
+        only = "WHERE shard = :shard" if shard is not None else ""
         with self.engine.connect() as conn:
             row = conn.execute(
                 sa.text(
                     f"""SELECT count(*) FILTER (WHERE vector_dims(embedding) <> :d) AS wrong,
                         count(*) FILTER (WHERE vector_norm(embedding) = 0) AS zero,
                         count(*) AS checked
-                    FROM {self.table} WHERE shard = :shard"""
+                    FROM {self.table} {only}"""
                 ),
                 {"d": dimension, "shard": shard},
             ).one()
         return {"wrong_dimension": row.wrong, "zero_norm": row.zero, "checked": row.checked}
 
-    def sample_chunks(self, shard: int, size: int) -> pd.DataFrame:
+    def sample_chunks(self, shard: int | None, size: int) -> pd.DataFrame:
+        """A deterministic sample of the shard's (or the table's) chunks with vectors."""
         columns = ["point_id", "row_id", "chunk_text", "embedding"]
         if not self.table_exists():
             return pd.DataFrame(columns=columns)
+        only = "WHERE shard = %(shard)s" if shard is not None else ""
         with self.engine.connect() as conn:
             return fetch_binary(
                 conn,
                 f"""SELECT CAST(point_id AS text) AS point_id, row_id, chunk_text, embedding
-                FROM {self.table} WHERE shard = %(shard)s ORDER BY md5(CAST(point_id AS text))
+                FROM {self.table} {only} ORDER BY md5(CAST(point_id AS text))
                 LIMIT %(n)s""",
                 {"shard": shard, "n": size},
                 columns,

@@ -149,6 +149,18 @@ class QdrantStore(Protocol):
         """Keep collections opened in the block open until it ends (embedded store)."""
         ...
 
+    # Readers of a server reach the live generation through an alias; the embedded engine
+    # has none (its only reader, `search`, follows the ledger).
+    supports_aliases: bool
+
+    def alias_target(self, alias: str) -> str | None:
+        """The collection `alias` points to, None if no such alias."""
+        ...
+
+    def point_alias(self, alias: str, collection: str) -> None:
+        """Point `alias` at `collection`, atomically (readers see the old or the new)."""
+        ...
+
     def brief(self) -> contextlib.AbstractContextManager[None]:
         """Within the block, release a collection after each operation even inside
         keep_open (embedded store): for a reader outside the store's Dagster pool, which
@@ -394,6 +406,14 @@ class EmbeddedQdrantStore:
     def close(self) -> None:
         # Nothing stays open between operations; sessions close their own shards.
         return None
+
+    supports_aliases = False
+
+    def alias_target(self, alias: str) -> str | None:
+        return None
+
+    def point_alias(self, alias: str, collection: str) -> None:
+        raise NotImplementedError("Qdrant's embedded engine has no aliases")
 
     # -- sessions and locking --
 
@@ -712,6 +732,30 @@ class ServerQdrantStore:
             IndexHit(_hit_id(r.id), 0.0, dict(r.payload or {}), _vector_of(r) if vectors else None)
             for r in records
         ]
+
+    supports_aliases = True
+
+    def alias_target(self, alias: str) -> str | None:
+        for description in self._client.get_aliases().aliases:
+            if description.alias_name == alias:
+                return description.collection_name
+        return None
+
+    def point_alias(self, alias: str, collection: str) -> None:
+        from qdrant_client import models
+
+        actions: list[Any] = []
+        if self.alias_target(alias) is not None:
+            actions.append(
+                models.DeleteAliasOperation(delete_alias=models.DeleteAlias(alias_name=alias))
+            )
+        actions.append(
+            models.CreateAliasOperation(
+                create_alias=models.CreateAlias(collection_name=collection, alias_name=alias)
+            )
+        )
+        # One request: Qdrant applies the alias changes of a request atomically.
+        self._client.update_collection_aliases(change_aliases_operations=actions)
 
     @contextlib.contextmanager
     def keep_open(self) -> Iterator[None]:

@@ -18,7 +18,7 @@ class PgVectorIOManager(dg.ConfigurableIOManager):
     runtime: RuntimeResource
 
     def handle_output(self, context: dg.OutputContext, obj: EmbeddedRows) -> None:
-        runtime = self.runtime.source(context.asset_key.path[0])
+        runtime = self.runtime.source(context.asset_key.path[0], generation=obj.pending.generation)
         started = time.perf_counter()
         stats = store_embeddings(runtime, obj)
         seconds = time.perf_counter() - started

@@ -5,6 +5,7 @@ import pandas as pd
 
 from embedding_assets.core.delta import IndexUpdate
 from embedding_assets.core.sharding import shard_index
+from embedding_assets.promotion import after_index_write
 from embedding_assets.resources.runtime import RuntimeResource
 
 
@@ -15,10 +16,13 @@ class QdrantIOManager(dg.ConfigurableIOManager):
     runtime: RuntimeResource
 
     def handle_output(self, context: dg.OutputContext, obj: IndexUpdate) -> None:
-        runtime = self.runtime.source(context.asset_key.path[0])
+        runtime = self.runtime.source(context.asset_key.path[0], generation=obj.generation)
         started = time.perf_counter()
         runtime.qdrant.apply(obj)
         seconds = time.perf_counter() - started
+        # This step holds the embedded store's pool: the moment to count its points for a
+        # promotion and to remove what dropped generations left.
+        outcome = after_index_write(runtime, context.log)
         context.add_output_metadata(
             {
                 "qdrant_collection": runtime.qdrant.collection,
@@ -26,6 +30,7 @@ class QdrantIOManager(dg.ConfigurableIOManager):
                 "points_upserted": len(obj.upserts),
                 "points_deleted": len(obj.deletes),
                 "rows_synced": len(obj.synced),
+                **outcome,
                 "seconds_writing": round(seconds, 3),
             }
         )

@@ -14,12 +14,7 @@ from embedding_assets.instance_connections import pool_instance_connections
 from embedding_assets.resources.database import DatabaseResource
 from embedding_assets.resources.qdrant import QdrantResource
 from embedding_assets.run_health import stamp_worker
-from embedding_assets.runtime import (
-    SourceRuntime,
-    make_embedder,
-    release_all_claims,
-    source_runtime,
-)
+from embedding_assets.runtime import SourceRuntime, make_embedder, release_all_claims
 from embedding_assets.settings import Settings, load_settings
 
 
@@ -49,20 +44,56 @@ class RuntimeResource(dg.ConfigurableResource):
             self._settings = load_settings(self.sources_file)
         return self._settings
 
-    def source(self, name: str, embedder: Embedder | None = None) -> SourceRuntime:
-        """The runtime of source `name`, with the embedder of the caller's embedder resource
-        (assets, checks, the sensor) or, for IO managers, the same one built from settings."""
+    def source(
+        self,
+        name: str,
+        embedder: Embedder | None = None,
+        generation: int | str | None = None,
+    ) -> SourceRuntime:
+        """The runtime of one generation of source `name` (see `generations.pick`: by
+        default the one being built, else the live one), with the embedder of the caller's
+        embedder resource (assets, checks, the sensor) or, for IO managers, the same one
+        built from settings."""
+        from embedding_assets.generations import generation_runtime
+
         settings = self.settings()
         spec = settings.source(name)
+        embedder_spec = settings.embedder_for(spec)
         if embedder is None:
-            embedder = make_embedder(settings.embedder_for(spec))
-        return source_runtime(spec, self.database.url, embedder, self.qdrant.store())
+            embedder = make_embedder(embedder_spec)
+        return generation_runtime(
+            spec, embedder_spec, embedder, self.database.url, self.qdrant.store(), generation
+        )
+
+    def generations(self, name: str, embedder: Embedder | None = None) -> list[SourceRuntime]:
+        """Runtimes of the source's live and building generations, live first."""
+        from embedding_assets.generations import all_runtimes
+
+        settings = self.settings()
+        spec = settings.source(name)
+        embedder_spec = settings.embedder_for(spec)
+        if embedder is None:
+            embedder = make_embedder(embedder_spec)
+        return all_runtimes(spec, embedder_spec, embedder, self.database.url, self.qdrant.store())
 
 
-def runtime_of(context, spec) -> SourceRuntime:
-    """The source's runtime from any Dagster context (asset, check or sensor), with the
-    embedder of the source's embedder resource."""
+GENERATION_TAG = "embedding_assets/generation"
+
+
+def run_generation(tags: dict[str, str]) -> int | None:
+    """The generation a run syncs (its tag, set by the sensor); None: the default."""
+    value = tags.get(GENERATION_TAG)
+    return int(value) if value and value.isdigit() else None
+
+
+def runtime_of(context, spec, generation: int | None = None) -> SourceRuntime:
+    """The source's runtime from an asset or check context: of `generation` (the one the
+    step's input rows belong to), else of the one the run is tagged with, with the embedder
+    of the source's embedder resource."""
     from embedding_assets.resources.embedders import embedder_resource_key
 
     embedder = getattr(context.resources, embedder_resource_key(spec.embedder)).embedder()
-    return context.resources.runtime.source(spec.name, embedder)
+    run = getattr(context, "run", None)
+    if generation is None and run is not None:
+        generation = run_generation(run.tags)
+    return context.resources.runtime.source(spec.name, embedder, generation)

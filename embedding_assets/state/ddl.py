@@ -13,6 +13,8 @@
   status can report it without rescanning the source.
 - `row_errors`: per (target, source row), the last failure to embed the row's content: kind,
   message, attempts, when to retry, and whether it is dead (see `state.errors`).
+- `token_usage`: per embedder and UTC day, the tokens sent to it (`max_tokens_per_day`).
+- `generations`: see `state.generations` (its DDL lives there).
 - `vector_cache`: vectors a long run computed and has not stored yet, so an interrupted run
   keeps its progress (see `state.vector_cache`).
 """
@@ -101,6 +103,12 @@ CREATE TABLE IF NOT EXISTS {STATE_SCHEMA}.vector_cache (
     embedding vector NOT NULL,     -- any dimension: the model's
     cached_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (target, model, chunk_hash)
+);
+CREATE TABLE IF NOT EXISTS {STATE_SCHEMA}.token_usage (
+    embedder text NOT NULL,        -- the embedder's name in sources.yaml
+    day date NOT NULL,             -- UTC
+    tokens bigint NOT NULL,
+    PRIMARY KEY (embedder, day)
 );
 CREATE TABLE IF NOT EXISTS {STATE_SCHEMA}.shard_counts (
     target text NOT NULL,

@@ -64,6 +64,9 @@ class ChangeFeed(Protocol):
     def reconcile(self) -> int:
         """Queue what a full diff finds pending; returns how many rows."""
 
+    def catch_up(self) -> int:
+        """Queue what a full diff finds pending, holding writers where that matters."""
+
 
 def _capture_row(conn: sa.Connection, target: str):
     return conn.execute(
@@ -86,11 +89,19 @@ def _record_capture(conn: sa.Connection, target: str, mode: str, signature: str 
 class _Feed:
     mode = ""
 
-    def __init__(self, engine: sa.Engine, spec: SourceSpec, diff: SourceDiff, queue: ChangeQueue):
+    def __init__(
+        self,
+        engine: sa.Engine,
+        spec: SourceSpec,
+        diff: SourceDiff,
+        queue: ChangeQueue,
+        watched_extra: tuple[str, ...] = (),
+    ):
         self.engine = engine
         self.spec = spec
         self.diff = diff
         self.queue = queue
+        self.watched_extra = watched_extra  # other generations' template columns
         self.target = diff.target
         self.errors = RowErrors(engine, self.target, spec.retries, queue)
         self._ensured = False
@@ -99,8 +110,8 @@ class _Feed:
 class _QueueFeed(_Feed):
     """What the trigger and watermark feeds share: the queue, reconcile, acknowledgement."""
 
-    def __init__(self, engine: sa.Engine, spec: SourceSpec, diff: SourceDiff, queue: ChangeQueue):
-        super().__init__(engine, spec, diff, queue)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self._id_type: str | None = None
 
     def id_type(self) -> str:
@@ -123,6 +134,16 @@ class _QueueFeed(_Feed):
             )
         return found
 
+    def catch_up(self) -> int:
+        """Queue what a full diff finds pending, for a generation the feed did not fill for
+        a while (a rollback). Trigger capture holds writers meanwhile, so no change falls
+        between the diff and the trigger filling the generation again."""
+        self.ensure()
+        with self.engine.begin() as conn:
+            if self.mode == "trigger":
+                hold_writers(conn, quote_table(split_qualified(self.spec.table or "")))
+            return self.diff.enqueue_pending(conn)
+
     def _queued_pending(self, shard: int, limit: int) -> tuple[list[tuple[int, str]], list[str]]:
         entries = self.queue.read(shard, limit)
         return entries, list(dict.fromkeys(r for _, r in entries))
@@ -141,7 +162,7 @@ class TriggerFeed(_QueueFeed):
                 f"source {self.spec.name!r}: table {self.spec.table} does not exist; create "
                 "it or fix `table:` in sources.yaml"
             )
-        return CaptureTriggers(self.spec, self.target, columns)
+        return CaptureTriggers(self.spec, columns, self.watched_extra)
 
     def ensure(self) -> None:
         if self._ensured:
@@ -162,6 +183,7 @@ class TriggerFeed(_QueueFeed):
         self._ensured = True
 
     def _seed(self, conn: sa.Connection, triggers: CaptureTriggers) -> int:
+        hold_writers(conn, triggers.table)
         found = self.diff.enqueue_pending(conn)
         _record_capture(conn, self.target, self.mode, triggers.signature)
         log.info("capture triggers of %s in place; queued %d rows", self.spec.name, found)
@@ -218,8 +240,8 @@ class TriggerFeed(_QueueFeed):
 class WatermarkFeed(_QueueFeed):
     mode = "watermark"
 
-    def __init__(self, engine: sa.Engine, spec: SourceSpec, diff: SourceDiff, queue: ChangeQueue):
-        super().__init__(engine, spec, diff, queue)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self._wm_type: str | None = None
 
     @property
@@ -369,7 +391,7 @@ class DiffFeed(_Feed):
         with self.engine.begin() as conn:
             recorded = _capture_row(conn, self.target)
             if recorded is not None and recorded.mode == "trigger" and self.spec.table:
-                triggers = CaptureTriggers(self.spec, self.target, table_columns(conn, self.spec))
+                triggers = CaptureTriggers(self.spec, table_columns(conn, self.spec))
                 ddl_lock(conn)
                 execute_script(conn, triggers.drop_sql())
             if recorded is None or recorded.mode != self.mode:
@@ -396,8 +418,23 @@ class DiffFeed(_Feed):
         """Nothing to catch up: every run of a diff source is a full comparison."""
         return 0
 
+    def catch_up(self) -> int:
+        return 0
 
-def resolve_mode(engine: sa.Engine, spec: SourceSpec) -> str:
+
+def hold_writers(conn: sa.Connection, table: str) -> None:
+    """Until the transaction ends, keep writers of the source out and wait for those in
+    flight, so a diff that seeds a new generation's queue misses no change: a statement that
+    ran its trigger before that generation existed has committed by then. A role that may
+    not lock the table (a DBA installed the triggers) seeds without it."""
+    try:
+        with conn.begin_nested():
+            conn.execute(sa.text(f"LOCK TABLE {table} IN SHARE ROW EXCLUSIVE MODE"))
+    except sa.exc.DBAPIError:
+        log.warning("may not lock %s; seeding the change queue without holding writers", table)
+
+
+def resolve_mode(engine: sa.Engine, spec: SourceSpec, watched_extra: tuple[str, ...] = ()) -> str:
     """`auto`: triggers for a `table:` source when this role may create them, else diff."""
     if spec.change_capture != "auto":
         return spec.change_capture
@@ -412,7 +449,7 @@ def resolve_mode(engine: sa.Engine, spec: SourceSpec) -> str:
             )
         if may_create_triggers(conn, table):
             return "trigger"
-        triggers = CaptureTriggers(spec, spec.target, table_columns(conn, spec))
+        triggers = CaptureTriggers(spec, table_columns(conn, spec), watched_extra)
         if installed_signature(conn, triggers) == triggers.body_signature:
             return "trigger"  # a DBA installed them for this role
     log.warning(
@@ -427,6 +464,11 @@ def resolve_mode(engine: sa.Engine, spec: SourceSpec) -> str:
 FEEDS = {"trigger": TriggerFeed, "watermark": WatermarkFeed, "diff": DiffFeed}
 
 
-def build_feed(engine: sa.Engine, spec: SourceSpec, diff: SourceDiff) -> ChangeFeed:
+def build_feed(
+    engine: sa.Engine, spec: SourceSpec, diff: SourceDiff, watched_extra: tuple[str, ...] = ()
+) -> ChangeFeed:
+    """The source's feed for the generation `diff` compares with; `watched_extra`: the
+    template columns of its other generations, which the one capture trigger watches too."""
     queue = ChangeQueue(engine, diff.target)
-    return FEEDS[resolve_mode(engine, spec)](engine, spec, diff, queue)
+    mode = resolve_mode(engine, spec, watched_extra)
+    return FEEDS[mode](engine, spec, diff, queue, watched_extra)

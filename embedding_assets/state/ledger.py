@@ -72,9 +72,9 @@ class Ledger:
             raise ModelMismatchError(
                 f"pgvector table {self.target} holds vectors of {recorded.model} "
                 f"({recorded.dimension}-d) but source {self.source!r} now uses "
-                f"{model_id} ({dimension}-d). One table holds one model: set a new "
-                f"`pgvector: {{table: ...}}` and `qdrant: {{collection: ...}}` for the new "
-                "model (the old table stays readable), or drop the old table first."
+                f"{model_id} ({dimension}-d). One table holds one model: a model "
+                "changed in sources.yaml is built as a new generation beside this one "
+                "(`embedding-assets generations list`)."
             )
         conn.execute(
             sa.text(

@@ -7,6 +7,9 @@
   Columns are compared as text, so types without an equality operator (json) work too.
 - An id change enqueues the old id (its vectors must go) and the new one.
 - TRUNCATE enqueues every row the ledger holds, so their vectors are removed.
+- Every entry goes to each generation the feed fills (live and building), looked up when the
+  statement runs, so a new generation needs no new trigger; the watched columns cover the
+  templates of every kept generation.
 - The shard is computed at capture time with the same md5 expression as everywhere else.
 - The function is SECURITY DEFINER: the application's role writes the source table and needs
   no privilege on our schema.
@@ -21,6 +24,7 @@ import sqlalchemy as sa
 from embedding_assets.core.sharding import shard_sql
 from embedding_assets.settings import SourceSpec, split_qualified
 from embedding_assets.state.ddl import STATE_DDL, STATE_SCHEMA
+from embedding_assets.state.generations import ACTIVE_STATES, GENERATIONS_DDL
 from embedding_assets.state.source_sql import (
     catalog_columns,
     quote_ident,
@@ -53,8 +57,9 @@ class CaptureTriggers:
     """The trigger SQL of one source over its table."""
 
     spec: SourceSpec
-    target: str
     table_columns: tuple[str, ...]
+    # Template columns of the source's other generations (their text may use others).
+    extra_columns: tuple[str, ...] = ()
 
     @property
     def table(self) -> str:
@@ -72,16 +77,26 @@ class CaptureTriggers:
         used = [
             self.spec.id_column,
             *self.spec.text_columns,
+            *self.extra_columns,
             *self.spec.metadata,
             *where_columns(self.spec.where, list(self.table_columns)),
         ]
-        return list(dict.fromkeys(c for c in used if c in self.table_columns))
+        # Sorted: every generation's runtime must write the same function, byte for byte.
+        return sorted(set(used).intersection(self.table_columns))
+
+    @property
+    def _fed_targets(self) -> str:
+        states = ", ".join(quote_literal(s) for s in ACTIVE_STATES)
+        return (
+            f"SELECT target FROM {STATE_SCHEMA}.generations "
+            f"WHERE source = {quote_literal(self.spec.name)} AND state IN ({states})"
+        )
 
     def _enqueue(self, ids_select: str) -> str:
         return (
             f"INSERT INTO {STATE_SCHEMA}.change_queue (target, shard, row_id) "
-            f"SELECT {quote_literal(self.target)}, {shard_sql('c.k', self.spec.shards)}, c.k "
-            f"FROM ({ids_select}) AS c;"
+            f"SELECT g.target, {shard_sql('c.k', self.spec.shards)}, c.k "
+            f"FROM ({ids_select}) AS c CROSS JOIN ({self._fed_targets}) AS g;"
         )
 
     def function_sql(self) -> str:
@@ -107,7 +122,7 @@ class CaptureTriggers:
         truncated = (
             f"INSERT INTO {STATE_SCHEMA}.change_queue (target, shard, row_id) "
             f"SELECT target, shard, row_id FROM {STATE_SCHEMA}.row_state "
-            f"WHERE target = {quote_literal(self.target)} AND NOT deleted;"
+            f"WHERE target IN ({self._fed_targets}) AND NOT deleted;"
         )
         return f"""CREATE OR REPLACE FUNCTION {self.function}() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $capture$
@@ -164,7 +179,7 @@ $capture$;"""
     def dba_sql(self) -> str:
         """What a DBA runs for a role that may not create triggers: our schema first (the
         trigger writes into it), then the triggers."""
-        return STATE_DDL.strip() + "\n\n" + self.install_sql()
+        return STATE_DDL.strip() + "\n" + GENERATIONS_DDL.strip() + "\n\n" + self.install_sql()
 
 
 def installed_signature(conn: sa.Connection, triggers: CaptureTriggers) -> str | None:

@@ -295,7 +295,8 @@ def test_text_and_uuid_keys_and_sql_sharding_matches_python(postgres, home, tmp_
 
 
 def test_model_or_chunking_change_is_handled_without_mixing(postgres, home, tmp_path, instance):
-    """A chunking change makes every row pending; another model is refused for the table."""
+    """A chunking change makes every row pending in a new generation; another model is
+    refused for the live generation's table."""
     from embedding_assets.state.ledger import ModelMismatchError
 
     name = unique_name()
@@ -307,7 +308,7 @@ def test_model_or_chunking_change_is_handled_without_mixing(postgres, home, tmp_
     )
     assert runtime_for(rechunked, name, postgres).exact_work()[0].pending_rows == 6
 
-    ledger = runtime_for(settings, name, postgres).ledger
+    ledger = runtime_for(settings, name, postgres, "live").ledger
     with (
         pytest.raises(ModelMismatchError, match="One table holds one model"),
         engine_for(postgres).begin() as conn,
