@@ -221,7 +221,7 @@ def plan_report(settings: Settings, source: str) -> dict[str, Any]:
         deleted += len(pending.deleted)
         chunks += len(chunked.chunks)
         tokens += chunked.tokens
-        to_embed += len(missing)
+        to_embed += sum(len(positions) for positions in missing.values())  # as a run counts
         tokens_to_embed += new_tokens(chunked.chunks, missing)
     price = embedder_spec.price_per_million_tokens
     return {

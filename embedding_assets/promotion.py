@@ -165,8 +165,10 @@ def converge_readers(
         return []
     moved = []
     with engine.connect() as conn:
-        current = view_reads(conn, *stable_table)
-    if current != live.pg_table:
+        stale = view_reads(conn, *stable_table) != live.pg_table
+        # Until its first write the live generation has no table to show.
+        stale = stale and relation_kind(conn, *live.schema_table) is not None
+    if stale:
         with engine.begin() as conn:
             lock_registry(conn)
             live = Generations(engine, source).in_state("live", conn)

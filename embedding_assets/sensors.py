@@ -125,7 +125,8 @@ def build_sensor(spec: SourceSpec, job) -> dg.SensorDefinition:
                 key = keys[shard]
                 if not shard_work.has_work:
                     continue
-                if (str(generation.number), key) in busy:
+                # A run without the tag (started from the UI) may be on any generation.
+                if (str(generation.number), key) in busy or (None, key) in busy:
                     waiting.append(f"{label}/{key} (run in flight)")
                     continue
                 if budget_spent and not shard_work.qdrant_lag_rows:

@@ -371,8 +371,9 @@ class PgVectorDestination:
                     "unstorable",
                     f"{self.spec.pg_table[0]}.{self.name} refused this row's values "
                     f"({type(exc).__name__}: {' '.join(str(exc).split())}); fix the value, "
-                    "or if a source column changed type, drop the pgvector table and sync "
-                    "again, then `embedding-assets errors replay`",
+                    "or if a source column changed type, drop the chunk table (`DROP TABLE "
+                    f"{self.table} CASCADE`: the readers' view goes with it, and the next "
+                    "sync makes both again), then `embedding-assets errors replay`",
                 )
                 return 0
 

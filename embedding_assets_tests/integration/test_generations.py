@@ -480,3 +480,39 @@ def test_state_from_before_generations_is_adopted_as_generation_1(
     assert kinds[f"{table}__g1_embedding_hnsw"] == "i"
     assert f"{table}_embedding_hnsw" not in kinds
     assert len(view_rows(postgres, name)) == 6
+
+
+def test_the_sensor_asks_for_runs_of_both_generations_tagged_with_each(
+    postgres, home, tmp_path, instance
+):
+    from embedding_assets.definitions import build_definitions
+    from embedding_assets.resources.runtime import GENERATION_TAG
+
+    def tick(settings: Settings):
+        defs = build_definitions(settings)
+        sensor = defs.resolve_sensor_def(f"{name}_changes")
+        with dg.build_sensor_context(
+            instance=instance, resources=defs.resources, definitions=defs
+        ) as context:
+            return sensor.evaluate_tick(context)
+
+    name = unique_name()
+    create_docs_table(postgres, name, docs(10))
+    sync_ok(settings_for(tmp_path, name, "a"), name, instance)
+    chunking = "{max_tokens: 32, overlap: 4}"
+    manual = settings_for(tmp_path, name, "b", chunking=chunking, generations="{promote: manual}")
+    first = tick(manual)  # registers generation 2 and asks for its build
+    assert sorted(
+        (r.tags[GENERATION_TAG], r.tags["embedding_assets/generation_state"], r.partition_key)
+        for r in first.run_requests
+    ) == [("2", "building", "00"), ("2", "building", "01")]
+    execute(postgres, f"UPDATE {name} SET title = 'Moved 3' WHERE id = 3")
+    both = {(r.tags[GENERATION_TAG], r.partition_key) for r in tick(manual).run_requests}
+    assert ("1", "00") in both or ("1", "01") in both  # the live one follows the change too
+    assert {g for g, _ in both} == {"1", "2"}
+    sync_ok(manual, name, instance)
+    idle = tick(manual)
+    assert not idle.run_requests
+    assert "generation 2 is built and waits for `embedding-assets generations promote" in (
+        idle.skip_message
+    )
