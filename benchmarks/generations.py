@@ -16,13 +16,12 @@ import os
 import shutil
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 from scale import DATA, load_rows, timed
-from throwaway import free_port
+from throwaway import throwaway_home
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "embedding_assets.cli"]
@@ -76,15 +75,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DATA)
     args = parser.parse_args()
 
-    home = Path(tempfile.mkdtemp(prefix="ea-generations-"))
-    os.environ.update(
-        EMBEDDING_ASSETS_HOME=str(home),
-        EMBEDDING_ASSETS_PG_PORT=str(free_port()),
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-    )
-    for name in ("DATABASE_URL", "QDRANT_URL", "EMBEDDING_ASSETS_SOURCES", "DAGSTER_HOME"):
-        os.environ.pop(name, None)
+    home = throwaway_home("ea-generations-")
     sys.path.insert(0, str(ROOT / "benchmarks"))
 
     from free_embedder import FreeEmbedder
