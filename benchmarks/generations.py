@@ -120,7 +120,9 @@ def main() -> None:
             f"{sum(r['embedded_chunks'] for r in built)} chunks embedded (plan said "
             f"{plan['chunks_to_embed']}); promoted by the run of shard "
             f"{promoted[0]['shard'] if promoted else '-'}, which took "
-            f"{promoted[0]['seconds'] if promoted else '-'} s"
+            f"{promoted[0]['seconds'] if promoted else '-'} s (of them "
+            f"{promoted[0]['index_build_seconds'] if promoted else '-'} s the pgvector HNSW "
+            "build after the bulk load)"
         )
 
         settings = load_settings(sources)

@@ -216,6 +216,17 @@ def test_template_change_copies_unchanged_chunks_and_plan_is_what_the_build_embe
     # The title goes at the end: every chunk but each row's last keeps its text.
     second = settings_for(tmp_path, name, "b", text="{body} {title}", chunking=chunking)
     plan = plan_report(second, name)
+    from click.testing import CliRunner
+
+    from embedding_assets.cli import main
+
+    printed = CliRunner().invoke(main, ["--sources", str(second.path), "plan", "--source", name])
+    assert printed.exit_code == 0, printed.output
+    assert f"generation 2 (not created yet) ({LOCAL})" in printed.output
+    assert f"{plan['chunks_to_embed']:,} chunks / {plan['tokens_to_embed']:,} tokens" in (
+        printed.output
+    )
+    assert states(postgres, name) == {1: "live"}  # plan changed nothing
     reports = sync_ok(second, name, instance)
     built = [r for r in reports if r.generation == 2]
     assert sum(r.embedded_chunks for r in built) == plan["chunks_to_embed"]
@@ -325,6 +336,12 @@ def test_manual_promotion_rollback_and_drop(postgres, server_qdrant, tmp_path, i
     assert left == 0
     listed = generations_report(settings_for(tmp_path, name, "a"), name)
     assert [g["state"] for g in listed] == ["live", "dropped"]
+    import json
+
+    result = CliRunner().invoke(main, [*back, "list", "--source", name, "--json"])
+    shown = json.loads(result.output)[name]
+    assert [(g["number"], g["state"]) for g in shown] == [(1, "live"), (2, "dropped")]
+    assert shown[0]["coverage"] == 1.0 and shown[0]["promoted_at"]
 
 
 def test_previous_generation_expires_after_keep_previous_hours(postgres, home, tmp_path, instance):
