@@ -12,6 +12,7 @@ from embedding_assets.destinations.recall import (
     RECALL_TARGET,
     measured_recall,
 )
+from embedding_assets.lag import shard_lags
 from embedding_assets.resources.embedders import embedder_resource_key
 from embedding_assets.resources.runtime import runtime_of
 from embedding_assets.settings import SourceSpec
@@ -193,4 +194,29 @@ def build_checks(
             },
         )
 
-    return [vectors_valid, coverage, no_dead_rows, parity, self_retrieval, search_recall]
+    @dg.asset_check(
+        asset=embeddings,
+        name="freshness",
+        partitions_def=shards,
+        required_resource_keys=resources,
+        description=f"No change of the shard has waited longer than `freshness_seconds` "
+        f"({spec.freshness_seconds} s) to reach both sinks. Evaluated after each run and, "
+        f"without any run (the sensor off, runs failing), by the `{spec.name}_lag` sensor, "
+        "which also records the shard's pending rows as observations the UI plots.",
+    )
+    def freshness(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+        runtime = runtime_of(context, spec)
+        lag = shard_lags(runtime)[shard_index(context.partition_key)]
+        return dg.AssetCheckResult(
+            passed=not lag.late, severity=dg.AssetCheckSeverity.WARN, metadata=lag.metadata()
+        )
+
+    return [
+        vectors_valid,
+        coverage,
+        no_dead_rows,
+        parity,
+        self_retrieval,
+        search_recall,
+        freshness,
+    ]

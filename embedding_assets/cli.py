@@ -1033,6 +1033,16 @@ def dev(ctx: click.Context, host: str, port: int) -> None:
         apply_pool_limits(instance, pool_limits(settings, not os.environ.get("QDRANT_URL")))
     env = {**os.environ, "EMBEDDING_ASSETS_SOURCES": str(settings.path)}
     children: list[subprocess.Popen] = []
+    stopping: list[str] = []
+
+    def stop(signum: int, _frame) -> None:
+        stopping.append(signal.Signals(signum).name)
+        raise KeyboardInterrupt
+
+    # Set, not inherited: a `dev` started in the background (`&`, nohup) inherits SIGINT
+    # ignored, and SIGTERM (supervisors, containers) would otherwise kill it uncleanly.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
     try:
         if any(worker_url() in getattr(e, "base_urls", ()) for e in settings.embedders.values()):
             children.append(start_worker(env))
@@ -1040,6 +1050,7 @@ def dev(ctx: click.Context, host: str, port: int) -> None:
         command = [
             sys.executable, "-m", "dagster", "dev",
             "-w", str(PROJECT_ROOT / "workspace.yaml"), "-h", host, "-p", str(port),
+            "--log-level", "warning",
         ]  # fmt: skip
         children.append(
             subprocess.Popen(command, env=env, cwd=PROJECT_ROOT, start_new_session=True)
@@ -1048,11 +1059,16 @@ def dev(ctx: click.Context, host: str, port: int) -> None:
     except KeyboardInterrupt:
         pass
     finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)  # a second signal must not cut the clean-up
         for child in reversed(children):  # Dagster first, then the worker its runs call
             stop_child(child)
         if started_postgres:
             _embedded().stop()
             click.echo("stopped embedded Postgres")
+    if stopping:
+        click.echo(f"stopped by {stopping[0]}")
+        sys.exit(0)
     sys.exit(children[-1].returncode or 0 if children else 1)
 
 

@@ -5,6 +5,13 @@ from dataclasses import dataclass, replace
 
 import dagster as dg
 
+from embedding_assets.asset_metadata import (
+    common_attributes,
+    embedder_kind,
+    sink_metadata,
+    source_asset,
+    staging_tags,
+)
 from embedding_assets.checks import build_checks
 from embedding_assets.core.delta import ChunkedRows, EmbeddedRows, IndexUpdate, PendingRows
 from embedding_assets.core.sharding import shard_index
@@ -18,18 +25,19 @@ from embedding_assets.pipeline import (
 from embedding_assets.resources.embedders import embedder_pool, embedder_resource_key
 from embedding_assets.resources.runtime import runtime_of
 from embedding_assets.run_health import IN_PROCESS_JOB_TAG
-from embedding_assets.sensors import build_sensor
-from embedding_assets.settings import SourceSpec
+from embedding_assets.sensors import build_lag_sensor, build_sensor
+from embedding_assets.settings import EmbedderSpec, SourceSpec
 
 EMBEDDED_QDRANT_POOL = "qdrant_embedded"
 
 
 @dataclass
 class SourceDefs:
-    assets: list[dg.AssetsDefinition]
+    assets: list[dg.AssetsDefinition | dg.AssetSpec]
     checks: list[dg.AssetChecksDefinition]
     job: object  # what dg.define_asset_job returns (resolved when Definitions load)
     sensor: dg.SensorDefinition
+    lag_sensor: dg.SensorDefinition
     reconcile_job: dg.JobDefinition
     schedules: list[dg.ScheduleDefinition]
 
@@ -42,7 +50,11 @@ def embedder_stats(embedder) -> dict[str, float]:
 
 def stats_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
     """This run's share: requests, retries, throttled seconds, tokens, provider usage."""
-    return {f"embedder_{k}": round(v - before.get(k, 0), 3) for k, v in after.items()}
+    delta = {k: v - before.get(k, 0) for k, v in after.items()}
+    # Counters stay integers (the UI plots 3.0 requests otherwise); waits keep decimals.
+    return {
+        f"embedder_{k}": int(v) if float(v).is_integer() else round(v, 3) for k, v in delta.items()
+    }
 
 
 def generation_metadata(runtime) -> dict[str, object]:
@@ -50,17 +62,29 @@ def generation_metadata(runtime) -> dict[str, object]:
     generation = runtime.generation
     if generation is None:
         return {}
-    return {"generation": generation.number, "generation_state": generation.state}
+    # Text, not numbers: a constant is not a series to plot.
+    return {
+        "generation": dg.MetadataValue.text(str(generation.number)),
+        "generation_state": generation.state,
+    }
 
 
 def _per_second(count: int, seconds: float) -> float:
     return round(count / seconds, 1) if seconds > 0 else 0.0
 
 
-def build_source_defs(spec: SourceSpec, qdrant_embedded: bool) -> SourceDefs:
+def build_source_defs(
+    spec: SourceSpec,
+    embedder_spec: EmbedderSpec,
+    qdrant_url: str | None,
+    qdrant_path: str,
+) -> SourceDefs:
     name = spec.name
     shards = dg.StaticPartitionsDefinition(spec.shard_keys)
     resources = {"runtime", embedder_resource_key(spec.embedder)}
+    source = source_asset(spec)
+    sinks = sink_metadata(spec, embedder_spec, qdrant_url, qdrant_path)
+    common = common_attributes(spec)
 
     @dg.asset(
         key=[name, "pending_rows"],
@@ -69,6 +93,9 @@ def build_source_defs(spec: SourceSpec, qdrant_embedded: bool) -> SourceDefs:
         partitions_def=shards,
         io_manager_key="staging_io_manager",
         required_resource_keys=resources,
+        deps=[source.key],
+        owners=spec.owners,
+        tags=staging_tags(spec),
     )
     def pending_rows(context: dg.AssetExecutionContext) -> PendingRows:
         """Rows of this shard that need work now: new or changed rows (their text, metadata
@@ -105,10 +132,12 @@ def build_source_defs(spec: SourceSpec, qdrant_embedded: bool) -> SourceDefs:
     @dg.asset(
         key=[name, "chunks"],
         group_name=name,
-        kinds={"python", "huggingface"},
+        kinds={"python", embedder_kind(embedder_spec)},
         partitions_def=shards,
         io_manager_key="staging_io_manager",
         required_resource_keys=resources,
+        owners=spec.owners,
+        tags=staging_tags(spec),
     )
     def chunks(context: dg.AssetExecutionContext, pending_rows: PendingRows) -> ChunkedRows:
         """Each pending row's text split into chunks of at most `max_tokens` tokens of the
@@ -135,11 +164,13 @@ def build_source_defs(spec: SourceSpec, qdrant_embedded: bool) -> SourceDefs:
     @dg.asset(
         key=[name, "embeddings"],
         group_name=name,
-        kinds={"pgvector", "pytorch"},
+        kinds={"pgvector", embedder_kind(embedder_spec)},
         partitions_def=shards,
         io_manager_key="pgvector_io_manager",
         required_resource_keys=resources,
         pool=embedder_pool(spec.embedder),
+        metadata=sinks["embeddings"],
+        **common,
     )
     def embeddings(context: dg.AssetExecutionContext, chunks: ChunkedRows) -> EmbeddedRows:
         """One vector per chunk, stored in the source's pgvector table. A chunk whose text
@@ -184,9 +215,7 @@ def build_source_defs(spec: SourceSpec, qdrant_embedded: bool) -> SourceDefs:
                 **stats_delta(calls_before, embedder_stats(embedder)),
                 "failed_rows": len(embedded.failures),
                 "failed_row_reasons": dg.MetadataValue.json(dict(list(reasons.items())[:50])),
-                "model": embedder.model_id,
                 **generation_metadata(runtime),
-                "dimension": embedder.dimension,
                 "rows": rows,
                 "chunks": len(chunks.chunks),
                 "tokens": chunks.tokens,
@@ -208,7 +237,9 @@ def build_source_defs(spec: SourceSpec, qdrant_embedded: bool) -> SourceDefs:
         io_manager_key="qdrant_io_manager",
         required_resource_keys=resources,
         deps=[embeddings],
-        pool=EMBEDDED_QDRANT_POOL if qdrant_embedded else None,
+        pool=None if qdrant_url else EMBEDDED_QDRANT_POOL,
+        metadata=sinks["vector_index"],
+        **common,
     )
     def vector_index(context: dg.AssetExecutionContext) -> IndexUpdate:
         """The shard's chunks as points in the source's Qdrant collection (payload: row id,
@@ -236,11 +267,13 @@ def build_source_defs(spec: SourceSpec, qdrant_embedded: bool) -> SourceDefs:
         )
         return update
 
-    assets = [pending_rows, chunks, embeddings, vector_index]
+    assets = [source, pending_rows, chunks, embeddings, vector_index]
     checks = build_checks(spec, shards, embeddings, vector_index)
     job = dg.define_asset_job(
         name=f"{name}_sync",
-        selection=dg.AssetSelection.assets(*assets),
+        # INFO, not Dagster's DEBUG: a run's every event on the console is noise in `dev`.
+        config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
+        selection=dg.AssetSelection.assets(pending_rows, chunks, embeddings, vector_index),
         partitions_def=shards,
         executor_def=dg.in_process_executor,
         description=f"Bring one shard of source {name!r} up to date in pgvector and Qdrant.",
@@ -261,7 +294,7 @@ def build_source_defs(spec: SourceSpec, qdrant_embedded: bool) -> SourceDefs:
                 "queues whatever the change feed missed.",
             )
         )
-    return SourceDefs(assets, checks, job, sensor, reconcile_job, schedules)
+    return SourceDefs(assets, checks, job, sensor, build_lag_sensor(spec), reconcile_job, schedules)
 
 
 def build_reconcile_job(spec: SourceSpec) -> dg.JobDefinition:

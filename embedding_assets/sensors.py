@@ -2,11 +2,13 @@
 and failed work asked for again after a growing wait (an outage must not strand rows).
 Runs whose process died are failed first (`run_health`), so they hold no shard or slot."""
 
+import json
 import time
 
 import dagster as dg
 
 from embedding_assets.destinations.audit import audit_destinations, without_store_lock
+from embedding_assets.lag import shard_lags
 from embedding_assets.promotion import converge_readers
 from embedding_assets.resources.embedders import embedder_resource_key
 from embedding_assets.resources.runtime import GENERATION_TAG
@@ -36,6 +38,21 @@ def recent_runs(instance: dg.DagsterInstance, job_name: str) -> list:
     )
 
 
+def runs_on_source(instance: dg.DagsterInstance, job_name: str, source: str) -> list:
+    """Runs in flight that work on the source's shards, whatever launched them: its sync
+    job (the sensor, `sync`) and any asset selection of its assets (the UI's materialize)."""
+    records = instance.get_run_records(
+        filters=dg.RunsFilter(statuses=list(IN_FLIGHT)), limit=RECENT_RUNS
+    )
+    found = []
+    for record in records:
+        run = record.dagster_run
+        selection = run.asset_selection or set()
+        if run.job_name == job_name or any(key.path[0] == source for key in selection):
+            found.append(record)
+    return found
+
+
 def retry_wait(failures: int) -> float:
     return min(RETRY_BASE_SECONDS * 2 ** (failures - 1), RETRY_MAX_SECONDS)
 
@@ -45,6 +62,17 @@ def retry_run_key(work_id: str, failed: int, lost: int) -> str:
     process died (retried at once)."""
     key = f"{work_id}:{failed}" if failed else work_id
     return f"{key}:lost{lost}" if lost else key
+
+
+def read_cursor(cursor: str | None) -> dict:
+    """A sensor's JSON cursor ({} if none; an older float cursor is its audit time)."""
+    if not cursor:
+        return {}
+    try:
+        value = json.loads(cursor)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {"audited_at": float(value)}
 
 
 def _finished_build_note(source: str, generation) -> str:
@@ -97,12 +125,12 @@ def build_sensor(spec: SourceSpec, job) -> dg.SensorDefinition:
         runs = recent_runs(context.instance, job.name)
         busy = {
             (r.dagster_run.tags.get(GENERATION_TAG), r.dagster_run.tags.get("dagster/partition"))
-            for r in runs
-            if r.dagster_run.status in IN_FLIGHT
+            for r in runs_on_source(context.instance, job.name, spec.name)
         }
-        audited_at = float(context.cursor or 0)
+        state = read_cursor(context.cursor)
+        audited_at = float(state.get("audited_at", 0))
         audit_due = not busy and time.time() - audited_at >= AUDIT_INTERVAL_SECONDS
-        requests, waiting, notes = [], [], []
+        requests, waiting, notes, asked = [], [], [], []
         for runtime in runtimes:
             generation = runtime.generation
             work = runtime.work()
@@ -161,6 +189,10 @@ def build_sensor(spec: SourceSpec, job) -> dg.SensorDefinition:
                             f"{label}/{key} (failed {len(failed)}x, retry in {due:.0f}s)"
                         )
                         continue
+                asked.append(
+                    f"{label}/{key}: {shard_work.pending_rows} rows pending, "
+                    f"{shard_work.qdrant_lag_rows} rows Qdrant lacks"
+                )
                 requests.append(
                     dg.RunRequest(
                         partition_key=key,
@@ -174,8 +206,23 @@ def build_sensor(spec: SourceSpec, job) -> dg.SensorDefinition:
                         },
                     )
                 )
-        if audit_due:
-            context.update_cursor(str(time.time()))
+        for line in asked:
+            context.log.info(f"asked for {line}")
+        for reason in waiting:
+            context.log.info(f"not asked: {reason}")
+        context.update_cursor(
+            json.dumps(
+                {
+                    "audited_at": time.time() if audit_due else audited_at,
+                    "asked": len(requests),
+                    "waiting": len(waiting),
+                    "pending_rows": sum(
+                        int(r.tags["embedding_assets/pending_rows"]) for r in requests
+                    ),
+                    "at": time.time(),
+                }
+            )
+        )
         if not requests:
             parts = [f"shards with work are waiting: {', '.join(waiting)}"] if waiting else []
             parts += [n for n in notes if n]
@@ -187,3 +234,95 @@ def build_sensor(spec: SourceSpec, job) -> dg.SensorDefinition:
         return dg.SensorResult(run_requests=requests)
 
     return source_changes
+
+
+LAG_INTERVAL_SECONDS = 30
+# A shard whose figures did not change is reported again at most this often.
+LAG_REPORT_EVERY_SECONDS = 300
+
+
+def build_lag_sensor(spec: SourceSpec) -> dg.SensorDefinition:
+    """Keeps the UI truthful while rows wait, with or without runs: per shard, an
+    observation of `embeddings` (pending rows, rows Qdrant lacks, failed rows, the oldest
+    wait) and the `freshness` check's evaluation; and on the source asset, the totals."""
+    embedder_key = embedder_resource_key(spec.embedder)
+    keys = spec.shard_keys
+    embeddings_key = dg.AssetKey([spec.name, "embeddings"])
+
+    @dg.sensor(
+        name=f"{spec.name}_lag",
+        minimum_interval_seconds=LAG_INTERVAL_SECONDS,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        required_resource_keys={"runtime", embedder_key},
+        description=(
+            f"Records how far each shard of {spec.name!r} is behind (pending rows, the "
+            "oldest wait) and marks shards late past `freshness_seconds`; asks for no run."
+        ),
+    )
+    def source_lag(context: dg.SensorEvaluationContext):
+        embedder = getattr(context.resources, embedder_key).embedder()
+        runtime = context.resources.runtime.source(spec.name, embedder, "live")
+        state = read_cursor(context.cursor)
+        now = time.time()
+        since = {int(k): v for k, v in state.get("behind_since", {}).items()}
+        lags = shard_lags(runtime, since, now)
+        last, reported = state.get("last", {}), state.get("reported_at", {})
+        events: list = []
+        for lag in lags:
+            key = keys[lag.shard]
+            figures = [lag.pending_rows, lag.qdrant_lag_rows, lag.failed_rows, lag.late]
+            due = lag.behind and now - reported.get(key, 0) >= LAG_REPORT_EVERY_SECONDS
+            if figures != last.get(key) or due:
+                metadata = lag.metadata()
+                events.append(
+                    dg.AssetObservation(asset_key=embeddings_key, partition=key, metadata=metadata)
+                )
+                events.append(
+                    dg.AssetCheckEvaluation(
+                        asset_key=embeddings_key,
+                        check_name="freshness",
+                        passed=not lag.late,
+                        partition=key,
+                        severity=dg.AssetCheckSeverity.WARN,
+                        metadata=metadata,
+                    )
+                )
+                last[key], reported[key] = figures, now
+            if lag.behind:
+                since.setdefault(lag.shard, now)
+            else:
+                since.pop(lag.shard, None)
+        behind = [keys[lag.shard] for lag in lags if lag.behind]
+        late = [keys[lag.shard] for lag in lags if lag.late]
+        pending = sum(lag.pending_rows for lag in lags)
+        waits = [lag.oldest_pending_seconds for lag in lags if lag.oldest_pending_seconds]
+        if events:
+            events.append(
+                dg.AssetObservation(
+                    asset_key=dg.AssetKey([spec.name, "source"]),
+                    metadata={
+                        "pending_rows": pending,
+                        "qdrant_lag_rows": sum(lag.qdrant_lag_rows for lag in lags),
+                        "failed_rows": sum(lag.failed_rows for lag in lags),
+                        "shards_behind": len(behind),
+                        "shards_late": len(late),
+                        "oldest_pending_seconds": round(max(waits), 1) if waits else 0.0,
+                        "generation": runtime.number or 0,
+                    },
+                )
+            )
+        summary = (
+            f"{len(behind)} of {len(keys)} shards behind ({pending} rows pending), "
+            f"{len(late)} late: {', '.join(late) or 'none'}"
+            if behind
+            else "every shard is current"
+        )
+        context.log.info(summary)
+        cursor = {
+            "behind_since": {str(k): v for k, v in since.items()},
+            "last": last,
+            "reported_at": reported,
+        }
+        return dg.SensorResult(asset_events=events, cursor=json.dumps(cursor), skip_reason=summary)
+
+    return source_lag

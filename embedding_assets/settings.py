@@ -292,6 +292,12 @@ class SourceSpec(_Spec):
     reconcile: ReconcileSpec = ReconcileSpec()
     retries: RetrySpec = RetrySpec()
     generations: GenerationsSpec = GenerationsSpec()
+    # A shard whose oldest pending change has waited longer is shown late in the UI.
+    freshness_seconds: int = Field(default=60, ge=1)
+    # Shown on the source's assets in the UI, as dbt and Sling integrations do.
+    description: str | None = None
+    owners: list[str] = Field(default_factory=list)
+    tags: dict[str, str] = Field(default_factory=dict)
     chunking: ChunkingSpec = ChunkingSpec()
     pgvector: PgvectorSpec = PgvectorSpec()
     qdrant: QdrantSpec = QdrantSpec()

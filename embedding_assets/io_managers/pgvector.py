@@ -23,11 +23,13 @@ class PgVectorIOManager(dg.ConfigurableIOManager):
         stats = store_embeddings(runtime, obj)
         seconds = time.perf_counter() - started
         waiting, dead = runtime.errors.counts_by_shard().get(obj.pending.shard, (0, 0))
+        _, chunks, _ = runtime.ledger.holdings_by_shard().get(obj.pending.shard, (0, 0, 0))
         context.add_output_metadata(
             {
+                "dagster/row_count": chunks,  # the shard's chunks in the table now
                 "rows_waiting_for_retry": waiting,
                 "dead_rows": dead,
-                "pgvector_table": runtime.target,
+                "pgvector_table": runtime.pgvector.table,
                 "rows_written": stats.rows_written,
                 "chunks_written": stats.chunks_written,
                 "rows_deleted": stats.rows_deleted,

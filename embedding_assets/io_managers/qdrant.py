@@ -23,8 +23,10 @@ class QdrantIOManager(dg.ConfigurableIOManager):
         # This step holds the embedded store's pool: the moment to count its points for a
         # promotion and to remove what dropped generations left.
         outcome = after_index_write(runtime, context.log)
+        _, _, points = runtime.ledger.holdings_by_shard().get(obj.shard, (0, 0, 0))
         context.add_output_metadata(
             {
+                "dagster/row_count": points,  # the shard's points in the collection now
                 "qdrant_collection": runtime.qdrant.collection,
                 "qdrant": "server" if self.runtime.qdrant.url else "embedded",
                 "points_upserted": len(obj.upserts),

@@ -39,6 +39,18 @@ class ChangeQueue:
             ).fetchall()
         return {r.shard: QueueSummary(r.n, r.first, r.last) for r in rows}
 
+    def oldest_by_shard(self) -> dict[int, float]:
+        """Per shard with entries: seconds the oldest entry has waited (database clock)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.text(
+                    f"""SELECT shard, extract(epoch FROM now() - min(queued_at)) AS age
+                    FROM {STATE_SCHEMA}.change_queue WHERE target = :t GROUP BY shard"""
+                ),
+                {"t": self.target},
+            ).fetchall()
+        return {r.shard: float(r.age) for r in rows}
+
     def read(self, shard: int, limit: int) -> list[tuple[int, str]]:
         """The shard's oldest entries (entry id, row id): at most `limit` distinct rows."""
         with self.engine.connect() as conn:

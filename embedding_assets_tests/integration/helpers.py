@@ -105,3 +105,20 @@ def materialization_metadata(result: dg.ExecuteInProcessResult, stage: str) -> d
         if mat.asset_key.path[-1] == stage:
             return {k: v.value for k, v in mat.metadata.items()}
     raise AssertionError(f"no materialization of {stage}")
+
+
+def dagster_database(url: str) -> str:
+    """A new Dagster instance database beside the test database: its runs and slots are
+    one test's. Returns its psycopg2 URL (what dagster-postgres needs)."""
+    from sqlalchemy.engine import make_url
+
+    database = unique_name("dagster")
+    with engine_for(url).connect() as conn:
+        conn.execution_options(isolation_level="AUTOCOMMIT").execute(
+            sa.text(f"CREATE DATABASE {database}")
+        )
+    return (
+        make_url(url)
+        .set(drivername="postgresql+psycopg2", database=database)
+        .render_as_string(hide_password=False)
+    )

@@ -30,6 +30,7 @@ from embedding_assets.state.db import engine_for
 from embedding_assets_tests.fakes.provider_server import ProviderServer
 from embedding_assets_tests.integration.helpers import (
     create_docs_table,
+    dagster_database,
     fake_embedder_settings,
     unique_name,
 )
@@ -49,15 +50,7 @@ def settings_file(tmp_path: Path, name: str, url: str) -> Path:
 @pytest.fixture
 def dagster_url(postgres) -> str:
     """A Dagster instance database of this test only: its runs and slots are the test's."""
-    from sqlalchemy.engine import make_url
-
-    database = unique_name("dagster")
-    with engine_for(postgres).connect() as conn:
-        conn.execution_options(isolation_level="AUTOCOMMIT").execute(
-            sa.text(f"CREATE DATABASE {database}")
-        )
-    url = make_url(postgres).set(drivername="postgresql+psycopg2", database=database)
-    return url.render_as_string(hide_password=False)
+    return dagster_database(postgres)
 
 
 def run_sync(path: Path, name: str, dagster_url: str, **popen) -> subprocess.Popen:

@@ -163,3 +163,138 @@ def test_a_live_run_is_left_alone(postgres, home, tmp_path):
         result = evaluate(defs, name, instance)
         assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.STARTED
         assert not result.run_requests and "run in flight" in result.skip_message
+
+
+def test_a_run_from_the_ui_holds_its_shard_for_the_sensor_too(postgres, home, tmp_path):
+    """A UI materialization runs the implicit asset job, not the source's sync job: the
+    sensor must still see the shard as busy."""
+    name = unique_name()
+    create_docs_table(postgres, name, [{"id": 1, "title": "one", "body": "text"}])
+    settings = write_settings(tmp_path, name, name, shards="1")
+    defs = build_definitions(settings)
+    keys = [dg.AssetKey([name, stage]) for stage in ("pending_rows", "chunks", "embeddings")]
+    with dg.DagsterInstance.ephemeral() as instance:
+        instance.create_run_for_job(
+            job_def=defs.resolve_implicit_global_asset_job_def(),
+            status=dg.DagsterRunStatus.STARTED,
+            asset_selection=frozenset(keys),
+            tags={"dagster/partition": "00"},
+        )
+        result = evaluate(defs, name, instance)
+        assert not result.run_requests and "00 (run in flight)" in result.skip_message
+
+
+def test_a_ui_run_and_a_sensor_run_of_one_shard_at_once_write_it_once(
+    postgres, home, tmp_path, monkeypatch
+):
+    """Two processes materialize the same shard at the same time: the sync job from the
+    CLI (what the sensor launches) and the implicit asset job the UI runs. The shard claim
+    makes the second wait; it then finds the work done and embeds nothing again."""
+    import json
+    import time
+
+    from embedding_assets_tests.integration.helpers import dagster_database
+
+    name = unique_name()
+    rows = 2000  # seconds of embedding: long enough for the two runs to overlap
+    create_docs_table(
+        postgres, name, [{"id": i, "title": f"t{i}", "body": "b"} for i in range(rows)]
+    )
+    settings = write_settings(tmp_path, name, name, shards="1")
+    defs = build_definitions(settings)
+    from embedding_assets.runtime import runtime_for
+
+    runtime_for(settings, name, postgres).embedder.embed_documents(["warm"])  # load it now
+    dagster_url = dagster_database(postgres)
+    monkeypatch.setenv("EMBEDDING_ASSETS_DAGSTER_PG_URL", dagster_url)
+    child = subprocess.Popen(
+        [sys.executable, "-m", "embedding_assets.cli", "--sources", str(settings.path)]
+        + ["sync", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    # Start the UI's run once the CLI's run holds the shard's claim, so the two overlap.
+    claim = sa.text(
+        """SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted
+        AND objsubid = 2 AND objid = 0
+        AND classid::bigint = (hashtext(:k)::bigint & 4294967295)"""
+    )
+    deadline = time.monotonic() + 120
+    with engine_for(postgres).connect() as conn:
+        while time.monotonic() < deadline and child.poll() is None:
+            if conn.scalar(claim, {"k": f"public.{name}_embeddings#claim"}):
+                break
+            conn.rollback()
+            time.sleep(0.05)
+    stages = ("pending_rows", "chunks", "embeddings", "vector_index")
+    with dg.DagsterInstance.ephemeral() as instance:
+        ui = defs.resolve_implicit_global_asset_job_def().execute_in_process(
+            partition_key="00",
+            instance=instance,
+            asset_selection=[dg.AssetKey([name, stage]) for stage in stages],
+        )
+        waited = [
+            entry.user_message
+            for entry in instance.all_logs(ui.run_id)
+            if "being synced by another run" in (entry.user_message or "")
+        ]
+    out, err = child.communicate(timeout=300)
+    assert ui.success and child.returncode == 0, err[-3000:]
+    embedded = sum(
+        event.event_specific_data.materialization.metadata["embedded_chunks"].value
+        for event in ui.get_asset_materialization_events()
+        if event.event_specific_data.materialization.asset_key.path[-1] == "embeddings"
+    )
+    cli_embedded = sum(r["embedded_chunks"] for r in json.loads(out.strip().splitlines()[-1]))
+    assert embedded + cli_embedded == rows  # each row embedded by exactly one of them
+    # They did overlap: one of them waited for the other's claim on the shard.
+    assert waited or "being synced by another run" in err
+    with engine_for(postgres).connect() as conn:
+        stored, chunks = conn.execute(
+            sa.text(f"SELECT count(DISTINCT row_id), count(*) FROM {name}_embeddings")
+        ).one()
+    assert stored == chunks == rows
+    from embedding_assets.runtime import qdrant_store_from_env
+
+    assert qdrant_store_from_env().count(name) == rows
+
+
+def test_the_lag_sensor_shows_waiting_rows_without_any_run(postgres, home, tmp_path):
+    """With the changes sensor off, rows that wait make their shard's `freshness` check
+    fail once they have waited past `freshness_seconds`, and observations record them."""
+    import time
+
+    name = unique_name()
+    create_docs_table(postgres, name, [{"id": i, "title": f"t{i}", "body": "b"} for i in range(8)])
+    settings = write_settings(tmp_path, name, name, shards="2", freshness_seconds="1")
+    defs = build_definitions(settings)
+    lag_sensor = defs.resolve_sensor_def(f"{name}_lag")
+    with dg.DagsterInstance.ephemeral() as instance:
+        sync_shards(settings, name, instance)
+
+        def tick(cursor=None):
+            with dg.build_sensor_context(
+                instance=instance, resources=defs.resources, definitions=defs, cursor=cursor
+            ) as context:
+                return lag_sensor.evaluate_tick(context)
+
+        current = tick()
+        assert "every shard is current" in current.skip_message
+        with engine_for(postgres).begin() as conn:
+            conn.execute(sa.text(f"UPDATE {name} SET body = 'new' WHERE id IN (1, 2, 3)"))
+        time.sleep(1.5)
+        behind = tick(current.cursor)
+        checks = [e for e in behind.asset_events if isinstance(e, dg.AssetCheckEvaluation)]
+        late = {e.partition for e in checks if not e.passed}
+        shards = {settings.source(name).shard_keys[shard_of(str(i), 2)] for i in (1, 2, 3)}
+        assert late == shards
+        observed = {
+            e.partition: e.metadata["pending_rows"].value
+            for e in behind.asset_events
+            if isinstance(e, dg.AssetObservation) and e.partition
+        }
+        assert sum(observed.values()) == 3
+        assert "late" in behind.skip_message
+        # Nothing changed since: no new events until the figures move (or 5 minutes pass).
+        assert not tick(behind.cursor).asset_events

@@ -28,3 +28,37 @@ def test_reconcile_schedule_is_off_when_its_cron_is_null(tmp_path):
     repository = build_definitions(load_settings(path)).get_repository_def()
     assert "docs_reconcile" in repository.job_names
     assert not repository.schedule_defs
+
+
+def test_the_graph_reads_like_a_dagster_integration(tmp_path):
+    """Source table upstream, staging marked, sinks named with Dagster's standard keys,
+    kinds from the embedder configured, owners and tags from sources.yaml, one executor."""
+    path = tmp_path / "sources.yaml"
+    path.write_text(
+        "embedders:\n"
+        "  remote: {provider: openai, model: m, base_urls: ['http://127.0.0.1:9/v1'],"
+        " dimension: 8}\n"
+        "sources:\n"
+        "  - {name: docs, table: app.docs, text: '{body}', metadata: [lang], embedder: remote,\n"
+        "     owners: [team:search], tags: {domain: support}, description: Help articles}\n"
+    )
+    defs = build_definitions(load_settings(path))
+    graph = defs.resolve_asset_graph()
+    source = dg.AssetKey(["docs", "source"])
+    assert graph.get(dg.AssetKey(["docs", "pending_rows"])).parent_keys == {source}
+    specs = {spec.key: spec for spec in defs.resolve_all_asset_specs()}
+    assert specs[source].metadata["dagster/table_name"] == "app.docs"
+    assert specs[source].description.startswith("Help articles")
+    embeddings = specs[dg.AssetKey(["docs", "embeddings"])]
+    assert embeddings.kinds == {"pgvector", "openai"}  # not "pytorch" for an HTTP service
+    assert embeddings.metadata["dagster/table_name"] == "app.docs_embeddings"
+    columns = {c.name: c.type for c in embeddings.metadata["dagster/column_schema"].columns}
+    assert columns["embedding"] == "vector(8)" and "lang" in columns
+    assert embeddings.owners == ["team:search"] and embeddings.tags["domain"] == "support"
+    index = specs[dg.AssetKey(["docs", "vector_index"])]
+    assert index.metadata["dagster/uri"].endswith("/collections/docs")
+    staging = specs[dg.AssetKey(["docs", "chunks"])]
+    assert staging.tags["embedding_assets/stage"] == "staging"
+    # UI materializations run in process like the sensor's runs.
+    assert defs.resolve_implicit_global_asset_job_def().executor_def == dg.in_process_executor
+    assert {s.name for s in defs.sensors} == {"docs_changes", "docs_lag"}
