@@ -24,8 +24,16 @@ dev: install
 .venv-infinity/bin/infinity_emb:
 	PYTHON=$(PYTHON) scripts/install-infinity.sh
 
+# Debian's Chromium for the browser test (Playwright drives it; no browser download). Where
+# packages cannot be installed the test says so and is skipped.
+/usr/bin/chromium:
+	@if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get install -y -q chromium >/dev/null 2>&1 || \
+		(apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null); \
+	else echo "no /usr/bin/chromium and no root apt-get: the browser test is skipped"; fi
+
 ## Lint, then the whole test suite (what CI runs).
-test: install .venv-infinity/bin/infinity_emb
+test: install .venv-infinity/bin/infinity_emb /usr/bin/chromium
 	$(BIN)/ruff check embedding_assets embedding_assets_tests benchmarks
 	$(BIN)/ruff format --check embedding_assets embedding_assets_tests benchmarks
 	$(BIN)/pytest

@@ -1,6 +1,7 @@
 """`embedding-assets dev` (what `make dev` runs): embedded Postgres, the demo rows, and the
-Dagster webserver + daemon whose sensor embeds them with no click; a sensor run killed with
--9 is failed and its slots freed with no manual step; Ctrl-C stops it all."""
+Dagster webserver + daemon whose sensor embeds them with no click; the UI renders the
+source's graph in headless Chromium; a sensor run killed with -9 is failed and its slots
+freed with no manual step; SIGINT and SIGTERM stop it all, even started in the background."""
 
 import json
 import os
@@ -71,8 +72,37 @@ def kill_a_sensor_run_and_see_it_released(env: dict[str, str]) -> None:
     engine.dispose()
 
 
-def test_dev_embeds_the_demo_with_no_click_and_ctrl_c_stops_everything():
-    home = Path(tempfile.mkdtemp(prefix="ea-dev-"))
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = Path(os.environ.get("EMBEDDING_ASSETS_TEST_ARTIFACTS", tempfile.gettempdir()))
+
+
+def ui_shows_the_source_graph(ui_port: int) -> None:
+    """Headless Chromium (Debian's, driven by Playwright; no browser download) renders the
+    source's group: the source table and the four assets. A screenshot is kept on failure."""
+    if not CHROMIUM.exists():
+        pytest.skip("no /usr/bin/chromium: `apt-get install -y chromium` runs the browser test")
+    from playwright.sync_api import sync_playwright
+
+    shot = ARTIFACTS / f"dev-ui-{ui_port}.png"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM),
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"],
+        )  # fmt: skip
+        page = browser.new_page(viewport={"width": 1600, "height": 1000})
+        try:
+            page.goto(f"http://127.0.0.1:{ui_port}/asset-groups/pypi_packages", timeout=60_000)
+            for label in ("source", "pending_rows", "chunks", "embeddings", "vector_index"):
+                page.get_by_text(label, exact=True).first.wait_for(timeout=60_000)
+        except Exception as exc:
+            page.screenshot(path=str(shot), full_page=True)
+            raise AssertionError(f"the asset graph did not render; screenshot: {shot}") from exc
+        finally:
+            browser.close()
+
+
+def start_dev(home: Path, ignore_sigint: bool = False) -> tuple[subprocess.Popen, dict, int]:
     # The README's path: no DATABASE_URL, no Qdrant, the bundled demo source.
     unset = (
         "DATABASE_URL",
@@ -88,16 +118,22 @@ def test_dev_embeds_the_demo_with_no_click_and_ctrl_c_stops_everything():
         EMBEDDING_ASSETS_WORKER_PORT=str(free_port()),
     )
     ui_port = free_port()
+
+    def background() -> None:
+        # What `dev &` in a script gets: SIGINT ignored, inherited.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
     log = (home / "dev.log").open("w")
     dev = subprocess.Popen(
         [*CLI, "dev", "--port", str(ui_port)], env=env, stdout=log, stderr=subprocess.STDOUT,
         start_new_session=True,  # so the test can Ctrl-C the whole group like a terminal
+        preexec_fn=background if ignore_sigint else None,
     )  # fmt: skip
+    log.close()
+    return dev, env, ui_port
 
-    def status() -> dict | None:
-        out = subprocess.run([*CLI, "status", "--json"], env=env, capture_output=True, text=True)
-        return json.loads(out.stdout)[0] if out.returncode == 0 else None
 
+def wait_for_webserver(dev: subprocess.Popen, home: Path, ui_port: int) -> None:
     def webserver_up() -> bool:
         if dev.poll() is not None:
             pytest.fail((home / "dev.log").read_text()[-3000:])
@@ -107,8 +143,50 @@ def test_dev_embeds_the_demo_with_no_click_and_ctrl_c_stops_everything():
         except OSError:
             return False
 
+    wait_for(webserver_up, 120, "the webserver")
+
+
+def assert_stopped_cleanly(dev: subprocess.Popen, home: Path, env: dict) -> None:
+    db = subprocess.run([*CLI, "db", "status", "--json"], env=env, capture_output=True, text=True)
+    assert json.loads(db.stdout)["running"] is False, (home / "dev.log").read_text()[-3000:]
+    # Nothing it started lives on: webserver, daemon, code server, worker.
+    leftovers = [
+        p.info["pid"]
+        for p in psutil.process_iter(["pid", "cmdline"])
+        if str(home) in " ".join(p.info["cmdline"] or [])
+    ]
+    assert not leftovers, leftovers
+    assert dev.returncode == 0, (home / "dev.log").read_text()[-3000:]
+
+
+def test_dev_started_in_the_background_stops_on_sigterm():
+    """A supervisor (systemd, a container, nohup) sends SIGTERM to the process alone."""
+    home = Path(tempfile.mkdtemp(prefix="ea-dev-term-"))
+    dev, env, ui_port = start_dev(home, ignore_sigint=True)
     try:
-        wait_for(webserver_up, 120, "the webserver")
+        wait_for_webserver(dev, home, ui_port)
+        dev.send_signal(signal.SIGTERM)
+        dev.wait(timeout=90)
+    finally:
+        if dev.poll() is None:
+            os.killpg(dev.pid, signal.SIGKILL)
+    assert "stopped by SIGTERM" in (home / "dev.log").read_text()
+    assert_stopped_cleanly(dev, home, env)
+    shutil.rmtree(home, ignore_errors=True)
+
+
+def test_dev_embeds_the_demo_with_no_click_and_ctrl_c_stops_everything():
+    home = Path(tempfile.mkdtemp(prefix="ea-dev-"))
+    # Started as `dev &` would be (SIGINT ignored): a SIGINT to the process still stops it.
+    dev, env, ui_port = start_dev(home, ignore_sigint=True)
+
+    def status() -> dict | None:
+        out = subprocess.run([*CLI, "status", "--json"], env=env, capture_output=True, text=True)
+        return json.loads(out.stdout)[0] if out.returncode == 0 else None
+
+    try:
+        wait_for_webserver(dev, home, ui_port)
+        ui_shows_the_source_graph(ui_port)
         first = wait_for(lambda: status(), 60, "status")
         assert first["eligible_rows"] >= 9000  # the bundled demo, loaded into Postgres
         # The sensor requests runs and the daemon executes them: vectors reach both sinks.
@@ -120,21 +198,15 @@ def test_dev_embeds_the_demo_with_no_click_and_ctrl_c_stops_everything():
         assert done["embedded_rows"] > 0 and done["pgvector_chunks"] > 0
         kill_a_sensor_run_and_see_it_released(env)
     finally:
-        os.killpg(dev.pid, signal.SIGINT)
+        dev.send_signal(signal.SIGINT)
         try:
             dev.wait(timeout=90)
         except subprocess.TimeoutExpired:
             os.killpg(dev.pid, signal.SIGKILL)
             raise
-        finally:
-            log.close()
-    db = subprocess.run([*CLI, "db", "status", "--json"], env=env, capture_output=True, text=True)
-    assert json.loads(db.stdout)["running"] is False, (home / "dev.log").read_text()[-3000:]
-    # Nothing it started lives on: webserver, daemon, code server, worker.
-    leftovers = [
-        p.info["pid"]
-        for p in psutil.process_iter(["pid", "cmdline"])
-        if str(home) in " ".join(p.info["cmdline"] or [])
-    ]
-    assert not leftovers, leftovers
+    log = (home / "dev.log").read_text()
+    assert "stopped by SIGINT" in log
+    # Quiet by default: no preview warnings, no per-event DEBUG lines of the runs.
+    assert "PreviewWarning" not in log and " - DEBUG - " not in log, log[-3000:]
+    assert_stopped_cleanly(dev, home, env)
     shutil.rmtree(home, ignore_errors=True)
