@@ -283,7 +283,8 @@ class SourceSpec(_Spec):
     embedder: str = "local"
     shards: int = Field(default=8, ge=1, le=256)
     max_rows_per_run: int = Field(default=20_000, ge=1)
-    sensor_interval_seconds: int = Field(default=5, ge=1)
+    # Short: a tick with the trigger feed costs a few indexed queries, and it bounds freshness.
+    sensor_interval_seconds: int = Field(default=2, ge=1)
     # auto: triggers for `table:` sources when this role may create them, else diff.
     change_capture: CaptureMode = "auto"
     watermark_column: str | None = None

@@ -16,7 +16,7 @@ def test_bundled_definitions_load_with_every_job_sensor_and_schedule():
     assert schedule.cron_schedule == "0 3 * * *"
     assert schedule.default_status == dg.DefaultScheduleStatus.RUNNING
     sensor = repository.get_sensor_def("pypi_packages_changes")
-    assert sensor.minimum_interval_seconds == 5
+    assert sensor.minimum_interval_seconds == 2
 
 
 def test_reconcile_schedule_is_off_when_its_cron_is_null(tmp_path):
