@@ -1,6 +1,8 @@
 """Asset checks of a source, per shard: vector validity, coverage, dead rows, parity with the
 ledger, self-retrieval, search recall."""
 
+import time
+
 import dagster as dg
 
 from embedding_assets.core.sharding import shard_index
@@ -206,7 +208,12 @@ def build_checks(
     )
     def freshness(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
         runtime = runtime_of(context, spec)
-        lag = shard_lags(runtime)[shard_index(context.partition_key)]
+        shard = shard_index(context.partition_key)
+        # A run of the lag sensor says since when the shard is behind (diff capture has
+        # no queue to date it).
+        since = context.run.tags.get("embedding_assets/behind_since")
+        behind = {shard: float(since)} if since else None
+        lag = shard_lags(runtime, behind, time.time())[shard]
         return dg.AssetCheckResult(
             passed=not lag.late, severity=dg.AssetCheckSeverity.WARN, metadata=lag.metadata()
         )

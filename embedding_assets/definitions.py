@@ -22,6 +22,7 @@ from embedding_assets.settings import Settings, load_settings
 # nothing a user can act on.
 warnings.filterwarnings("ignore", "Specifying a partitions_def", dg.PreviewWarning)
 warnings.filterwarnings("ignore", ".*(source_code_references|CodeReference)", dg.BetaWarning)
+warnings.filterwarnings("ignore", "Parameter `owners` of initializer", dg.BetaWarning)
 
 
 def _env_or(name: str, default: str | None):
@@ -57,7 +58,7 @@ def build_definitions(settings: Settings) -> dg.Definitions:
         # Code references: the UI links each asset to the function that defines it.
         assets=dg.with_source_code_references([a for s in per_source for a in s.assets]),
         asset_checks=[c for s in per_source for c in s.checks],
-        jobs=[j for s in per_source for j in (s.job, s.reconcile_job)],
+        jobs=[j for s in per_source for j in (*s.jobs, s.reconcile_job)],
         sensors=[sensor for s in per_source for sensor in (s.sensor, s.lag_sensor)],
         schedules=[sch for s in per_source for sch in s.schedules],
         resources=resources,

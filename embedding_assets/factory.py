@@ -1,5 +1,6 @@
 """build_source_defs(spec): the assets, checks, job and sensor of one configured source."""
 
+import json
 import time
 from dataclasses import dataclass, replace
 
@@ -15,6 +16,7 @@ from embedding_assets.asset_metadata import (
 from embedding_assets.checks import build_checks
 from embedding_assets.core.delta import ChunkedRows, EmbeddedRows, IndexUpdate, PendingRows
 from embedding_assets.core.sharding import shard_index
+from embedding_assets.lag import shard_lags
 from embedding_assets.pipeline import (
     chunk_rows,
     effective_max_tokens,
@@ -25,7 +27,7 @@ from embedding_assets.pipeline import (
 from embedding_assets.resources.embedders import embedder_pool, embedder_resource_key
 from embedding_assets.resources.runtime import runtime_of
 from embedding_assets.run_health import IN_PROCESS_JOB_TAG
-from embedding_assets.sensors import build_lag_sensor, build_sensor
+from embedding_assets.sensors import BEHIND_SINCE_TAG, SHARDS_TAG, build_lag_sensor, build_sensor
 from embedding_assets.settings import EmbedderSpec, SourceSpec
 
 EMBEDDED_QDRANT_POOL = "qdrant_embedded"
@@ -35,7 +37,7 @@ EMBEDDED_QDRANT_POOL = "qdrant_embedded"
 class SourceDefs:
     assets: list[dg.AssetsDefinition | dg.AssetSpec]
     checks: list[dg.AssetChecksDefinition]
-    job: object  # what dg.define_asset_job returns (resolved when Definitions load)
+    jobs: list  # what dg.define_asset_job returns (resolved when Definitions load)
     sensor: dg.SensorDefinition
     lag_sensor: dg.SensorDefinition
     reconcile_job: dg.JobDefinition
@@ -280,6 +282,7 @@ def build_source_defs(
         tags={IN_PROCESS_JOB_TAG: name},
     )
     sensor = build_sensor(spec, job)
+    freshness_job = build_freshness_job(spec)
     reconcile_job = build_reconcile_job(spec)
     schedules = []
     if spec.reconcile.cron:
@@ -294,7 +297,57 @@ def build_source_defs(
                 "queues whatever the change feed missed.",
             )
         )
-    return SourceDefs(assets, checks, job, sensor, build_lag_sensor(spec), reconcile_job, schedules)
+    return SourceDefs(
+        assets,
+        checks,
+        [job, freshness_job],
+        sensor,
+        build_lag_sensor(spec, freshness_job),
+        reconcile_job,
+        schedules,
+    )
+
+
+def build_freshness_job(spec: SourceSpec) -> dg.JobDefinition:
+    """Evaluates the `freshness` check of the shards the lag sensor names (tags), without
+    materializing anything: how a shard whose rows wait shows late with no sync run."""
+
+    @dg.op(
+        name=f"{spec.name}_evaluate_freshness",
+        required_resource_keys={"runtime", embedder_resource_key(spec.embedder)},
+        tags={"kind": "postgres"},
+    )
+    def evaluate_freshness(context: dg.OpExecutionContext) -> None:
+        embedder = getattr(context.resources, embedder_resource_key(spec.embedder)).embedder()
+        runtime = context.resources.runtime.source(spec.name, embedder, "live")
+        tags = context.run.tags
+        since = {int(k): v for k, v in json.loads(tags.get(BEHIND_SINCE_TAG, "{}")).items()}
+        wanted = [shard_index(k) for k in tags.get(SHARDS_TAG, "").split(",") if k]
+        lags = shard_lags(runtime, since, time.time())
+        for shard in wanted or range(spec.shards):
+            lag = lags[shard]
+            context.log_event(
+                dg.AssetCheckEvaluation(
+                    asset_key=dg.AssetKey([spec.name, "embeddings"]),
+                    check_name="freshness",
+                    passed=not lag.late,
+                    partition=spec.shard_keys[shard],
+                    severity=dg.AssetCheckSeverity.WARN,
+                    metadata=lag.metadata(),
+                )
+            )
+
+    @dg.job(
+        name=f"{spec.name}_freshness",
+        executor_def=dg.in_process_executor,
+        description=f"The `freshness` check of {spec.name!r}'s shards the lag sensor found "
+        "late, evaluated without a sync.",
+        tags={IN_PROCESS_JOB_TAG: spec.name},
+    )
+    def freshness_job() -> None:
+        evaluate_freshness()
+
+    return freshness_job
 
 
 def build_reconcile_job(spec: SourceSpec) -> dg.JobDefinition:

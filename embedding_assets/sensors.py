@@ -241,22 +241,30 @@ LAG_INTERVAL_SECONDS = 30
 LAG_REPORT_EVERY_SECONDS = 300
 
 
-def build_lag_sensor(spec: SourceSpec) -> dg.SensorDefinition:
-    """Keeps the UI truthful while rows wait, with or without runs: per shard, an
+BEHIND_SINCE_TAG = "embedding_assets/behind_since"  # {shard: epoch seconds}, JSON
+SHARDS_TAG = "embedding_assets/shards"  # shard keys, comma-separated
+
+
+def build_lag_sensor(spec: SourceSpec, freshness_job) -> dg.SensorDefinition:
+    """Keeps the UI truthful while rows wait, with or without sync runs: per shard, an
     observation of `embeddings` (pending rows, rows Qdrant lacks, failed rows, the oldest
-    wait) and the `freshness` check's evaluation; and on the source asset, the totals."""
+    wait) and totals on the source asset; and when shards turn late, a run that evaluates
+    their `freshness` check (Dagster 1.13 stores one run-less check evaluation per
+    partition only: a second one breaks its unique key, so the check goes in a run)."""
     embedder_key = embedder_resource_key(spec.embedder)
     keys = spec.shard_keys
     embeddings_key = dg.AssetKey([spec.name, "embeddings"])
 
     @dg.sensor(
         name=f"{spec.name}_lag",
+        job=freshness_job,
         minimum_interval_seconds=LAG_INTERVAL_SECONDS,
         default_status=dg.DefaultSensorStatus.RUNNING,
         required_resource_keys={"runtime", embedder_key},
         description=(
             f"Records how far each shard of {spec.name!r} is behind (pending rows, the "
-            "oldest wait) and marks shards late past `freshness_seconds`; asks for no run."
+            "oldest wait) and runs the `freshness` check of a shard that turns late, "
+            "whether or not sync runs happen."
         ),
     )
     def source_lag(context: dg.SensorEvaluationContext):
@@ -268,25 +276,19 @@ def build_lag_sensor(spec: SourceSpec) -> dg.SensorDefinition:
         lags = shard_lags(runtime, since, now)
         last, reported = state.get("last", {}), state.get("reported_at", {})
         events: list = []
+        turned_late: list[str] = []
         for lag in lags:
             key = keys[lag.shard]
             figures = [lag.pending_rows, lag.qdrant_lag_rows, lag.failed_rows, lag.late]
             due = lag.behind and now - reported.get(key, 0) >= LAG_REPORT_EVERY_SECONDS
             if figures != last.get(key) or due:
-                metadata = lag.metadata()
                 events.append(
-                    dg.AssetObservation(asset_key=embeddings_key, partition=key, metadata=metadata)
-                )
-                events.append(
-                    dg.AssetCheckEvaluation(
-                        asset_key=embeddings_key,
-                        check_name="freshness",
-                        passed=not lag.late,
-                        partition=key,
-                        severity=dg.AssetCheckSeverity.WARN,
-                        metadata=metadata,
+                    dg.AssetObservation(
+                        asset_key=embeddings_key, partition=key, metadata=lag.metadata()
                     )
                 )
+                if lag.late and not (last.get(key) or [0, 0, 0, False])[3]:
+                    turned_late.append(key)
                 last[key], reported[key] = figures, now
             if lag.behind:
                 since.setdefault(lag.shard, now)
@@ -307,8 +309,17 @@ def build_lag_sensor(spec: SourceSpec) -> dg.SensorDefinition:
                         "shards_behind": len(behind),
                         "shards_late": len(late),
                         "oldest_pending_seconds": round(max(waits), 1) if waits else 0.0,
-                        "generation": runtime.number or 0,
+                        "generation": dg.MetadataValue.text(str(runtime.number or "")),
                     },
+                )
+            )
+        requests = []
+        if turned_late:
+            dated = {str(k): v for k, v in since.items()}
+            requests.append(
+                dg.RunRequest(
+                    run_key=f"late:{json.dumps(dated, sort_keys=True)}:{','.join(turned_late)}",
+                    tags={SHARDS_TAG: ",".join(turned_late), BEHIND_SINCE_TAG: json.dumps(dated)},
                 )
             )
         summary = (
@@ -323,6 +334,11 @@ def build_lag_sensor(spec: SourceSpec) -> dg.SensorDefinition:
             "last": last,
             "reported_at": reported,
         }
-        return dg.SensorResult(asset_events=events, cursor=json.dumps(cursor), skip_reason=summary)
+        return dg.SensorResult(
+            run_requests=requests,
+            asset_events=events,
+            cursor=json.dumps(cursor),
+            skip_reason=None if requests else summary,
+        )
 
     return source_lag

@@ -260,9 +260,10 @@ def test_a_ui_run_and_a_sensor_run_of_one_shard_at_once_write_it_once(
     assert qdrant_store_from_env().count(name) == rows
 
 
-def test_the_lag_sensor_shows_waiting_rows_without_any_run(postgres, home, tmp_path):
-    """With the changes sensor off, rows that wait make their shard's `freshness` check
-    fail once they have waited past `freshness_seconds`, and observations record them."""
+def test_the_lag_sensor_shows_waiting_rows_without_any_sync_run(postgres, home, tmp_path):
+    """With the changes sensor off, rows that wait are recorded per shard, and a shard
+    whose oldest change waited past `freshness_seconds` gets a run of its `freshness`
+    check alone, which fails; once synced, the check passes again."""
     import time
 
     name = unique_name()
@@ -285,16 +286,27 @@ def test_the_lag_sensor_shows_waiting_rows_without_any_run(postgres, home, tmp_p
             conn.execute(sa.text(f"UPDATE {name} SET body = 'new' WHERE id IN (1, 2, 3)"))
         time.sleep(1.5)
         behind = tick(current.cursor)
-        checks = [e for e in behind.asset_events if isinstance(e, dg.AssetCheckEvaluation)]
-        late = {e.partition for e in checks if not e.passed}
         shards = {settings.source(name).shard_keys[shard_of(str(i), 2)] for i in (1, 2, 3)}
-        assert late == shards
+        (request,) = behind.run_requests
+        assert set(request.tags["embedding_assets/shards"].split(",")) == shards
         observed = {
             e.partition: e.metadata["pending_rows"].value
             for e in behind.asset_events
             if isinstance(e, dg.AssetObservation) and e.partition
         }
         assert sum(observed.values()) == 3
-        assert "late" in behind.skip_message
-        # Nothing changed since: no new events until the figures move (or 5 minutes pass).
-        assert not tick(behind.cursor).asset_events
+        # The check's run, as the daemon would launch it, marks those shards late.
+        result = defs.resolve_job_def(f"{name}_freshness").execute_in_process(
+            instance=instance, tags=request.tags
+        )
+        evaluations = result.get_asset_check_evaluations()
+        assert {e.partition for e in evaluations if not e.passed} == shards
+        assert all(e.check_name == "freshness" for e in evaluations)
+        shard = sorted(shards)[0]
+        # Nothing changed since: no new events or runs until the figures move.
+        quiet = tick(behind.cursor)
+        assert not quiet.asset_events and not quiet.run_requests and "late" in quiet.skip_message
+        # A sync clears it: the run's own freshness check passes.
+        synced = sync_shards(settings, name, instance, shards=[shard])
+        checks = synced[shard].get_asset_check_evaluations()
+        assert {c.check_name: c.passed for c in checks}["freshness"] is True
