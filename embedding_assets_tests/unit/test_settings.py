@@ -31,7 +31,7 @@ def test_defaults(tmp_path):
     spec = load(tmp_path, BASE).source("docs")
     assert spec.pg_table == ("app", "docs_embeddings")
     assert spec.qdrant_collection == "docs"
-    assert (spec.shards, spec.max_rows_per_run, spec.sensor_interval_seconds) == (8, 20000, 5)
+    assert (spec.shards, spec.max_rows_per_run, spec.sensor_interval_seconds) == (8, 20000, 2)
     assert (spec.change_capture, spec.reconcile.cron) == ("auto", "0 3 * * *")
     assert (spec.chunking.max_tokens, spec.chunking.overlap) == (256, 32)
 
