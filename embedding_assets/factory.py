@@ -31,6 +31,9 @@ from embedding_assets.sensors import BEHIND_SINCE_TAG, SHARDS_TAG, build_lag_sen
 from embedding_assets.settings import EmbedderSpec, SourceSpec
 
 EMBEDDED_QDRANT_POOL = "qdrant_embedded"
+# A run's console at INFO, not Dagster's DEBUG (every event of every run, hundreds of lines
+# in a few minutes of `dev`). The UI's implicit asset job keeps Dagster's default.
+INFO_CONSOLE = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
 
 
 @dataclass
@@ -273,8 +276,7 @@ def build_source_defs(
     checks = build_checks(spec, shards, embeddings, vector_index)
     job = dg.define_asset_job(
         name=f"{name}_sync",
-        # INFO, not Dagster's DEBUG: a run's every event on the console is noise in `dev`.
-        config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
+        config=INFO_CONSOLE,
         selection=dg.AssetSelection.assets(pending_rows, chunks, embeddings, vector_index),
         partitions_def=shards,
         executor_def=dg.in_process_executor,
@@ -339,6 +341,7 @@ def build_freshness_job(spec: SourceSpec) -> dg.JobDefinition:
 
     @dg.job(
         name=f"{spec.name}_freshness",
+        config=INFO_CONSOLE,
         executor_def=dg.in_process_executor,
         description=f"The `freshness` check of {spec.name!r}'s shards the lag sensor found "
         "late, evaluated without a sync.",

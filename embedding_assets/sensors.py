@@ -209,7 +209,7 @@ def build_sensor(spec: SourceSpec, job) -> dg.SensorDefinition:
         for line in asked:
             context.log.info(f"asked for {line}")
         for reason in waiting:
-            context.log.info(f"not asked: {reason}")
+            context.log.debug(f"not asked: {reason}")  # every tick while runs are in flight
         context.update_cursor(
             json.dumps(
                 {

@@ -76,30 +76,78 @@ CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(os.environ.get("EMBEDDING_ASSETS_TEST_ARTIFACTS", tempfile.gettempdir()))
 
 
-def ui_shows_the_source_graph(ui_port: int) -> None:
-    """Headless Chromium (Debian's, driven by Playwright; no browser download) renders the
-    source's group: the source table and the four assets. A screenshot is kept on failure."""
+BROWSER_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+
+
+def in_the_browser(ui_port: int, what: str, steps) -> None:
+    """Run `steps(page)` in headless Chromium (Debian's, driven by Playwright; no browser
+    download); a screenshot is kept on failure."""
     if not CHROMIUM.exists():
         pytest.skip("no /usr/bin/chromium: `apt-get install -y chromium` runs the browser test")
     from playwright.sync_api import sync_playwright
 
-    shot = ARTIFACTS / f"dev-ui-{ui_port}.png"
+    shot = ARTIFACTS / f"dev-ui-{what.replace(' ', '-')}-{ui_port}.png"
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=str(CHROMIUM),
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync"],
-        )  # fmt: skip
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=BROWSER_ARGS)
         page = browser.new_page(viewport={"width": 1600, "height": 1000})
+        page.set_default_timeout(60_000)
         try:
-            page.goto(f"http://127.0.0.1:{ui_port}/asset-groups/pypi_packages", timeout=60_000)
-            for label in ("source", "pending_rows", "chunks", "embeddings", "vector_index"):
-                page.get_by_text(label, exact=True).first.wait_for(timeout=60_000)
+            steps(page)
         except Exception as exc:
             page.screenshot(path=str(shot), full_page=True)
-            raise AssertionError(f"the asset graph did not render; screenshot: {shot}") from exc
+            raise AssertionError(f"in the UI, {what} failed; screenshot: {shot}") from exc
         finally:
             browser.close()
+
+
+def ui_shows_the_source_graph(ui_port: int) -> None:
+    """The source's group: the source table and the four assets."""
+
+    def steps(page) -> None:
+        page.goto(f"http://127.0.0.1:{ui_port}/asset-groups/pypi_packages")
+        for label in ("source", "pending_rows", "chunks", "embeddings", "vector_index"):
+            page.get_by_text(label, exact=True).first.wait_for()
+
+    in_the_browser(ui_port, "the asset graph", steps)
+
+
+def ui_materializes_one_shard(ui_port: int, env: dict[str, str]) -> None:
+    """ "Materialize all" on the group, shard 00 only, "Launch 1 run": the run succeeds."""
+    import sqlalchemy as sa
+
+    url = subprocess.run(
+        [*CLI, "db", "url", "--dagster"], env=env, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    engine = sa.create_engine(url)
+    ui_runs = sa.text(
+        """SELECT r.status FROM runs r JOIN run_tags t ON t.run_id = r.run_id
+        WHERE r.pipeline_name = '__ASSET_JOB' AND t.key = 'dagster/partition'
+        AND t.value = '00'"""
+    )
+
+    def steps(page) -> None:
+        page.goto(f"http://127.0.0.1:{ui_port}/asset-groups/pypi_packages")
+        page.get_by_role("button", name="Materialize all").first.click()
+        page.get_by_text("Select a partition or create one").click()
+        page.keyboard.type("00")
+        page.get_by_text("00", exact=True).filter(visible=True).first.click()
+        page.get_by_text("1 partition", exact=True).wait_for()
+        page.get_by_text("Launch runs to materialize").click()  # closes the drop-down
+        page.get_by_role("button", name="Launch 1 run").click()
+        page.get_by_role("button", name="Launch 1 run").wait_for(state="detached")
+
+    in_the_browser(ui_port, "materializing a shard", steps)
+
+    def finished() -> list[str] | None:
+        with engine.connect() as conn:
+            statuses = list(conn.scalars(ui_runs))
+        return statuses if statuses and all(s in ("SUCCESS", "FAILURE") for s in statuses) else None
+
+    assert wait_for(finished, 180, "the UI's run of shard 00") == ["SUCCESS"]
+    engine.dispose()
 
 
 def start_dev(home: Path, ignore_sigint: bool = False) -> tuple[subprocess.Popen, dict, int]:
@@ -197,6 +245,7 @@ def test_dev_embeds_the_demo_with_no_click_and_ctrl_c_stops_everything():
         )
         assert done["embedded_rows"] > 0 and done["pgvector_chunks"] > 0
         kill_a_sensor_run_and_see_it_released(env)
+        ui_materializes_one_shard(ui_port, env)
     finally:
         dev.send_signal(signal.SIGINT)
         try:
@@ -206,7 +255,7 @@ def test_dev_embeds_the_demo_with_no_click_and_ctrl_c_stops_everything():
             raise
     log = (home / "dev.log").read_text()
     assert "stopped by SIGINT" in log
-    # Quiet by default: no preview warnings, no per-event DEBUG lines of the runs.
-    assert "PreviewWarning" not in log and " - DEBUG - " not in log, log[-3000:]
+    # Quiet by default: no preview warnings, no per-event DEBUG lines of the sensor's runs.
+    assert "PreviewWarning" not in log and " - DEBUG - pypi_packages_sync" not in log, log[-3000:]
     assert_stopped_cleanly(dev, home, env)
     shutil.rmtree(home, ignore_errors=True)
