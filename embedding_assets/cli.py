@@ -310,7 +310,7 @@ def _run_shard(job, source: str, key: str, instance, generation=None) -> tuple[S
             report.embedded_chunks = meta["embedded_chunks"]
             report.reused_chunks = meta["reused_chunks"]
             report.failed_rows = meta.get("failed_rows", 0)
-            report.index_build_seconds = meta.get("seconds_building_vector_index", 0.0)
+            report.index_build_seconds = meta.get("index_build_duration_seconds", 0.0)
             report.rows_waiting_for_budget = meta.get("rows_waiting_for_token_budget", 0)
             # The day's token budget is spent: running again would take nothing.
             waiting_for_budget = bool(report.rows_waiting_for_budget)

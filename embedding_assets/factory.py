@@ -129,7 +129,7 @@ def build_source_defs(
                 "change_capture": runtime.feed.mode,
                 **generation_metadata(runtime),
                 "feed_entries": len(pending.consumed),
-                "seconds": round(seconds, 3),
+                "duration_seconds": round(seconds, 3),
             }
         )
         return pending
@@ -160,7 +160,7 @@ def build_source_defs(
                 "tokens": chunked.tokens,
                 "max_tokens": effective_max_tokens(runtime.spec, embedder),
                 "empty_text_rows": pending_rows.empty_rows,
-                "seconds": round(seconds, 3),
+                "duration_seconds": round(seconds, 3),
                 "rows_per_second": _per_second(len(pending_rows.rows), seconds),
             }
         )
@@ -228,7 +228,7 @@ def build_source_defs(
                 "embedded_tokens": embedded.embedded_tokens,
                 "reused_chunks": embedded.reused_chunks,
                 "rows_waiting_for_token_budget": len(deferred),
-                "seconds": round(seconds, 3),
+                "duration_seconds": round(seconds, 3),
                 "rows_per_second": _per_second(rows, seconds),
             }
         )
@@ -267,7 +267,7 @@ def build_source_defs(
                 "created_collection": stats.created_collection,
                 "backlog": update.backlog,
                 **generation_metadata(runtime),
-                "seconds_planning": round(seconds, 3),
+                "planning_duration_seconds": round(seconds, 3),
             }
         )
         return update
@@ -390,7 +390,7 @@ def build_reconcile_job(spec: SourceSpec) -> dg.JobDefinition:
                 "null_id_rows": null_ids,
                 "shards_repaired": repaired,
                 "change_capture": runtime.feed.mode,
-                "seconds": round(seconds, 3),
+                "duration_seconds": round(seconds, 3),
             },
         )
 

@@ -36,8 +36,8 @@ class PgVectorIOManager(dg.ConfigurableIOManager):
                 "rows_skipped_newer_write": stats.rows_skipped_stale,
                 "vector_index_dropped_for_rewrite": stats.index_dropped,
                 "vector_index_built": stats.index_built,
-                "seconds_building_vector_index": stats.index_seconds,
-                "seconds_writing": round(seconds, 3),
+                "index_build_duration_seconds": stats.index_seconds,
+                "write_duration_seconds": round(seconds, 3),
             }
         )
 

@@ -33,7 +33,7 @@ class QdrantIOManager(dg.ConfigurableIOManager):
                 "points_deleted": len(obj.deletes),
                 "rows_synced": len(obj.synced),
                 **outcome,
-                "seconds_writing": round(seconds, 3),
+                "write_duration_seconds": round(seconds, 3),
             }
         )
 
