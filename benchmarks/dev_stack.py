@@ -8,13 +8,11 @@ asserts nothing.
     .venv/bin/python benchmarks/dev_stack.py
 """
 
-import subprocess
 import time
-from pathlib import Path
 
-from failures import CLI, cli, converged, status, wait_until
+from failures import cli, converged, status, wait_until
 from throughput import step_breakdown
-from throwaway import free_port, stop_group, throwaway_home
+from throwaway import free_port, start_dev, stop_group, throwaway_home
 
 
 def searchable_report() -> dict | None:
@@ -30,21 +28,15 @@ def main() -> None:
 
     from embedding_assets.environment import prepare_dagster_home
 
-    log = (home / "dev.log").open("w")
     began = time.time()
-    dev = subprocess.Popen(
-        [*CLI, "dev", "--port", str(free_port())],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    dev = start_dev(home)
     try:
         up = wait_until(lambda: cli("status", "--json").returncode == 0, 300, 1)
         report = wait_until(searchable_report, 900, 1) if up else None
         done_at = time.time()
         if report is None:
             print("NOT searchable within 900 s:", status() if up else "dev did not come up")
-            print(Path(log.name).read_text()[-3000:])
+            print((home / "dev.log").read_text()[-3000:])
             return
         dagster_home = prepare_dagster_home()
         with dg.DagsterInstance.get() as instance:

@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from throwaway import free_port, stop_group, throwaway_home
+from throwaway import free_port, start_dev, stop_group, throwaway_home
 
 CLI = [sys.executable, "-m", "embedding_assets.cli"]
 ROOT = Path(__file__).resolve().parent.parent
@@ -199,13 +199,7 @@ def part_b(home: Path, engine) -> None:
     from embedding_assets.run_health import WORKER_TAG
     from embedding_assets.settings import load_settings
 
-    log = (home / "dev.log").open("w")
-    dev = subprocess.Popen(
-        [*CLI, "dev", "--port", str(free_port())],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    dev = start_dev(home)
     restarted: subprocess.Popen | None = None
     try:
         if not wait_until(lambda: cli("status", "--json").returncode == 0, 180):
@@ -331,7 +325,6 @@ def part_b(home: Path, engine) -> None:
         stop_group(dev, timeout=90)
         if restarted is not None:
             os.killpg(restarted.pid, signal.SIGKILL)
-        log.close()
 
 
 def main() -> None:

@@ -9,11 +9,10 @@ first left to finish embedding the demo. Prints the median and p90; asserts noth
 
 import argparse
 import statistics
-import subprocess
 import time
 
-from failures import CLI, converged, status, wait_until
-from throwaway import free_port, stop_group, throwaway_home
+from failures import converged, status, wait_until
+from throwaway import free_port, start_dev, stop_group, throwaway_home
 
 
 def searchable(engine, name: str) -> bool:
@@ -40,13 +39,7 @@ def main() -> None:
     home = throwaway_home("ea-freshness-", EMBEDDING_ASSETS_WORKER_PORT=str(free_port()))
     import sqlalchemy as sa
 
-    log = (home / "dev.log").open("w")
-    dev = subprocess.Popen(
-        [*CLI, "dev", "--port", str(free_port())],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    dev = start_dev(home)
     try:
         if not wait_until(lambda: converged(status()), 900, every=5):
             raise SystemExit(f"the demo did not finish embedding; see {home / 'dev.log'}")
@@ -82,7 +75,6 @@ def main() -> None:
         )
     finally:
         stop_group(dev)
-        log.close()
 
 
 if __name__ == "__main__":

@@ -15,16 +15,12 @@ import json
 import os
 import shutil
 import statistics
-import sys
 import threading
 import time
 from pathlib import Path
 
 from scale import DATA, load_rows, timed
-from throwaway import throwaway_home
-
-ROOT = Path(__file__).resolve().parent.parent
-CLI = [sys.executable, "-m", "embedding_assets.cli"]
+from throwaway import CLI, postgres_and_free_embedder, throwaway_home
 
 
 def write_sources(path: Path, base_url: str, model: str) -> None:
@@ -76,23 +72,14 @@ def main() -> None:
     args = parser.parse_args()
 
     home = throwaway_home("ea-generations-")
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-
-    from free_embedder import FreeEmbedder
 
     from embedding_assets.destinations.pgvector import publish_view
-    from embedding_assets.embedded import EmbeddedPostgres
     from embedding_assets.promotion import promotion_blockers
     from embedding_assets.runtime import runtime_for
     from embedding_assets.settings import load_settings
-    from embedding_assets.state.db import engine_for
 
-    server = EmbeddedPostgres.from_env()
-    server.start()
-    embedder = FreeEmbedder().start()
-    try:
-        os.environ["DATABASE_URL"] = server.url()
-        engine = engine_for(server.url())
+    with postgres_and_free_embedder() as (engine, embedder):
+        url = os.environ["DATABASE_URL"]
         load_rows(engine, args.rows, args.data)
         sources = home / "sources.yaml"
         os.environ["EMBEDDING_ASSETS_SOURCES"] = str(sources)
@@ -126,7 +113,7 @@ def main() -> None:
         )
 
         settings = load_settings(sources)
-        live = runtime_for(settings, "bench", server.url(), "live")
+        live = runtime_for(settings, "bench", url, "live")
         timings = []
         for _ in range(3):
             started = time.perf_counter()
@@ -140,7 +127,7 @@ def main() -> None:
 
         latencies: list[float] = []
         stop = threading.Event()
-        reader = threading.Thread(target=reader_latencies, args=(server.url(), stop, latencies))
+        reader = threading.Thread(target=reader_latencies, args=(url, stop, latencies))
         reader.start()
         time.sleep(2)
         before = len(latencies)
@@ -160,10 +147,7 @@ def main() -> None:
             f"{statistics.median(steady) * 1000:.1f} ms before, slowest during the switches "
             f"{max(latencies[before:]) * 1000:.1f} ms ({len(latencies)} queries)"
         )
-    finally:
-        embedder.stop()
-        server.stop()
-        shutil.rmtree(home, ignore_errors=True)
+    shutil.rmtree(home, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -22,11 +22,10 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from throwaway import free_port, stop_group
+from throwaway import postgres_and_free_embedder, start_dev, stop_group, throwaway_home
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "pypi_packages_100k.tsv.gz"
@@ -138,14 +137,7 @@ def sensor_tick_ms(settings, repeats: int = 10) -> tuple[float, str]:
 
 def dev_latencies(env: dict, engine, rows: int, repeats: int, updates: int) -> list[float]:
     home = Path(env["EMBEDDING_ASSETS_HOME"])
-    log = (home / "dev.log").open("w")
-    dev = subprocess.Popen(
-        [*CLI, "dev", "--port", str(free_port())],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    dev = start_dev(home, env)
     latencies = []
     try:
         warm_ids = random.Random(0).sample(range(rows), 5)
@@ -182,31 +174,12 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DATA)
     args = parser.parse_args()
 
-    home = Path(tempfile.mkdtemp(prefix="ea-scale-"))
-    env_updates = {
-        "EMBEDDING_ASSETS_HOME": str(home),
-        "EMBEDDING_ASSETS_PG_PORT": str(free_port()),
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-    }
-    os.environ.update(env_updates)
-    for name in ("DATABASE_URL", "QDRANT_URL", "EMBEDDING_ASSETS_SOURCES", "DAGSTER_HOME"):
-        os.environ.pop(name, None)
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-
-    from free_embedder import FreeEmbedder
+    home = throwaway_home("ea-scale-")
 
     from embedding_assets.cli import status_report
-    from embedding_assets.embedded import EmbeddedPostgres
     from embedding_assets.settings import load_settings
-    from embedding_assets.state.db import engine_for
 
-    server = EmbeddedPostgres.from_env()
-    server.start()
-    embedder = FreeEmbedder().start()
-    try:
-        os.environ["DATABASE_URL"] = server.url()
-        engine = engine_for(server.url())
+    with postgres_and_free_embedder() as (engine, embedder):
         started = time.perf_counter()
         load_rows(engine, args.rows, args.data)
         print(f"loaded {args.rows} rows in {time.perf_counter() - started:.1f} s")
@@ -286,10 +259,7 @@ def main() -> None:
                 f"{statistics.median(latencies):.1f} s (all: "
                 f"{', '.join(f'{s:.1f}' for s in latencies)})"
             )
-    finally:
-        embedder.stop()
-        server.stop()
-        shutil.rmtree(home, ignore_errors=True)
+    shutil.rmtree(home, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,17 @@
-"""What the benchmarks share: a free port, a throwaway embedded home, stopping `dev`."""
+"""What the benchmarks share: a free port, a throwaway embedded home, Postgres with the free
+embedder, starting and stopping `dev`."""
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+
+CLI = [sys.executable, "-m", "embedding_assets.cli"]
 
 UNSET = ("DATABASE_URL", "QDRANT_URL", "EMBEDDING_ASSETS_SOURCES", "DAGSTER_HOME")
 
@@ -39,3 +45,36 @@ def stop_group(process: subprocess.Popen, timeout: float = 60) -> None:
         process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
+
+
+def start_dev(home: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """`embedding-assets dev` on a free UI port, in its own session, logging to dev.log."""
+    with (home / "dev.log").open("w") as log:
+        return subprocess.Popen(
+            [*CLI, "dev", "--port", str(free_port())],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+@contextlib.contextmanager
+def postgres_and_free_embedder() -> Iterator[tuple]:
+    """The throwaway home's embedded Postgres (DATABASE_URL points at it) and a free HTTP
+    embedder; yields (engine, embedder), stops both after."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from free_embedder import FreeEmbedder
+
+    from embedding_assets.embedded import EmbeddedPostgres
+    from embedding_assets.state.db import engine_for
+
+    server = EmbeddedPostgres.from_env()
+    server.start()
+    embedder = FreeEmbedder().start()
+    try:
+        os.environ["DATABASE_URL"] = server.url()
+        yield engine_for(server.url()), embedder
+    finally:
+        embedder.stop()
+        server.stop()

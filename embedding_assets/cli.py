@@ -620,12 +620,11 @@ def status_report(settings: Settings, source: str, exact: bool = False) -> dict:
     time in `counted_at`.
     """
     from embedding_assets.destinations.audit import audit_destinations, without_store_lock
-    from embedding_assets.environment import database_url
     from embedding_assets.generations_cli import generations_report
-    from embedding_assets.runtime import runtime_for
     from embedding_assets.state.diff import DUPLICATE_KIND
 
-    runtime = runtime_for(settings, source, database_url(), "live")
+    runtimes = generation_runtimes(settings, source)
+    runtime = runtimes[0]  # the live generation
     spec = runtime.spec
     runtime.feed.ensure()
     is_exact = exact or runtime.feed.mode == "diff"
@@ -675,7 +674,7 @@ def status_report(settings: Settings, source: str, exact: bool = False) -> dict:
         "qdrant_collection": runtime.stable_collection,
         "generation": runtime.number,
         "model": runtime.model_id,
-        "generations": generations_report(settings, source),
+        "generations": generations_report(settings, source, runtimes),
         "token_budget": runtime.budget.describe(),
         **totals,
         "change_capture": runtime.feed.mode,
@@ -1047,14 +1046,15 @@ def dev(ctx: click.Context, host: str, port: int) -> None:
         if any(worker_url() in getattr(e, "base_urls", ()) for e in settings.embedders.values()):
             children.append(start_worker(env))
         click.echo(f"Dagster home {home}; UI on http://{host}:{port}")
+        # `dg dev`, the current command (`dagster dev` warns that it is superseded), with
+        # the workspace given so no dg project config is needed. Run from the Dagster home:
+        # from the checkout, Dagster warns about the dagster.yaml it sees there.
         command = [
-            sys.executable, "-m", "dagster", "dev",
+            str(Path(sys.executable).with_name("dg")), "dev",
             "-w", str(PROJECT_ROOT / "workspace.yaml"), "-h", host, "-p", str(port),
             "--log-level", "warning",
         ]  # fmt: skip
-        children.append(
-            subprocess.Popen(command, env=env, cwd=PROJECT_ROOT, start_new_session=True)
-        )
+        children.append(subprocess.Popen(command, env=env, cwd=home, start_new_session=True))
         children[-1].wait()
     except KeyboardInterrupt:
         pass

@@ -31,9 +31,6 @@ from embedding_assets.sensors import BEHIND_SINCE_TAG, SHARDS_TAG, build_lag_sen
 from embedding_assets.settings import EmbedderSpec, SourceSpec
 
 EMBEDDED_QDRANT_POOL = "qdrant_embedded"
-# A run's console at INFO, not Dagster's DEBUG (every event of every run, hundreds of lines
-# in a few minutes of `dev`). The UI's implicit asset job keeps Dagster's default.
-INFO_CONSOLE = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
 
 
 @dataclass
@@ -276,7 +273,6 @@ def build_source_defs(
     checks = build_checks(spec, shards, embeddings, vector_index)
     job = dg.define_asset_job(
         name=f"{name}_sync",
-        config=INFO_CONSOLE,
         selection=dg.AssetSelection.assets(pending_rows, chunks, embeddings, vector_index),
         partitions_def=shards,
         executor_def=dg.in_process_executor,
@@ -341,7 +337,6 @@ def build_freshness_job(spec: SourceSpec) -> dg.JobDefinition:
 
     @dg.job(
         name=f"{spec.name}_freshness",
-        config=INFO_CONSOLE,
         executor_def=dg.in_process_executor,
         description=f"The `freshness` check of {spec.name!r}'s shards the lag sensor found "
         "late, evaluated without a sync.",

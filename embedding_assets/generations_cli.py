@@ -10,17 +10,20 @@ import click
 from embedding_assets.settings import Settings
 
 
-def generations_report(settings: Settings, source: str) -> list[dict[str, Any]]:
+def generations_report(
+    settings: Settings, source: str, runtimes: list | None = None
+) -> list[dict[str, Any]]:
     """Every generation of the source: number, model, state, coverage, times. Coverage of
     a live or building generation: rows it stores current ÷ those plus its pending and
     failed rows (from the ledger and its change feed, no scan); a previous one is not
-    updated, so its coverage is against the live generation's rows."""
+    updated, so its coverage is against the live generation's rows. `runtimes`: the live
+    and building generations' runtimes when the caller has them already."""
     from embedding_assets.cli import generation_runtimes
     from embedding_assets.environment import database_url
     from embedding_assets.state.db import engine_for
     from embedding_assets.state.generations import Generations
 
-    runtimes = {r.number: r for r in generation_runtimes(settings, source)}
+    runtimes = {r.number: r for r in runtimes or generation_runtimes(settings, source)}
     engine = engine_for(database_url())
     reports = []
     live_rows = None

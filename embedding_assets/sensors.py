@@ -97,7 +97,7 @@ def build_sensor(spec: SourceSpec, job) -> dg.SensorDefinition:
         name=f"{spec.name}_changes",
         job=job,
         minimum_interval_seconds=spec.sensor_interval_seconds,
-        default_status=dg.DefaultSensorStatus.RUNNING,
+        default_status=dg.DefaultSensorStatus(spec.sensor_status.upper()),
         required_resource_keys={"runtime", embedder_key},
         description=(
             f"Reads {spec.name!r}'s change feed and requests one run per shard with new, "

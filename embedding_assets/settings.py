@@ -285,6 +285,8 @@ class SourceSpec(_Spec):
     max_rows_per_run: int = Field(default=20_000, ge=1)
     # Short: a tick with the trigger feed costs a few indexed queries, and it bounds freshness.
     sensor_interval_seconds: int = Field(default=2, ge=1)
+    # The changes sensor's status until someone toggles it (Dagster keeps the toggle).
+    sensor_status: Literal["running", "stopped"] = "running"
     # auto: triggers for `table:` sources when this role may create them, else diff.
     change_capture: CaptureMode = "auto"
     watermark_column: str | None = None

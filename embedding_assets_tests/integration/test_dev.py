@@ -1,7 +1,8 @@
 """`embedding-assets dev` (what `make dev` runs): embedded Postgres, the demo rows, and the
-Dagster webserver + daemon whose sensor embeds them with no click; the UI renders the
-source's graph in headless Chromium; a sensor run killed with -9 is failed and its slots
-freed with no manual step; SIGINT and SIGTERM stop it all, even started in the background."""
+Dagster webserver + daemon whose sensor embeds them with no click; a sensor run killed with
+-9 is failed and its slots freed with no manual step. In headless Chromium: the source's
+graph, shards shown late while the sensor is stopped, one shard materialized from the UI.
+SIGINT and SIGTERM stop it all, even started in the background; the output stays quiet."""
 
 import json
 import os
@@ -39,10 +40,7 @@ def kill_a_sensor_run_and_see_it_released(env: dict[str, str]) -> None:
     holds no pool slot within a few sensor ticks (it used to stay STARTED for good)."""
     import sqlalchemy as sa
 
-    url = subprocess.run(
-        [*CLI, "db", "url", "--dagster"], env=env, capture_output=True, text=True, check=True
-    ).stdout.strip()
-    engine = sa.create_engine(url)
+    engine = dagster_engine(env)
 
     def started_run() -> tuple[str, int] | None:
         with engine.connect() as conn:
@@ -85,8 +83,6 @@ BROWSER_ARGS = [
 def in_the_browser(ui_port: int, what: str, steps) -> None:
     """Run `steps(page)` in headless Chromium (Debian's, driven by Playwright; no browser
     download); a screenshot is kept on failure."""
-    if not CHROMIUM.exists():
-        pytest.skip("no /usr/bin/chromium: `apt-get install -y chromium` runs the browser test")
     from playwright.sync_api import sync_playwright
 
     shot = ARTIFACTS / f"dev-ui-{what.replace(' ', '-')}-{ui_port}.png"
@@ -103,18 +99,62 @@ def in_the_browser(ui_port: int, what: str, steps) -> None:
             browser.close()
 
 
-def ui_shows_the_source_graph(ui_port: int) -> None:
+def dagster_engine(env: dict[str, str]):
+    import sqlalchemy as sa
+
+    url = subprocess.run(
+        [*CLI, "db", "url", "--dagster"], env=env, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    return sa.create_engine(url)
+
+
+def run_statuses(engine, job: str, partition: str | None = None) -> list[str]:
+    import sqlalchemy as sa
+
+    query = "SELECT r.status FROM runs r WHERE r.pipeline_name = :job"
+    if partition is not None:
+        query += (
+            " AND EXISTS (SELECT 1 FROM run_tags t WHERE t.run_id = r.run_id"
+            " AND t.key = 'dagster/partition' AND t.value = :partition)"
+        )
+    with engine.connect() as conn:
+        return list(conn.scalars(sa.text(query), {"job": job, "partition": partition}))
+
+
+def finished(statuses: list[str]) -> bool:
+    return bool(statuses) and all(s in ("SUCCESS", "FAILURE", "CANCELED") for s in statuses)
+
+
+def ui_shows_the_source_graph(page, ui_port: int, group: str) -> None:
     """The source's group: the source table and the four assets."""
-
-    def steps(page) -> None:
-        page.goto(f"http://127.0.0.1:{ui_port}/asset-groups/pypi_packages")
-        for label in ("source", "pending_rows", "chunks", "embeddings", "vector_index"):
-            page.get_by_text(label, exact=True).first.wait_for()
-
-    in_the_browser(ui_port, "the asset graph", steps)
+    page.goto(f"http://127.0.0.1:{ui_port}/asset-groups/{group}")
+    for label in ("source", "pending_rows", "chunks", "embeddings", "vector_index"):
+        page.get_by_text(label, exact=True).first.wait_for()
 
 
-def start_dev(home: Path, ignore_sigint: bool = False) -> tuple[subprocess.Popen, dict, int]:
+def ui_freshness_partitions(page, ui_port: int, group: str, failed: int, passed: int) -> None:
+    """The `freshness` check's partitions tab counts the late shards as failed."""
+    page.goto(f"http://127.0.0.1:{ui_port}/assets/{group}/embeddings?view=checks")
+    page.get_by_text("freshness", exact=True).first.click()
+    page.get_by_text("Partitions", exact=True).last.click()
+    page.get_by_text(f"Failed ({failed})", exact=True).wait_for()
+    page.get_by_text(f"Passed ({passed})", exact=True).wait_for()
+
+
+def ui_materializes_one_shard(page, ui_port: int, group: str, shard: str) -> None:
+    """ "Materialize all" on the group, one shard, "Launch 1 run"."""
+    page.goto(f"http://127.0.0.1:{ui_port}/asset-groups/{group}")
+    page.get_by_role("button", name="Materialize all").first.click()
+    page.get_by_text("Select a partition or create one").click()
+    page.keyboard.type(shard)
+    page.get_by_text(shard, exact=True).filter(visible=True).first.click()
+    page.get_by_text("1 partition", exact=True).wait_for()
+    page.get_by_text("Launch runs to materialize").click()  # closes the drop-down
+    page.get_by_role("button", name="Launch 1 run").click()
+    page.get_by_role("button", name="Launch 1 run").wait_for(state="detached")
+
+
+def dev_env(home: Path) -> dict[str, str]:
     # The README's path: no DATABASE_URL, no Qdrant, the bundled demo source.
     unset = (
         "DATABASE_URL",
@@ -129,6 +169,10 @@ def start_dev(home: Path, ignore_sigint: bool = False) -> tuple[subprocess.Popen
         EMBEDDING_ASSETS_PG_PORT=str(free_port()),
         EMBEDDING_ASSETS_WORKER_PORT=str(free_port()),
     )
+    return env
+
+
+def start_dev(home: Path, env: dict[str, str], ignore_sigint: bool = False):
     ui_port = free_port()
 
     def background() -> None:
@@ -142,7 +186,7 @@ def start_dev(home: Path, ignore_sigint: bool = False) -> tuple[subprocess.Popen
         preexec_fn=background if ignore_sigint else None,
     )  # fmt: skip
     log.close()
-    return dev, env, ui_port
+    return dev, ui_port
 
 
 def wait_for_webserver(dev: subprocess.Popen, home: Path, ui_port: int) -> None:
@@ -171,26 +215,100 @@ def assert_stopped_cleanly(dev: subprocess.Popen, home: Path, env: dict) -> None
     assert dev.returncode == 0, (home / "dev.log").read_text()[-3000:]
 
 
-def test_dev_started_in_the_background_stops_on_sigterm():
-    """A supervisor (systemd, a container, nohup) sends SIGTERM to the process alone."""
-    home = Path(tempfile.mkdtemp(prefix="ea-dev-term-"))
-    dev, env, ui_port = start_dev(home, ignore_sigint=True)
+NOTES_SOURCES = """
+embedders:
+  worker:
+    provider: openai
+    model: all-MiniLM-L6-v2
+    base_urls: ["http://127.0.0.1:${EMBEDDING_ASSETS_WORKER_PORT}/v1"]
+sources:
+  - name: notes
+    table: public.notes
+    text: "{body}"
+    embedder: worker
+    shards: 4
+    sensor_status: stopped
+    freshness_seconds: 1
+"""
+
+
+def test_dev_ui_shows_late_shards_materializes_one_and_stops_on_sigterm():
+    """With the changes sensor stopped, rows wait: the UI's `freshness` check fails for
+    every shard; one shard materialized from the UI (Materialize all, one partition) turns
+    it green. Then SIGTERM, as a supervisor (systemd, a container, nohup) sends it to the
+    process alone, even with SIGINT ignored."""
+    if not CHROMIUM.exists():
+        pytest.skip("no /usr/bin/chromium: `apt-get install -y chromium` runs the browser test")
+    import sqlalchemy as sa
+
+    home = Path(tempfile.mkdtemp(prefix="ea-dev-ui-"))
+    env = dev_env(home)
+    (home / "sources.yaml").write_text(NOTES_SOURCES)
+    env["EMBEDDING_ASSETS_SOURCES"] = str(home / "sources.yaml")
+    subprocess.run([*CLI, "db", "start"], env=env, check=True, capture_output=True)
+    data_url = subprocess.run(
+        [*CLI, "db", "url"], env=env, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    data = sa.create_engine(data_url)
+    with data.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE notes (id int PRIMARY KEY, body text)"))
+        conn.execute(
+            sa.text(
+                "INSERT INTO notes SELECT g, 'note ' || g || ' about ' || md5(g::text) "
+                "FROM generate_series(1, 40) g"
+            )
+        )
+    data.dispose()
+    dev, ui_port = start_dev(home, env, ignore_sigint=True)
     try:
         wait_for_webserver(dev, home, ui_port)
+        dagster = dagster_engine(env)
+        # The lag sensor finds the 4 shards late and runs their `freshness` check.
+        wait_for(
+            lambda: finished(run_statuses(dagster, "notes_freshness")), 150, "the freshness run"
+        )
+
+        def late_then_one_shard_materialized(page) -> None:
+            ui_shows_the_source_graph(page, ui_port, "notes")
+            ui_freshness_partitions(page, ui_port, "notes", failed=4, passed=0)
+            ui_materializes_one_shard(page, ui_port, "notes", "00")
+            ui_run = wait_for(
+                lambda: finished(s := run_statuses(dagster, "__ASSET_JOB", "00")) and s,
+                180,
+                "the UI's run of shard 00",
+            )
+            assert ui_run == ["SUCCESS"]
+            ui_freshness_partitions(page, ui_port, "notes", failed=3, passed=1)
+
+        in_the_browser(
+            ui_port, "late shards and a UI materialization", late_then_one_shard_materialized
+        )
+        dagster.dispose()
         dev.send_signal(signal.SIGTERM)
         dev.wait(timeout=90)
     finally:
         if dev.poll() is None:
             os.killpg(dev.pid, signal.SIGKILL)
-    assert "stopped by SIGTERM" in (home / "dev.log").read_text()
+        subprocess.run([*CLI, "db", "stop"], env=env, capture_output=True)
+    log = (home / "dev.log").read_text()
+    assert "stopped by SIGTERM" in log
+    assert_quiet(log)
     assert_stopped_cleanly(dev, home, env)
     shutil.rmtree(home, ignore_errors=True)
 
 
+def assert_quiet(log: str) -> None:
+    """Quiet by default: no preview or supersession warnings, no warning about the
+    checkout's dagster.yaml, no per-event DEBUG lines of any run (the UI's included)."""
+    for noise in ("PreviewWarning", "SupersessionWarning", "dagster.yaml", " - DEBUG - "):
+        assert noise not in log, (noise, log[-3000:])
+
+
 def test_dev_embeds_the_demo_with_no_click_and_ctrl_c_stops_everything():
     home = Path(tempfile.mkdtemp(prefix="ea-dev-"))
+    env = dev_env(home)
     # Started as `dev &` would be (SIGINT ignored): a SIGINT to the process still stops it.
-    dev, env, ui_port = start_dev(home, ignore_sigint=True)
+    dev, ui_port = start_dev(home, env, ignore_sigint=True)
 
     def status() -> dict | None:
         out = subprocess.run([*CLI, "status", "--json"], env=env, capture_output=True, text=True)
@@ -198,7 +316,6 @@ def test_dev_embeds_the_demo_with_no_click_and_ctrl_c_stops_everything():
 
     try:
         wait_for_webserver(dev, home, ui_port)
-        ui_shows_the_source_graph(ui_port)
         first = wait_for(lambda: status(), 60, "status")
         assert first["eligible_rows"] >= 9000  # the bundled demo, loaded into Postgres
         # The sensor requests runs and the daemon executes them: vectors reach both sinks.
@@ -218,7 +335,6 @@ def test_dev_embeds_the_demo_with_no_click_and_ctrl_c_stops_everything():
             raise
     log = (home / "dev.log").read_text()
     assert "stopped by SIGINT" in log
-    # Quiet by default: no preview warnings, no per-event DEBUG lines of the sensor's runs.
-    assert "PreviewWarning" not in log and " - DEBUG - pypi_packages_sync" not in log, log[-3000:]
+    assert_quiet(log)
     assert_stopped_cleanly(dev, home, env)
     shutil.rmtree(home, ignore_errors=True)

@@ -17,17 +17,23 @@ def test_bundled_definitions_load_with_every_job_sensor_and_schedule():
     assert schedule.default_status == dg.DefaultScheduleStatus.RUNNING
     sensor = repository.get_sensor_def("pypi_packages_changes")
     assert sensor.minimum_interval_seconds == 2
+    assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
 
 
-def test_reconcile_schedule_is_off_when_its_cron_is_null(tmp_path):
+def test_reconcile_schedule_off_with_a_null_cron_and_the_sensor_stopped_by_setting(tmp_path):
     path = tmp_path / "sources.yaml"
     path.write_text(
         "embedders: {local: {provider: sentence_transformers}}\n"
-        "sources: [{name: docs, table: docs, text: '{body}', reconcile: {cron: null}}]\n"
+        "sources: [{name: docs, table: docs, text: '{body}', reconcile: {cron: null},"
+        " sensor_status: stopped}]\n"
     )
     repository = build_definitions(load_settings(path)).get_repository_def()
     assert "docs_reconcile" in repository.job_names
     assert not repository.schedule_defs
+    changes = repository.get_sensor_def("docs_changes")
+    assert changes.default_status == dg.DefaultSensorStatus.STOPPED
+    # The lag sensor stays on: it is what shows the waiting rows.
+    assert repository.get_sensor_def("docs_lag").default_status == dg.DefaultSensorStatus.RUNNING
 
 
 def test_the_graph_reads_like_a_dagster_integration(tmp_path):
