@@ -531,11 +531,19 @@ def search_source(
     settings: Settings, source: str, text: str, limit: int, backend: str, exact: bool = False
 ) -> list[dict]:
     """Nearest chunks to `text` in the live generation (with its model, whatever
-    sources.yaml says now): row id, score (cosine similarity), chunk text."""
+    sources.yaml says now): row id, score (cosine similarity), chunk text. With the
+    `column` backend, nearest rows by their write-back vector, with the row's text."""
     from embedding_assets.environment import database_url
     from embedding_assets.runtime import runtime_for
 
     runtime = runtime_for(settings, source, database_url(), "live")
+    if backend == "column":
+        if runtime.column is None:
+            raise click.ClickException(
+                f"source {source!r} has no write_back column: add `write_back: {{column: "
+                "embedding}` to it in sources.yaml, or search --backend pgvector or qdrant"
+            )
+        return runtime.column.search(runtime.embedder.embed_query(text), limit, exact=exact)
     if not runtime.pgvector.table_exists():
         raise click.ClickException(
             f"source {source!r} has no embeddings yet (its pgvector table "
@@ -563,7 +571,12 @@ def search_source(
 @click.argument("text")
 @click.option("--source", help="Source to search (default: the first one).")
 @click.option("-k", "limit", default=5, show_default=True, type=click.IntRange(1, 1000))
-@click.option("--backend", type=click.Choice(["pgvector", "qdrant"]), default="pgvector")
+@click.option(
+    "--backend",
+    type=click.Choice(["pgvector", "qdrant", "column"]),
+    default="pgvector",
+    help="column: the write-back column (one vector per row).",
+)
 @click.option(
     "--exact",
     is_flag=True,
@@ -677,6 +690,8 @@ def status_report(settings: Settings, source: str, exact: bool = False) -> dict:
         "generations": generations_report(settings, source, runtimes),
         "token_budget": runtime.budget.describe(),
         **totals,
+        # Rows with a vector in the write-back column (None: the source has none).
+        "column_rows": runtime.column.count() if runtime.column is not None else None,
         "change_capture": runtime.feed.mode,
         "exact": is_exact,
         "eligible_rows_counted": counted[0],

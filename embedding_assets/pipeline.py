@@ -265,6 +265,11 @@ class WriteStats:
     index_dropped: bool = False
     index_built: bool = False
     index_seconds: float = 0.0
+    # The write-back column: rows given their vector, rows left as they were because they
+    # changed after they were read (their change is queued), and its index built.
+    column_rows_written: int = 0
+    column_rows_changed_since_read: int = 0
+    column_index_built: bool = False
 
 
 def store_embeddings(runtime: SourceRuntime, batch: EmbeddedRows) -> WriteStats:
@@ -286,7 +291,9 @@ def store_embeddings(runtime: SourceRuntime, batch: EmbeddedRows) -> WriteStats:
         runtime.ensure_target(dimension)
     with runtime.engine.begin() as conn:
         shard_lock(conn, runtime.target, pending.shard)
-        runtime.require_kept(conn)
+        live = runtime.require_kept(conn) == "live"
+        if runtime.column is not None and all_ids:
+            runtime.column.ensure(conn, dimension, live, enqueue=runtime.feed.mode != "diff")
         stale = runtime.ledger.newer_rows(conn, all_ids, pending.computed_at) if all_ids else set()
         dropped = runtime.pgvector.drop_index_for_rewrite(conn, len(batch.chunked.chunks))
         if dropped:
@@ -307,6 +314,11 @@ def store_embeddings(runtime: SourceRuntime, batch: EmbeddedRows) -> WriteStats:
         )
         removed = [r for r in pending.deleted if r not in stale]
         runtime.ledger.record_deleted(conn, removed)
+        column_written = column_changed = 0
+        if runtime.column is not None and (written or removed):
+            column_written, column_changed = runtime.column.write(
+                conn, batch, written, removed, hashes, runtime.model_id, live
+            )
         runtime.errors.clear(conn, written + removed)
         runtime.vector_cache.forget(conn, chunks["chunk_hash"].tolist())
         failures = {**pending.failures, **batch.failures, **refused}
@@ -319,8 +331,21 @@ def store_embeddings(runtime: SourceRuntime, batch: EmbeddedRows) -> WriteStats:
             built = runtime.pgvector.build_index(conn)
             runtime.ledger.set_vector_index(conn, "built")
     seconds = round(time.perf_counter() - started, 3) if built else 0.0
+    column_index = False
+    wants_index = runtime.column is not None and runtime.column.index_missing()
+    if wants_index and not pending.backlog and not _work_left(runtime):
+        column_index = runtime.column.build_index(live)
     return WriteStats(
-        len(written), chunks_written, len(removed), len(stale), dropped, built, seconds
+        len(written),
+        chunks_written,
+        len(removed),
+        len(stale),
+        dropped,
+        built,
+        seconds,
+        column_written,
+        column_changed,
+        column_index,
     )
 
 

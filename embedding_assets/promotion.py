@@ -17,6 +17,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from embedding_assets.destinations.audit import audit_destinations
+from embedding_assets.destinations.column import drop_columns, swap_columns
 from embedding_assets.destinations.pgvector import publish_view, relation_kind, view_reads
 from embedding_assets.destinations.qdrant_stores import QdrantStore
 from embedding_assets.generations import drop_generation_state
@@ -136,6 +137,8 @@ def promote(runtime: SourceRuntime, check: bool = True) -> list[str]:
         registry.set_state(conn, generation.number, "live")
         if runtime.pgvector.table_exists(conn):
             publish_view(conn, runtime.stable_table, generation.schema_table)
+        # Readers of the write-back column switch with the view, in this transaction.
+        swap_columns(conn, runtime.spec, live.number if live else None, generation.number)
     log.info("generation %d of %s is live", generation.number, runtime.spec.name)
     converge_readers(runtime.engine, runtime.spec.name, runtime.stable_table,
                      runtime.stable_collection, runtime.qdrant.store)  # fmt: skip
@@ -252,6 +255,7 @@ def drop(runtime: SourceRuntime, configured_key: str) -> None:
             )
         if current.state != "dropped":
             drop_generation_state(conn, registry, current)
+            drop_columns(conn, runtime.spec, current.number)
     sweep_dropped(runtime.engine, runtime.spec.name, runtime.qdrant.store)
 
 
@@ -285,6 +289,7 @@ def expire_previous(runtime: SourceRuntime) -> list[int]:
             lock_registry(conn)
             if registry.get(generation.number, conn).state == "previous":
                 drop_generation_state(conn, registry, generation)
+                drop_columns(conn, runtime.spec, generation.number)
     return [g.number for g in expired]
 
 

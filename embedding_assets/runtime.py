@@ -14,6 +14,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from embedding_assets.destinations.audit import ShardAudit, audit_destinations
+from embedding_assets.destinations.column import ColumnDestination
 from embedding_assets.destinations.pgvector import PgVectorDestination, publish_view
 from embedding_assets.destinations.qdrant import QdrantDestination
 from embedding_assets.destinations.qdrant_stores import QdrantStore, open_qdrant_store
@@ -133,6 +134,8 @@ class SourceRuntime:
     embedder_name: str = ""
     tokens_per_day: int | None = None
     target_ready: bool = False
+    # The write-back column (write_back: in sources.yaml), None without one.
+    column: ColumnDestination | None = None
     _claims: dict[int, sa.Connection] = field(default_factory=dict, repr=False)
 
     @property
@@ -185,10 +188,13 @@ class SourceRuntime:
         self.vector_cache.prune()
         self.target_ready = True
 
-    def require_kept(self, conn: sa.Connection) -> None:
-        """Refuse to write a generation that was dropped after this runtime was built."""
+    def require_kept(self, conn: sa.Connection) -> str:
+        """Refuse to write a generation that was dropped after this runtime was built.
+        Returns its state now, held (FOR SHARE) until the caller's transaction ends, so a
+        promotion waits for the write: which write-back column is this generation's
+        depends on it."""
         if self.generation is None:
-            return
+            return "live"
         state = conn.scalar(
             sa.text("SELECT state FROM embedding_assets.generations WHERE target = :t FOR SHARE"),
             {"t": self.target},
@@ -199,6 +205,7 @@ class SourceRuntime:
                 "dropped; nothing is written to it. Runs of the source's live or building "
                 "generation continue."
             )
+        return state
 
     def claim_shard(self, shard: int, on_wait=None) -> None:
         """Hold the shard until this run's write commits (or its process ends): a second
@@ -309,6 +316,13 @@ def source_runtime(
             same_model_tables=same_model_tables,
             embedder_name=embedder_name,
             tokens_per_day=tokens_per_day,
+            column=(
+                ColumnDestination(
+                    engine, spec, target, generation.number if generation is not None else 1
+                )
+                if spec.write_back is not None
+                else None
+            ),
         )
     return _RUNTIMES[key]
 

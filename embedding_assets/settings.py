@@ -178,6 +178,33 @@ class PgvectorSpec(_Spec):
     hnsw: PgvectorHnswSpec = PgvectorHnswSpec()
 
 
+class WriteBackSpec(_Spec):
+    """One vector per row in a `vector(d)` column: of the source table itself, or of a 1:1
+    side table keyed by the row's id (`table:`) for a source table this role may not alter."""
+
+    column: str = Field(min_length=1, max_length=50)
+    table: str | None = None
+    model_column: str | None = Field(default=None, min_length=1, max_length=50)
+    embedded_at_column: str | None = Field(default=None, min_length=1, max_length=50)
+    # A row of several chunks: the mean of their vectors, renormalised, or the first's.
+    row_vector: Literal["mean", "first_chunk"] = "mean"
+    # hnsw: an index (cosine) on the column, built CONCURRENTLY once a bulk load is done.
+    index: Literal["none", "hnsw"] = "none"
+
+    @property
+    def columns(self) -> list[str]:
+        """The columns written: vector first, then the optional model and time columns."""
+        return [c for c in (self.column, self.model_column, self.embedded_at_column) if c]
+
+    @model_validator(mode="after")
+    def _distinct_columns(self) -> "WriteBackSpec":
+        if len(set(self.columns)) != len(self.columns):
+            raise ValueError(f"write_back names a column twice: {self.columns}")
+        if self.table is not None:
+            split_qualified(self.table)
+        return self
+
+
 class QdrantHnswSpec(_Spec):
     """A Qdrant server's HNSW index, set when the collection is created; `ef_search` is
     each search's `hnsw_ef`. Qdrant's embedded engine always searches exactly."""
@@ -304,6 +331,7 @@ class SourceSpec(_Spec):
     chunking: ChunkingSpec = ChunkingSpec()
     pgvector: PgvectorSpec = PgvectorSpec()
     qdrant: QdrantSpec = QdrantSpec()
+    write_back: WriteBackSpec | None = None
 
     @field_validator("text")
     @classmethod
@@ -335,12 +363,36 @@ class SourceSpec(_Spec):
                 f"source {self.name!r}: change_capture: trigger needs a `table:` source; a "
                 "`query:` source uses diff (or watermark, with watermark_column)"
             )
+        if self.write_back is not None:
+            self._check_write_back(self.write_back)
         if (self.change_capture == "watermark") != (self.watermark_column is not None):
             raise ValueError(
                 f"source {self.name!r}: change_capture: watermark and watermark_column go "
                 "together (e.g. change_capture: watermark, watermark_column: updated_at)"
             )
         return self
+
+    def _check_write_back(self, write_back: WriteBackSpec) -> None:
+        if write_back.table is None and self.table is None:
+            raise ValueError(
+                f"source {self.name!r}: write_back into the source needs a `table:` source; "
+                "for a `query:` source give write_back.table, a side table keyed by the id"
+            )
+        read = {self.id_column, *self.text_columns, *self.metadata, self.watermark_column}
+        from_where = set(
+            re.findall(r"[A-Za-z_][A-Za-z0-9_$]*", re.sub(r"'(?:[^']|'')*'", "", self.where or ""))
+        )
+        clash = sorted(
+            c
+            for c in write_back.columns
+            if c in read or (write_back.table is None and c in from_where)
+        )
+        if clash:
+            raise ValueError(
+                f"source {self.name!r}: write_back columns {clash} are also read by the source "
+                "(id, text, metadata, watermark or where): writing them would change the rows "
+                "it embeds. Give the vector its own column"
+            )
 
     @property
     def text_columns(self) -> list[str]:

@@ -40,6 +40,15 @@ class PgVectorIOManager(dg.ConfigurableIOManager):
                 "write_duration_seconds": round(seconds, 3),
             }
         )
+        if runtime.column is not None:
+            context.add_output_metadata(
+                {
+                    "write_back_table": runtime.column.relation,
+                    "write_back_rows_written": stats.column_rows_written,
+                    "write_back_rows_changed_since_read": stats.column_rows_changed_since_read,
+                    "write_back_index_built": stats.column_index_built,
+                }
+            )
 
     def load_input(self, context: dg.InputContext) -> pd.DataFrame:
         runtime = self.runtime.source(context.asset_key.path[0])

@@ -4,6 +4,7 @@ from datetime import UTC, datetime
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from embedding_assets.core.delta import CHUNK_COLUMNS, ChunkedRows, PendingRows
 from embedding_assets.core.ids import point_id
@@ -117,3 +118,21 @@ def test_a_failed_progress_write_stops_the_embedding(monkeypatch):
     with pytest.raises(OSError, match="vector cache unreachable"):
         embed_chunks(chunked([f"t{i}" for i in range(8)]), embedder, {}, progress)
     assert len(embedder.calls) <= 3  # stopped at the next piece, not after all four
+
+
+def test_row_vector_is_the_renormalised_mean_or_the_first_chunk():
+    from embedding_assets.core.row_vectors import row_vectors
+
+    vectors = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [0.6, 0.8, 0]], dtype=np.float32)
+    # Row "b" has chunks 1 and 0 (out of order); "a" one chunk; "c" two opposite chunks.
+    ids, indexes = ["b", "a", "b", "c", "c"], [1, 0, 0, 0, 1]
+    rows = np.array([vectors[0], vectors[2], vectors[3], vectors[1], -vectors[1]])
+    mean = row_vectors(ids, indexes, rows)
+    np.testing.assert_allclose(mean["a"], [0, 0, 1])
+    expected = (vectors[0] + vectors[3]) / np.linalg.norm(vectors[0] + vectors[3])
+    np.testing.assert_allclose(mean["b"], expected, rtol=1e-6)
+    assert np.linalg.norm(mean["b"]) == pytest.approx(1.0)
+    np.testing.assert_allclose(mean["c"], [0, 0, 0])  # cancelled out: no direction to keep
+    first = row_vectors(ids, indexes, rows, "first_chunk")
+    np.testing.assert_allclose(first["b"], vectors[3])  # chunk 0, wherever it comes
+    assert set(first) == {"a", "b", "c"}

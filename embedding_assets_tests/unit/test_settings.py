@@ -45,6 +45,10 @@ def test_defaults(tmp_path):
         ("    metadata: [embedding]\n", "clash with columns"),
         ("    colour: blue\n", "colour"),
         ("    shards: 0\n", "shards"),
+        ("    write_back: {column: body}\n", "also read by the source"),
+        ("    where: embedding is null\n    write_back: {column: embedding}\n", "also read"),
+        ("    write_back: {column: e, model_column: e}\n", "names a column twice"),
+        ("    write_back: {column: e, row_vector: max}\n", "row_vector"),
     ],
 )
 def test_invalid_sources_name_the_problem(tmp_path, change, message):
@@ -63,3 +67,11 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_settings(tmp_path / "nope.yaml")
     with pytest.raises(SettingsError, match="not valid YAML"):
         load(tmp_path, "sources: [\n")
+
+
+def test_write_back_into_a_query_source_needs_a_side_table(tmp_path):
+    query = BASE.replace("    table: app.docs\n", "    query: select * from app.docs\n")
+    with pytest.raises(SettingsError, match="needs a `table:` source"):
+        load(tmp_path, query + "    write_back: {column: embedding}\n")
+    spec = load(tmp_path, query + "    write_back: {column: embedding, table: app.v}\n")
+    assert spec.source("docs").write_back.columns == ["embedding"]
