@@ -52,6 +52,7 @@ def settings_for(
     metadata: str = "[category]",
     generations: str = "{}",
     budget: str = "",
+    write_back: str = "null",
 ) -> Settings:
     path = tmp_path / f"{name}-{tag}.yaml"
     path.write_text(
@@ -78,6 +79,7 @@ def settings_for(
                 shards: 2
                 chunking: {chunking}
                 generations: {generations}
+                write_back: {write_back}
             """
         )
     )
@@ -342,6 +344,97 @@ def test_manual_promotion_rollback_and_drop(postgres, server_qdrant, tmp_path, i
     shown = json.loads(result.output)[name]
     assert [(g["number"], g["state"]) for g in shown] == [(1, "live"), (2, "dropped")]
     assert shown[0]["coverage"] == 1.0 and shown[0]["promoted_at"]
+
+
+def column_types(url: str, table: str) -> dict[str, str]:
+    with engine_for(url).connect() as conn:
+        rows = conn.execute(
+            sa.text(
+                "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute "
+                "WHERE attrelid = to_regclass(:t) AND attname LIKE 'embedding%' "
+                "AND NOT attisdropped"
+            ),
+            {"t": table},
+        )
+        return dict(rows.fetchall())
+
+
+def column_models(url: str, table: str, column: str) -> dict[str | None, int]:
+    with engine_for(url).connect() as conn:
+        rows = conn.execute(sa.text(f"SELECT {column}, count(*) FROM {table} GROUP BY 1"))
+        return dict(rows.fetchall())
+
+
+def test_model_change_with_write_back_switches_column_readers_at_promotion(
+    postgres, home, tmp_path, instance
+):
+    """The live generation owns `embedding`; the build fills `embedding__g2` beside it, and
+    promotion swaps the names in its transaction. Rollback swaps them back; drop removes
+    the shadow columns."""
+    from click.testing import CliRunner
+
+    from embedding_assets.cli import main
+
+    name = unique_name()
+    create_docs_table(postgres, name, docs(10))
+    write_back = "{column: embedding, model_column: embedding_model}"
+    with ProviderServer("openai", dim=8) as server:
+        first = settings_for(
+            tmp_path, name, "a", fake_url=server.base_url, write_back=write_back,
+            generations="{promote: manual}",
+        )  # fmt: skip
+        sync_ok(first, name, instance)
+        assert column_types(postgres, name) == {
+            "embedding": "vector(384)",
+            "embedding_model": "text",
+        }
+        second = settings_for(
+            tmp_path, name, "b", embedder="fake", fake_url=server.base_url,
+            write_back=write_back, generations="{promote: manual}",
+        )  # fmt: skip
+        sync_ok(second, name, instance)
+        execute(postgres, f"UPDATE {name} SET title = 'Changed 3' WHERE id = 3")
+        sync_ok(second, name, instance)
+        assert states(postgres, name) == {1: "live", 2: "building"}
+        # Readers of the column still get the old model, whole; the build has its own.
+        assert column_models(postgres, name, "embedding_model") == {LOCAL: 10}
+        assert column_models(postgres, name, "embedding_model__g2") == {FAKE: 10}
+        assert column_types(postgres, name)["embedding__g2"] == "vector(8)"
+
+        args = ["--sources", str(second.path), "generations"]
+        result = CliRunner().invoke(main, [*args, "promote", "--source", name])
+        assert result.exit_code == 0, result.output
+        assert column_types(postgres, name) == {
+            "embedding": "vector(8)",
+            "embedding_model": "text",
+            "embedding__g1": "vector(384)",
+            "embedding_model__g1": "text",
+        }
+        assert column_models(postgres, name, "embedding_model") == {FAKE: 10}
+        filler = " ".join(f"word{j}" for j in range(6))
+        # The exact text of a row finds that row (the test server's vectors carry no meaning).
+        hits = search_source(second, name, f"Changed 3: about topic 3 {filler}", 1, "column")
+        assert hits[0]["row_id"] == "3" and hits[0]["score"] > 0.999
+        assert status_report(second, name)["column_rows"] == 10
+
+        # Rollback: generation 1 catches up on what it missed, and takes the name back.
+        execute(postgres, f"UPDATE {name} SET title = 'Back 4' WHERE id = 4")
+        result = CliRunner().invoke(main, [*args, "rollback", "--source", name])
+        assert result.exit_code == 0, result.output
+        sync_ok(second, name, instance)
+        assert states(postgres, name) == {1: "live", 2: "previous"}
+        assert column_types(postgres, name)["embedding"] == "vector(384)"
+        assert column_models(postgres, name, "embedding_model") == {LOCAL: 10}
+        hits = search_source(first, name, f"Back 4: about topic 4 {filler}", 1, "column")
+        assert hits[0]["row_id"] == "4"
+
+        back = ["--sources", str(first.path), "generations"]
+        result = CliRunner().invoke(main, [*back, "drop", "--source", name, "--generation", "2"])
+        assert result.exit_code == 0, result.output
+        assert column_types(postgres, name) == {
+            "embedding": "vector(384)",
+            "embedding_model": "text",
+        }
 
 
 def test_previous_generation_expires_after_keep_previous_hours(postgres, home, tmp_path, instance):
