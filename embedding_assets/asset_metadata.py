@@ -91,13 +91,17 @@ def sink_metadata(
     """Definition metadata of the two sinks, by stage."""
     schema, table = spec.pg_table
     where = qdrant_url.rstrip("/") if qdrant_url else f"file://{qdrant_path}"
+    embeddings: dict = {"model": embedder.model, "embedder": spec.embedder}
+    if spec.pgvector.enabled:
+        embeddings["dagster/table_name"] = f"{schema}.{table}"
+        embeddings["dagster/column_schema"] = chunk_table_schema(spec, declared_dimension(embedder))
+    if spec.write_back is not None:
+        relation = spec.write_back.table or spec.table or ""
+        embeddings["write_back"] = f"{relation}.{spec.write_back.column}"
+        if not spec.pgvector.enabled:  # the column is the asset's one table
+            embeddings["dagster/table_name"] = relation
     return {
-        "embeddings": {
-            "dagster/table_name": f"{schema}.{table}",
-            "dagster/column_schema": chunk_table_schema(spec, declared_dimension(embedder)),
-            "model": embedder.model,
-            "embedder": spec.embedder,
-        },
+        "embeddings": embeddings,
         "vector_index": {
             "dagster/uri": f"{where}/collections/{spec.qdrant_collection}",
             "qdrant_collection": spec.qdrant_collection,

@@ -27,8 +27,10 @@ def build_checks(
     spec: SourceSpec,
     shards: dg.PartitionsDefinition,
     embeddings: dg.AssetsDefinition,
-    vector_index: dg.AssetsDefinition,
+    vector_index: dg.AssetsDefinition | None,
 ) -> list[dg.AssetChecksDefinition]:
+    """`vector_index` is None for a source without Qdrant: the checks that compare with
+    Qdrant go, and self-retrieval checks what the source has (pgvector or the column)."""
     resources = {"runtime", embedder_resource_key(spec.embedder)}
 
     @dg.asset_check(
@@ -43,10 +45,12 @@ def build_checks(
     def vectors_valid(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
         runtime = runtime_of(context, spec)
         embedder = runtime.embedder
-        found = runtime.pgvector.invalid_vectors(
-            shard_index(context.partition_key), embedder.dimension
-        )
-        passed = found["wrong_dimension"] == 0 and found["zero_norm"] == 0
+        shard = shard_index(context.partition_key)
+        if spec.pgvector.enabled:
+            found = runtime.pgvector.invalid_vectors(shard, embedder.dimension)
+        else:  # the column's type fixes the dimension; a held row must have its vector
+            found = runtime.column.invalid_vectors(shard, runtime.is_live)
+        passed = not any(found.get(k) for k in ("wrong_dimension", "zero_norm", "missing_vectors"))
         return dg.AssetCheckResult(
             passed=passed, metadata={**found, "dimension": embedder.dimension}
         )
@@ -87,7 +91,7 @@ def build_checks(
         )
 
     @dg.asset_check(
-        asset=vector_index,
+        asset=vector_index or embeddings,  # left out below without Qdrant
         name="pgvector_qdrant_parity",
         partitions_def=shards,
         required_resource_keys=resources,
@@ -136,18 +140,26 @@ def build_checks(
         )
 
     @dg.asset_check(
-        asset=vector_index,
+        asset=vector_index or embeddings,
         name="self_retrieval",
         partitions_def=shards,
         required_resource_keys=resources,
         description=f"A sample of {SELF_RETRIEVAL_SAMPLE} stored chunks each find themselves "
         f"(or an identical text) in their top {SELF_RETRIEVAL_K}, in pgvector (the whole "
         "table once its HNSW index is built, the shard before) and in the shard's Qdrant "
-        "points.",
+        "points; for a column-only source, sampled rows find themselves in the column.",
     )
     def self_retrieval(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
         runtime = runtime_of(context, spec)
         shard = shard_index(context.partition_key)
+        if not spec.pgvector.enabled:
+            misses = runtime.column.self_retrieval_misses(
+                shard, SELF_RETRIEVAL_SAMPLE, SELF_RETRIEVAL_K, runtime.is_live
+            )
+            return dg.AssetCheckResult(
+                passed=not misses,
+                metadata={"missed_rows": dg.MetadataValue.json(misses), "k": SELF_RETRIEVAL_K},
+            )
         sample = runtime.pgvector.sample_chunks(shard, SELF_RETRIEVAL_SAMPLE)
         # Until the HNSW index exists (a bulk load defers it) a search is an exact scan:
         # search the shard only, so the check does not scan the whole table per sample.
@@ -159,17 +171,21 @@ def build_checks(
             pg_hits = runtime.pgvector.search(row.embedding, SELF_RETRIEVAL_K, pg_shard)
             if any(h.point_id == row.point_id or h.text == row.chunk_text for h in pg_hits):
                 found["pgvector"] += 1
+            if not spec.qdrant.enabled:
+                continue
             q_hits = runtime.qdrant.search(row.embedding, SELF_RETRIEVAL_K, shard)
             if any(h.id == row.point_id or h.payload.get("text") == row.chunk_text for h in q_hits):
                 found["qdrant"] += 1
         sampled = len(sample)
+        if not spec.qdrant.enabled:
+            found.pop("qdrant")
         return dg.AssetCheckResult(
-            passed=found["pgvector"] == sampled and found["qdrant"] == sampled,
+            passed=all(count == sampled for count in found.values()),
             metadata={"sampled": sampled, **{f"found_{k}": v for k, v in found.items()}},
         )
 
     @dg.asset_check(
-        asset=vector_index,
+        asset=vector_index or embeddings,  # left out below without Qdrant
         name="search_recall",
         partitions_def=shards,
         required_resource_keys=resources,
@@ -218,12 +234,5 @@ def build_checks(
             passed=not lag.late, severity=dg.AssetCheckSeverity.WARN, metadata=lag.metadata()
         )
 
-    return [
-        vectors_valid,
-        coverage,
-        no_dead_rows,
-        parity,
-        self_retrieval,
-        search_recall,
-        freshness,
-    ]
+    with_qdrant = [parity, search_recall] if vector_index is not None else []
+    return [vectors_valid, coverage, no_dead_rows, self_retrieval, freshness, *with_qdrant]

@@ -314,11 +314,12 @@ def _run_shard(job, source: str, key: str, instance, generation=None) -> tuple[S
             report.rows_waiting_for_budget = meta.get("rows_waiting_for_token_budget", 0)
             # The day's token budget is spent: running again would take nothing.
             waiting_for_budget = bool(report.rows_waiting_for_budget)
-        elif stage == "vector_index":
+        if stage == "vector_index":
             report.points_upserted = meta.get("points_upserted", 0)
+            backlog = backlog or bool(meta.get("backlog"))
+        if stage in ("embeddings", "vector_index"):  # the last step promotes (no Qdrant: this)
             report.promoted_generation = meta.get("promoted_generation")
             report.promotion_blocked = meta.get("promotion_blocked")
-            backlog = backlog or bool(meta.get("backlog"))
     if not result.success:
         report.error = failure_cause(result.all_events)
     return report, backlog and not waiting_for_budget
@@ -544,6 +545,11 @@ def search_source(
                 "embedding}` to it in sources.yaml, or search --backend pgvector or qdrant"
             )
         return runtime.column.search(runtime.embedder.embed_query(text), limit, exact=exact)
+    if not getattr(runtime.spec, backend).enabled:  # pgvector: false or qdrant: false
+        raise click.ClickException(
+            f"source {source!r} has `{backend}: false`: search --backend "
+            + ("column" if runtime.column is not None else "pgvector")
+        )
     if not runtime.pgvector.table_exists():
         raise click.ClickException(
             f"source {source!r} has no embeddings yet (its pgvector table "
@@ -651,9 +657,11 @@ def status_report(settings: Settings, source: str, exact: bool = False) -> dict:
     shards = {}
     if is_exact:
         work = runtime.exact_work()
-        chunks = runtime.pgvector.chunk_counts()
-        with runtime.qdrant.store.session(runtime.qdrant.collection):
-            points = {index: runtime.qdrant.count(index) for index in range(spec.shards)}
+        chunks = runtime.pgvector.chunk_counts() if spec.pgvector.enabled else {}
+        points = dict.fromkeys(range(spec.shards), 0)
+        if spec.qdrant.enabled:
+            with runtime.qdrant.store.session(runtime.qdrant.collection):
+                points = {index: runtime.qdrant.count(index) for index in range(spec.shards)}
         for index, key in enumerate(spec.shard_keys):
             shards[key] = {
                 "eligible_rows": work[index].eligible_rows,
@@ -671,8 +679,8 @@ def status_report(settings: Settings, source: str, exact: bool = False) -> dict:
                 "eligible_rows": current + work[index].pending_rows,
                 "embedded_rows": current,
                 "pending_rows": work[index].pending_rows,
-                "pgvector_chunks": chunks,
-                "qdrant_points": points,
+                "pgvector_chunks": chunks if spec.pgvector.enabled else 0,
+                "qdrant_points": points if spec.qdrant.enabled else 0,
             }
     for index, key in enumerate(spec.shard_keys):
         failed, dead = errors.get(index, (0, 0))

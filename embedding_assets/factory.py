@@ -269,14 +269,25 @@ def build_source_defs(
         )
         return update
 
-    assets = [source, pending_rows, chunks, embeddings, vector_index]
-    checks = build_checks(spec, shards, embeddings, vector_index)
+    # Without Qdrant (`qdrant: false`) the shard's sync ends with `embeddings`.
+    index = [vector_index] if spec.qdrant.enabled else []
+    assets = [source, pending_rows, chunks, embeddings, *index]
+    checks = build_checks(spec, shards, embeddings, vector_index if index else None)
+    sinks_named = " and ".join(
+        what
+        for what, on in (
+            ("pgvector", spec.pgvector.enabled),
+            ("Qdrant", spec.qdrant.enabled),
+            ("the write-back column", spec.write_back is not None),
+        )
+        if on
+    )
     job = dg.define_asset_job(
         name=f"{name}_sync",
-        selection=dg.AssetSelection.assets(pending_rows, chunks, embeddings, vector_index),
+        selection=dg.AssetSelection.assets(pending_rows, chunks, embeddings, *index),
         partitions_def=shards,
         executor_def=dg.in_process_executor,
-        description=f"Bring one shard of source {name!r} up to date in pgvector and Qdrant.",
+        description=f"Bring one shard of source {name!r} up to date in {sinks_named}.",
         tags={IN_PROCESS_JOB_TAG: name},
     )
     sensor = build_sensor(spec, job)

@@ -54,11 +54,16 @@ def reusable_vectors(runtime: SourceRuntime, chunked: ChunkedRows) -> dict[str, 
     points Qdrant still holds with the same text."""
     chunks = chunked.chunks
     hashes = chunks["chunk_hash"].tolist()
-    found = runtime.pgvector.reusable_vectors(hashes, runtime.same_model_tables)
-    # What an interrupted run of this shard computed and could not store.
+    found = (
+        runtime.pgvector.reusable_vectors(hashes, runtime.same_model_tables)
+        if runtime.spec.pgvector.enabled
+        else {}
+    )
+    # What an interrupted run of this shard computed and could not store (without a chunk
+    # table: every chunk vector the source's rows have).
     found.update(runtime.vector_cache.load([h for h in hashes if h not in found]))
     rows = chunked.pending.rows
-    if not len(rows) or "stored_hash" not in rows:
+    if not len(rows) or "stored_hash" not in rows or not runtime.spec.qdrant.enabled:
         return found
     unchanged = set(rows.loc[rows["stored_hash"] == rows["content_hash"], "row_id"])
     lacking = chunks[chunks["row_id"].isin(unchanged) & ~chunks["chunk_hash"].isin(found)]
@@ -295,13 +300,17 @@ def store_embeddings(runtime: SourceRuntime, batch: EmbeddedRows) -> WriteStats:
         if runtime.column is not None and all_ids:
             runtime.column.ensure(conn, dimension, live, enqueue=runtime.feed.mode != "diff")
         stale = runtime.ledger.newer_rows(conn, all_ids, pending.computed_at) if all_ids else set()
-        dropped = runtime.pgvector.drop_index_for_rewrite(conn, len(batch.chunked.chunks))
+        chunk_table = runtime.spec.pgvector.enabled
+        chunks = batch.chunked.chunks
+        dropped = chunk_table and runtime.pgvector.drop_index_for_rewrite(conn, len(chunks))
         if dropped:
             runtime.ledger.set_vector_index(conn, "deferred")
-        chunks_written, refused = runtime.pgvector.replace_rows(
-            conn, batch, stale, runtime.model_id
-        )
-        chunks = batch.chunked.chunks
+        if chunk_table:
+            chunks_written, refused = runtime.pgvector.replace_rows(
+                conn, batch, stale, runtime.model_id
+            )
+        else:
+            chunks_written, refused = int((~chunks["row_id"].isin(stale)).sum()), {}
         counts = chunks.groupby("row_id").size().to_dict() if len(chunks) else {}
         hashes = dict(zip(pending.rows["row_id"], pending.rows["content_hash"], strict=True))
         written = [r for r in upsert_ids if r not in stale and r not in refused]
@@ -320,13 +329,30 @@ def store_embeddings(runtime: SourceRuntime, batch: EmbeddedRows) -> WriteStats:
                 conn, batch, written, removed, hashes, runtime.model_id, live
             )
         runtime.errors.clear(conn, written + removed)
-        runtime.vector_cache.forget(conn, chunks["chunk_hash"].tolist())
+        if chunk_table:
+            runtime.vector_cache.forget(conn, chunks["chunk_hash"].tolist())
+        else:  # the cache is the chunk vectors' store: what the rows have now
+            kept = chunks["row_id"].isin(set(written)).to_numpy()
+            runtime.vector_cache.keep_rows(
+                conn,
+                written + removed,
+                list(
+                    zip(
+                        chunks["row_id"][kept],
+                        chunks["chunk_index"][kept].astype(int),
+                        chunks["chunk_hash"][kept],
+                        strict=True,
+                    )
+                ),
+                batch.vectors[kept],
+            )
         failures = {**pending.failures, **batch.failures, **refused}
         runtime.errors.record(conn, pending.shard, failures)
         runtime.feed.acknowledge(conn, pending)
     runtime.release_shard(pending.shard)
     built, started = False, time.perf_counter()
-    if not pending.backlog and _index_deferred(runtime) and not _work_left(runtime):
+    chunk_index_due = chunk_table and _index_deferred(runtime)
+    if not pending.backlog and chunk_index_due and not _work_left(runtime):
         with runtime.engine.begin() as conn:
             built = runtime.pgvector.build_index(conn)
             runtime.ledger.set_vector_index(conn, "built")

@@ -11,6 +11,7 @@
   automatically `generations.keep_previous_hours` after it was retired.
 """
 
+import contextlib
 import logging
 from typing import Any
 
@@ -60,18 +61,38 @@ def promotion_blockers(runtime: SourceRuntime) -> list[str]:
             f"(e.g. {example}); `embedding-assets errors` lists them"
         )
     dimension = runtime.embedder.dimension
-    invalid = runtime.pgvector.invalid_vectors(None, dimension)
-    if invalid["wrong_dimension"] or invalid["zero_norm"]:
-        reasons.append(
-            f"{invalid['wrong_dimension']} vectors are not {dimension}-dimensional and "
-            f"{invalid['zero_norm']} have a zero norm"
-        )
-    with runtime.qdrant.store.session(runtime.qdrant.collection):
+    spec = runtime.spec
+    if spec.pgvector.enabled:
+        invalid = runtime.pgvector.invalid_vectors(None, dimension)
+        if invalid["wrong_dimension"] or invalid["zero_norm"]:
+            reasons.append(
+                f"{invalid['wrong_dimension']} vectors are not {dimension}-dimensional and "
+                f"{invalid['zero_norm']} have a zero norm"
+            )
+    if runtime.column is not None:
+        column = runtime.column.invalid_vectors(None, live=False)
+        if column["missing_vectors"] or column["zero_norm"]:
+            reasons.append(
+                f"the write-back column lacks {column['missing_vectors']} rows' vectors and "
+                f"has {column['zero_norm']} zero vectors"
+            )
+    with (
+        runtime.qdrant.store.session(runtime.qdrant.collection)
+        if spec.qdrant.enabled
+        else contextlib.nullcontext()
+    ):
         audits = audit_destinations(runtime, qdrant="count", deep=True)
         off = [a.shard for a in audits if not a.consistent]
         if off:
             reasons.append(f"pgvector or Qdrant disagree with the ledger in shards {off}")
-        missing = _self_retrieval_misses(runtime)
+        missing = _self_retrieval_misses(runtime) if spec.pgvector.enabled else []
+    if runtime.column is not None:
+        missing += [
+            f"row {row} (write-back column)"
+            for row in runtime.column.self_retrieval_misses(
+                None, PROMOTION_SAMPLE, PROMOTION_K, live=False
+            )
+        ]
     if missing:
         reasons.append(
             f"{len(missing)} of the sampled chunks do not find themselves in their top "
@@ -105,9 +126,11 @@ def _self_retrieval_misses(runtime: SourceRuntime) -> list[str]:
     missing = []
     for row in sample.itertuples(index=False):
         pg_hits = runtime.pgvector.search(row.embedding, PROMOTION_K)
-        q_hits = runtime.qdrant.search(row.embedding, PROMOTION_K)
         in_pg = any(h.point_id == row.point_id or h.text == row.chunk_text for h in pg_hits)
-        in_q = any(h.id == row.point_id or h.payload.get("text") == row.chunk_text for h in q_hits)
+        in_q = not runtime.spec.qdrant.enabled or any(
+            h.id == row.point_id or h.payload.get("text") == row.chunk_text
+            for h in runtime.qdrant.search(row.embedding, PROMOTION_K)
+        )
         if not (in_pg and in_q):
             missing.append(f"row {row.row_id} ({'qdrant' if in_pg else 'pgvector'})")
     return missing

@@ -143,6 +143,12 @@ class SourceRuntime:
         return self.embedder.model_id
 
     @property
+    def is_live(self) -> bool:
+        """Whether this runtime's generation was live when it was built (writes re-check
+        under a lock; this is for reads)."""
+        return self.generation is None or self.generation.state == "live"
+
+    @property
     def number(self) -> int | None:
         return self.generation.number if self.generation is not None else None
 
@@ -168,8 +174,10 @@ class SourceRuntime:
         with self.engine.begin() as conn:
             ddl_lock(conn)
             self.require_kept(conn)
-            created = self.pgvector.ensure(conn, dimension)
-            added = [] if created else self.pgvector.add_metadata_columns(conn)
+            # Without a chunk table (a column-only source) there is no table or view.
+            chunk_table = self.spec.pgvector.enabled
+            created = chunk_table and self.pgvector.ensure(conn, dimension)
+            added = [] if created or not chunk_table else self.pgvector.add_metadata_columns(conn)
             live = self.generation is not None and self.generation.state == "live"
             if (created or added) and live:  # the view shows new columns too
                 publish_view(conn, self.stable_table, self.spec.pg_table)
@@ -183,7 +191,8 @@ class SourceRuntime:
             )
             if recorded is not None and recorded.shards != self.spec.shards:
                 self.ledger.reshard(conn, self.spec.shards)
-                self.pgvector.reshard(conn, self.spec.shards)
+                if chunk_table:
+                    self.pgvector.reshard(conn, self.spec.shards)
                 ChangeQueue(self.engine, self.target).reshard(conn, self.spec.shards)
         self.vector_cache.prune()
         self.target_ready = True
@@ -295,7 +304,7 @@ def source_runtime(
         version = pipeline_version(
             embedder.model_id, spec.chunking.max_tokens, spec.chunking.overlap
         )
-        ledger = Ledger(engine, target, spec.name, version)
+        ledger = Ledger(engine, target, spec.name, version, with_qdrant=spec.qdrant.enabled)
         diff = SourceDiff(engine, spec, target, version)
         pgvector = PgVectorDestination(engine, spec, target)
         stable_table, stable_collection = stable or (spec.pg_table, spec.qdrant_collection)

@@ -173,9 +173,18 @@ class PgvectorHnswSpec(_Spec):
         return self
 
 
+def _off_as_disabled(value):
+    """`pgvector: false` / `qdrant: false` in sources.yaml: the destination is off."""
+    return {"enabled": False} if value is False else value
+
+
 class PgvectorSpec(_Spec):
+    # false: no chunk table (a column-only source, see write_back).
+    enabled: bool = True
     table: str | None = None
     hnsw: PgvectorHnswSpec = PgvectorHnswSpec()
+
+    _off = model_validator(mode="before")(_off_as_disabled)
 
 
 class WriteBackSpec(_Spec):
@@ -215,10 +224,14 @@ class QdrantHnswSpec(_Spec):
 
 
 class QdrantSpec(_Spec):
+    # false: no Qdrant collection (pgvector and/or the write-back column only).
+    enabled: bool = True
     collection: str | None = None
     hnsw: QdrantHnswSpec = QdrantHnswSpec()
     # scalar: int8 vectors in RAM (4x smaller), searched with rescoring by the originals.
     quantization: Literal["none", "scalar"] = "none"
+
+    _off = model_validator(mode="before")(_off_as_disabled)
 
     @field_validator("collection")
     @classmethod
@@ -365,6 +378,12 @@ class SourceSpec(_Spec):
             )
         if self.write_back is not None:
             self._check_write_back(self.write_back)
+        if not self.pgvector.enabled and (self.qdrant.enabled or self.write_back is None):
+            raise ValueError(
+                f"source {self.name!r}: pgvector: false leaves only the write-back column, so "
+                "it needs `qdrant: false` (Qdrant is restored from the chunk table) and a "
+                "`write_back: {column: ...}`"
+            )
         if (self.change_capture == "watermark") != (self.watermark_column is not None):
             raise ValueError(
                 f"source {self.name!r}: change_capture: watermark and watermark_column go "

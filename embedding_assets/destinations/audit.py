@@ -131,6 +131,10 @@ def audit_destinations(
     exists: takes no lock on an embedded store) or "skip". `deep` also compares checksums
     of the chunks' (row id, chunk index) pairs, so a lost chunk and a stray one cannot
     hide each other; it reads every chunk of pgvector and of the ledger (O(chunks))."""
+    if not runtime.spec.pgvector.enabled:
+        return []  # a column-only source: written with the ledger, in one transaction
+    if not runtime.spec.qdrant.enabled:
+        qdrant = "skip"
     shards = range(runtime.spec.shards) if shard is None else [shard]
     expected = ledger_counts(runtime.engine, runtime.target, shard)
     if not expected:

@@ -6,6 +6,7 @@ import pandas as pd
 from embedding_assets.core.delta import EmbeddedRows
 from embedding_assets.core.sharding import shard_index
 from embedding_assets.pipeline import store_embeddings
+from embedding_assets.promotion import after_index_write
 from embedding_assets.resources.runtime import RuntimeResource
 
 
@@ -29,7 +30,9 @@ class PgVectorIOManager(dg.ConfigurableIOManager):
                 "dagster/row_count": chunks,  # the shard's chunks in the table now
                 "rows_waiting_for_retry": waiting,
                 "dead_rows": dead,
-                "pgvector_table": runtime.pgvector.table,
+                "pgvector_table": runtime.pgvector.table
+                if runtime.spec.pgvector.enabled
+                else "off",
                 "rows_written": stats.rows_written,
                 "chunks_written": stats.chunks_written,
                 "rows_deleted": stats.rows_deleted,
@@ -40,6 +43,9 @@ class PgVectorIOManager(dg.ConfigurableIOManager):
                 "write_duration_seconds": round(seconds, 3),
             }
         )
+        if not runtime.spec.qdrant.enabled:
+            # No Qdrant step follows: promotion and the readers' switch happen here.
+            context.add_output_metadata(after_index_write(runtime, context.log))
         if runtime.column is not None:
             context.add_output_metadata(
                 {

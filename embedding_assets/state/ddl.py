@@ -16,7 +16,8 @@
 - `token_usage`: per embedder and UTC day, the tokens sent to it (`max_tokens_per_day`).
 - `generations`: see `state.generations` (its DDL lives there).
 - `vector_cache`: vectors a long run computed and has not stored yet, so an interrupted run
-  keeps its progress (see `state.vector_cache`).
+  keeps its progress (see `state.vector_cache`); without a chunk table, every chunk vector,
+  with `row_chunks` saying which rows use it.
 """
 
 import sqlalchemy as sa
@@ -104,6 +105,16 @@ CREATE TABLE IF NOT EXISTS {STATE_SCHEMA}.vector_cache (
     cached_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (target, model, chunk_hash)
 );
+-- Without a chunk table (a column-only source), which chunks each row has: the vector cache
+-- is then the store of chunk vectors, and an entry no row refers to any more is removed.
+CREATE TABLE IF NOT EXISTS {STATE_SCHEMA}.row_chunks (
+    target text NOT NULL,
+    row_id text NOT NULL,
+    chunk_index int NOT NULL,
+    chunk_hash text NOT NULL,
+    PRIMARY KEY (target, row_id, chunk_index)
+);
+CREATE INDEX IF NOT EXISTS row_chunks_hash ON {STATE_SCHEMA}.row_chunks (target, chunk_hash);
 CREATE TABLE IF NOT EXISTS {STATE_SCHEMA}.token_usage (
     embedder text NOT NULL,        -- the embedder's name in sources.yaml
     day date NOT NULL,             -- UTC

@@ -63,6 +63,7 @@ TARGET_TABLES = (
     "watermarks",
     "row_errors",
     "vector_cache",
+    "row_chunks",
     "shard_counts",
     "targets",
 )

@@ -35,11 +35,16 @@ class TargetRecord:
 class Ledger:
     """The row-state ledger of one target (a source's pgvector table)."""
 
-    def __init__(self, engine: sa.Engine, target: str, source: str, version: str):
+    def __init__(
+        self, engine: sa.Engine, target: str, source: str, version: str, with_qdrant: bool = True
+    ):
         self.engine = engine
         self.target = target
         self.source = source
         self.version = version
+        # Without a Qdrant destination nothing is owed to it: a write leaves the row's Qdrant
+        # state equal to its content (never lagging), and a delete leaves no tombstone.
+        self.with_qdrant = with_qdrant
         ensure_tables(engine)
 
     # -- the target ---------------------------------------------------------------------
@@ -167,18 +172,30 @@ class Ledger:
     ) -> None:
         if not ids:
             return
+        # Without Qdrant, its state is set equal to the row's (nothing owed to it).
+        qdrant_cols, qdrant_values, qdrant_set = (
+            ("", "", "")
+            if self.with_qdrant
+            else (
+                ", qdrant_hash, qdrant_chunk_count",
+                ", u.hash, u.n",
+                ", qdrant_hash = EXCLUDED.qdrant_hash"
+                ", qdrant_chunk_count = EXCLUDED.qdrant_chunk_count",
+            )
+        )
         conn.execute(
             sa.text(
                 f"""INSERT INTO {STATE_SCHEMA}.row_state AS s
                     (target, row_id, shard, content_hash, version, chunk_count,
-                     pg_synced_at, deleted)
+                     pg_synced_at, deleted{qdrant_cols})
                 SELECT :t, u.row_id, :shard, u.hash, :v, u.n, clock_timestamp(), false
+                    {qdrant_values}
                 FROM unnest(CAST(:ids AS text[]), CAST(:hashes AS text[]),
                             CAST(:counts AS int[])) AS u(row_id, hash, n)
                 ON CONFLICT (target, row_id) DO UPDATE SET
                     shard = EXCLUDED.shard, content_hash = EXCLUDED.content_hash,
                     version = EXCLUDED.version, chunk_count = EXCLUDED.chunk_count,
-                    pg_synced_at = EXCLUDED.pg_synced_at, deleted = false"""
+                    pg_synced_at = EXCLUDED.pg_synced_at, deleted = false{qdrant_set}"""
             ),
             {
                 "t": self.target,
@@ -197,8 +214,9 @@ class Ledger:
         conn.execute(
             sa.text(
                 f"""UPDATE {STATE_SCHEMA}.row_state SET deleted = true,
-                    content_hash = NULL, chunk_count = 0, pg_synced_at = clock_timestamp()
-                WHERE target = :t AND row_id = ANY(:ids)"""
+                    content_hash = NULL, chunk_count = 0, pg_synced_at = clock_timestamp()"""
+                + ("" if self.with_qdrant else ", qdrant_hash = NULL, qdrant_chunk_count = 0")
+                + " WHERE target = :t AND row_id = ANY(:ids)"
             ),
             {"t": self.target, "ids": list(ids)},
         )

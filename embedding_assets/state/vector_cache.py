@@ -5,6 +5,10 @@ each finished piece here, committed at once. If the run is interrupted, the next
 the shard finds those vectors by chunk hash and embeds only the rest. The store step
 removes the entries it wrote to pgvector; entries of a model the target no longer uses
 are never read (the model is part of the key) and are dropped with `prune`.
+
+Without a chunk table (a column-only source) the cache keeps every chunk vector, so an
+unchanged chunk is still copied, not embedded again: `keep_rows` records which chunks each
+row has (`row_chunks`) and removes the vectors no row uses any more.
 """
 
 from collections.abc import Sequence
@@ -12,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 import sqlalchemy as sa
 
-from embedding_assets.destinations.pgvector import fetch_binary
+from embedding_assets.destinations.pgvector import fetch_binary, vector_text
 from embedding_assets.state.ddl import STATE_SCHEMA
 
 
@@ -62,6 +66,63 @@ class VectorCache:
                     AND chunk_hash = ANY(:hashes)"""
                 ),
                 {"t": self.target, "hashes": list(set(chunk_hashes))},
+            )
+
+    def keep_rows(
+        self,
+        conn: sa.Connection,
+        replaced: Sequence[str],
+        chunks: Sequence[tuple[str, int, str]],
+        vectors: np.ndarray,
+    ) -> None:
+        """In the store's transaction: the rows `replaced` (written or removed) now have
+        exactly `chunks` (row id, chunk index, chunk hash; vectors aligned), and the
+        vectors of their old chunks that no row uses any more are removed."""
+        if not replaced:
+            return
+        t = {"t": self.target}
+        old = conn.execute(
+            sa.text(
+                f"DELETE FROM {STATE_SCHEMA}.row_chunks WHERE target = :t "
+                "AND row_id = ANY(:ids) RETURNING chunk_hash"
+            ),
+            {**t, "ids": list(replaced)},
+        ).scalars()
+        old_hashes = list(set(old))
+        if chunks:
+            ids, indexes, hashes = (list(column) for column in zip(*chunks, strict=True))
+            conn.execute(
+                sa.text(
+                    f"INSERT INTO {STATE_SCHEMA}.row_chunks (target, row_id, chunk_index, "
+                    "chunk_hash) SELECT :t, r, i, h FROM unnest(CAST(:ids AS text[]), "
+                    "CAST(:indexes AS int[]), CAST(:hashes AS text[])) AS u(r, i, h)"
+                ),
+                {**t, "ids": ids, "indexes": indexes, "hashes": hashes},
+            )
+            first = {h: position for position, h in reversed(list(enumerate(hashes)))}
+            conn.execute(
+                sa.text(
+                    f"INSERT INTO {STATE_SCHEMA}.vector_cache (target, model, chunk_hash, "
+                    "embedding) SELECT :t, :m, h, CAST(v AS vector) FROM unnest("
+                    "CAST(:hashes AS text[]), CAST(:vectors AS text[])) AS u(h, v) "
+                    "ON CONFLICT (target, model, chunk_hash) DO NOTHING"
+                ),
+                {
+                    **t,
+                    "m": self.model_id,
+                    "hashes": list(first),
+                    "vectors": [vector_text(vectors[p]) for p in first.values()],
+                },
+            )
+        if old_hashes:
+            conn.execute(
+                sa.text(
+                    f"DELETE FROM {STATE_SCHEMA}.vector_cache AS c WHERE c.target = :t "
+                    "AND c.chunk_hash = ANY(:old) AND NOT EXISTS (SELECT 1 FROM "
+                    f"{STATE_SCHEMA}.row_chunks AS r WHERE r.target = c.target "
+                    "AND r.chunk_hash = c.chunk_hash)"
+                ),
+                {**t, "old": old_hashes},
             )
 
     def prune(self) -> int:

@@ -330,3 +330,82 @@ def test_kill_9_inside_the_write_converges(postgres, home, tmp_path):
             np.testing.assert_allclose(after[row_id], stored, atol=1e-6)
             assert not np.allclose(after[row_id], before[row_id])
         assert queued(postgres, runtime.target) == 0
+
+
+def embedded_chunks(results) -> int:
+    return sum(
+        materialization_metadata(r, "embeddings")["embedded_chunks"] for r in results.values()
+    )
+
+
+def test_a_column_only_source_needs_no_chunk_table_and_still_reuses_chunks(
+    postgres, home, tmp_path, instance
+):
+    from embedding_assets.definitions import build_definitions
+    from embedding_assets.runtime import qdrant_store_from_env
+
+    name = unique_name()
+    create_docs_table(postgres, name, docs())
+    settings = write_settings(
+        tmp_path, name, name, write_back="{column: embedding}", pgvector="false", qdrant="false"
+    )
+    defs = build_definitions(settings)
+    stages = {key.path[-1] for key in defs.resolve_all_asset_keys() if key.path[0] == name}
+    assert stages == {"source", "pending_rows", "chunks", "embeddings"}
+    results = sync_shards(settings, name, instance)
+    for result in results.values():
+        evaluations = result.get_asset_check_evaluations()
+        assert evaluations and all(e.passed for e in evaluations), [
+            (e.check_name, e.metadata) for e in evaluations if not e.passed
+        ]
+    first = embedded_chunks(results)
+    vectors = column_vectors(postgres, name)
+    assert [i for i, v in vectors.items() if v is not None] == list(range(1, 10))
+    assert vectors[10] is None and vectors[11] is None
+    with engine_for(postgres).connect() as conn:
+        assert conn.scalar(sa.text(f"SELECT to_regclass('{name}_embeddings')")) is None
+    assert not qdrant_store_from_env().collection_exists(name)
+
+    # A metadata-only change reuses every chunk (from the vector cache, as there is no chunk
+    # table); a changed body embeds its one chunk; a row leaving `where` and a row whose text
+    # turns empty get NULL.
+    execute(
+        postgres,
+        f"UPDATE {name} SET category = 'other' WHERE id = 9",
+        f"UPDATE {name} SET body = 'gardening in the rain' WHERE id = 1",
+        f"UPDATE {name} SET archived = true WHERE id = 2",
+        f"UPDATE {name} SET title = NULL, body = NULL WHERE id = 3",
+    )
+    results = sync_shards(settings, name, instance)
+    assert embedded_chunks(results) == 1 < first
+    after = column_vectors(postgres, name)
+    assert after[2] is None and after[3] is None
+    np.testing.assert_allclose(after[9], vectors[9], atol=1e-6)
+    one = settings_embedder_vector(settings, name, "Doc 1: gardening in the rain")
+    np.testing.assert_allclose(after[1], one, atol=1e-5)
+    assert embedded_chunks(sync_shards(settings, name, instance)) == 0
+    report = status_report(settings, name)
+    assert (report["column_rows"], report["pending_rows"], report["qdrant_points"]) == (7, 0, 0)
+    # The cache holds exactly the chunks the rows have now: the replaced ones are gone.
+    with engine_for(postgres).connect() as conn:
+        target = runtime_for(settings, name, postgres).target
+        cached = conn.scalar(
+            sa.text("SELECT count(*) FROM embedding_assets.vector_cache WHERE target = :t"),
+            {"t": target},
+        )
+        used = conn.scalar(
+            sa.text(
+                "SELECT count(DISTINCT chunk_hash) FROM embedding_assets.row_chunks "
+                "WHERE target = :t"
+            ),
+            {"t": target},
+        )
+    assert cached == used > 7
+    hits = search_source(settings, name, "Doc 5: the body of document 5", 1, "column")
+    assert hits[0]["row_id"] == "5"
+
+
+def settings_embedder_vector(settings, name: str, text: str) -> np.ndarray:
+    runtime = runtime_for(settings, name, os.environ["DATABASE_URL"])
+    vector = runtime.embedder.embed_documents([text])[0]
+    return vector / np.linalg.norm(vector)
