@@ -20,26 +20,17 @@ import time
 from pathlib import Path
 
 from scale import DATA, load_rows, timed
-from throwaway import CLI, postgres_and_free_embedder, throwaway_home
+from throwaway import CLI, free_embedder_yaml, postgres_and_free_embedder, throwaway_home
 
 
 def write_sources(path: Path, base_url: str, model: str) -> None:
     path.write_text(
-        f"""embedders:
-  free:
-    provider: openai
-    model: {model}
-    base_urls: ["{base_url}"]
-    dimension: 384
-    encoding_format: base64
-    max_inputs_per_request: 2048
-    max_tokens_per_request: 1000000
-    price_per_million_tokens: 0.02
-sources:
+        free_embedder_yaml(base_url, model, "    price_per_million_tokens: 0.02\n")
+        + """sources:
   - name: bench
     table: public.bench_docs
     id_column: id
-    text: "{{name}}: {{summary}}"
+    text: "{name}: {summary}"
     metadata: [version]
     embedder: free
     shards: 8

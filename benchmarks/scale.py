@@ -25,7 +25,13 @@ import sys
 import time
 from pathlib import Path
 
-from throwaway import postgres_and_free_embedder, start_dev, stop_group, throwaway_home
+from throwaway import (
+    free_embedder_yaml,
+    postgres_and_free_embedder,
+    start_dev,
+    stop_group,
+    throwaway_home,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "pypi_packages_100k.tsv.gz"
@@ -55,16 +61,8 @@ def load_rows(engine, rows: int, data: Path) -> None:
 
 def write_sources(path: Path, base_url: str, shards: int, max_rows: int) -> None:
     path.write_text(
-        f"""embedders:
-  free:
-    provider: openai
-    model: all-MiniLM-L6-v2
-    base_urls: ["{base_url}"]
-    dimension: 384
-    encoding_format: base64
-    max_inputs_per_request: 2048
-    max_tokens_per_request: 1000000
-sources:
+        free_embedder_yaml(base_url)
+        + f"""sources:
   - name: bench
     table: public.bench_docs
     id_column: id

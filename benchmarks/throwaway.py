@@ -47,6 +47,20 @@ def stop_group(process: subprocess.Popen, timeout: float = 60) -> None:
         os.killpg(process.pid, signal.SIGKILL)
 
 
+def free_embedder_yaml(base_url: str, model: str = "all-MiniLM-L6-v2", extra: str = "") -> str:
+    """The `embedders:` section for the free embedder, named `free` (384-d, base64)."""
+    return f"""embedders:
+  free:
+    provider: openai
+    model: {model}
+    base_urls: ["{base_url}"]
+    dimension: 384
+    encoding_format: base64
+    max_inputs_per_request: 2048
+    max_tokens_per_request: 1000000
+{extra}"""
+
+
 def start_dev(home: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     """`embedding-assets dev` on a free UI port, in its own session, logging to dev.log."""
     with (home / "dev.log").open("w") as log:

@@ -4,9 +4,10 @@ Prints figures; asserts nothing.
 
     .venv/bin/python benchmarks/write_back.py [--rows 50000] [--updates 1000]
 
-Three sources over the same table, each synced alone: chunk table + Qdrant (the baseline),
-the same plus the write-back column, and a column-only source (`pgvector: false`,
-`qdrant: false`). For each: the first sync, then `--updates` rows changed and synced again.
+Three sources, each over its own copy of the same rows and synced alone: chunk table +
+Qdrant (the baseline), the same plus the write-back column, and a column-only source
+(`pgvector: false`, `qdrant: false`). For each: the first sync, then `--updates` rows
+changed and synced again.
 """
 
 import argparse
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 from scale import DATA, load_rows, timed
-from throwaway import CLI, postgres_and_free_embedder, throwaway_home
+from throwaway import CLI, free_embedder_yaml, postgres_and_free_embedder, throwaway_home
 
 VARIANTS = {
     "baseline": "",
@@ -31,7 +32,7 @@ VARIANTS = {
 def write_sources(path: Path, base_url: str) -> None:
     sources = "".join(
         f"""  - name: {name}
-    table: public.bench_docs
+    table: public.docs_{name}
     id_column: id
     text: "{{name}}: {{summary}}"
     metadata: [version]
@@ -41,16 +42,8 @@ def write_sources(path: Path, base_url: str) -> None:
         for name, extra in VARIANTS.items()
     )
     path.write_text(
-        f"""embedders:
-  free:
-    provider: openai
-    model: all-MiniLM-L6-v2
-    base_urls: ["{base_url}"]
-    dimension: 384
-    encoding_format: base64
-    max_inputs_per_request: 2048
-    max_tokens_per_request: 1000000
-sources:
+        free_embedder_yaml(base_url)
+        + f"""sources:
 {sources}"""
     )
 
@@ -64,6 +57,11 @@ def main() -> None:
     home = throwaway_home("ea-write-back-")
     with postgres_and_free_embedder() as (engine, embedder):
         load_rows(engine, args.rows, args.data)
+        with engine.begin() as conn:
+            for name in VARIANTS:  # one table each: no source's write touches another's
+                conn.execute(sa.text(f"CREATE TABLE docs_{name} (LIKE bench_docs INCLUDING ALL)"))
+                conn.execute(sa.text(f"INSERT INTO docs_{name} SELECT * FROM bench_docs"))
+                conn.execute(sa.text(f"ANALYZE docs_{name}"))
         sources = home / "sources.yaml"
         write_sources(sources, embedder.base_url)
         env = {**os.environ, "EMBEDDING_ASSETS_SOURCES": str(sources)}
@@ -78,10 +76,13 @@ def main() -> None:
                 flush=True,
             )
         with engine.begin() as conn:
-            conn.execute(
-                sa.text("UPDATE bench_docs SET summary = summary || ' (updated)' WHERE id < :n"),
-                {"n": args.updates},
-            )
+            for name in VARIANTS:
+                conn.execute(
+                    sa.text(
+                        f"UPDATE docs_{name} SET summary = summary || ' (updated)' WHERE id < :n"
+                    ),
+                    {"n": args.updates},
+                )
         for name in VARIANTS:
             seconds, out = timed([*CLI, "sync", "--source", name, "--json"], env)
             runs = json.loads(out.strip().splitlines()[-1])
@@ -91,8 +92,8 @@ def main() -> None:
                 flush=True,
             )
         with engine.connect() as conn:
-            for column in ("vec_with", "vec_only"):
-                filled = conn.scalar(sa.text(f"SELECT count({column}) FROM bench_docs"))
+            for name, column in (("with_column", "vec_with"), ("column_only", "vec_only")):
+                filled = conn.scalar(sa.text(f"SELECT count({column}) FROM docs_{name}"))
                 print(f"rows with a vector in {column}: {filled} of {args.rows}")
         base = first["baseline"]
         print(

@@ -23,7 +23,11 @@ import sqlalchemy as sa
 
 from embedding_assets.core.delta import EmbeddedRows
 from embedding_assets.core.row_vectors import row_vectors
-from embedding_assets.destinations.pgvector import POSTGRES_NAME_LIMIT, vector_text
+from embedding_assets.destinations.pgvector import (
+    INDEX_BUILD_MEMORY,
+    POSTGRES_NAME_LIMIT,
+    vector_text,
+)
 from embedding_assets.settings import SourceSpec, WriteBackSpec, split_qualified
 from embedding_assets.state.ddl import STATE_SCHEMA
 from embedding_assets.state.source_sql import (
@@ -322,6 +326,10 @@ class ColumnDestination:
         hnsw = self.spec.pgvector.hnsw
         with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
             conn.execute(sa.text("SET statement_timeout = 0"))
+            # As for the chunk table: the graph in memory (an HNSW build that spills is
+            # several times slower) and one parallel worker beside the leader.
+            conn.execute(sa.text(f"SET maintenance_work_mem = '{INDEX_BUILD_MEMORY}'"))
+            conn.execute(sa.text("SET max_parallel_maintenance_workers = 1"))
             # A build interrupted before leaves an invalid index of the same name.
             conn.execute(
                 sa.text(
