@@ -294,6 +294,11 @@ def store_embeddings(runtime: SourceRuntime, batch: EmbeddedRows) -> WriteStats:
     dimension = batch.vectors.shape[1] if batch.vectors.ndim == 2 else runtime.embedder.dimension
     if all_ids:
         runtime.ensure_target(dimension)
+    if runtime.column is not None and all_ids:
+        # Columns are added in a short transaction of their own: ALTER TABLE's lock on the
+        # application's table must not last the whole write. The write checks again.
+        with runtime.engine.begin() as conn:
+            runtime.column.ensure(conn, dimension, runtime.is_live, runtime.feed.mode != "diff")
     with runtime.engine.begin() as conn:
         shard_lock(conn, runtime.target, pending.shard)
         live = runtime.require_kept(conn) == "live"

@@ -18,7 +18,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from embedding_assets.destinations.audit import audit_destinations
-from embedding_assets.destinations.column import drop_columns, swap_columns
+from embedding_assets.destinations.column import LOCK_NOT_AVAILABLE, drop_columns, swap_columns
 from embedding_assets.destinations.pgvector import publish_view, relation_kind, view_reads
 from embedding_assets.destinations.qdrant_stores import QdrantStore
 from embedding_assets.generations import drop_generation_state
@@ -146,6 +146,25 @@ def promote(runtime: SourceRuntime, check: bool = True) -> list[str]:
         if not blockers[0].startswith(STILL_BUILDING):
             registry.record_blocked(generation.number, "; ".join(blockers))
         return blockers
+    try:
+        _switch(runtime, registry, generation)
+    except sa.exc.DBAPIError as exc:
+        if getattr(exc.orig, "sqlstate", None) != LOCK_NOT_AVAILABLE:
+            raise
+        busy = (
+            "the write-back column's table stayed locked by other transactions during the "
+            "rename; promotion is tried again after the next write (or `generations promote`)"
+        )
+        registry.record_blocked(generation.number, busy)
+        return [busy]
+    log.info("generation %d of %s is live", generation.number, runtime.spec.name)
+    converge_readers(runtime.engine, runtime.spec.name, runtime.stable_table,
+                     runtime.stable_collection, runtime.qdrant.store)  # fmt: skip
+    return []
+
+
+def _switch(runtime: SourceRuntime, registry: Generations, generation: Generation) -> None:
+    """One transaction: the registry, the view and the write-back columns move together."""
     with runtime.engine.begin() as conn:
         lock_registry(conn)
         current = registry.get(generation.number, conn)
@@ -162,10 +181,6 @@ def promote(runtime: SourceRuntime, check: bool = True) -> list[str]:
             publish_view(conn, runtime.stable_table, generation.schema_table)
         # Readers of the write-back column switch with the view, in this transaction.
         swap_columns(conn, runtime.spec, live.number if live else None, generation.number)
-    log.info("generation %d of %s is live", generation.number, runtime.spec.name)
-    converge_readers(runtime.engine, runtime.spec.name, runtime.stable_table,
-                     runtime.stable_collection, runtime.qdrant.store)  # fmt: skip
-    return []
 
 
 def _require(runtime: SourceRuntime) -> Generation:

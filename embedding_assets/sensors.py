@@ -236,7 +236,14 @@ def build_sensor(spec: SourceSpec, job) -> dg.SensorDefinition:
     return source_changes
 
 
-LAG_INTERVAL_SECONDS = 30
+LAG_INTERVAL_SECONDS = 30  # at most; never more than half the freshness budget, nor under 5 s
+
+
+def lag_interval_seconds(spec: SourceSpec) -> int:
+    """Twice per freshness budget at least, so a shard turns late within one budget."""
+    return max(5, min(LAG_INTERVAL_SECONDS, spec.freshness_seconds // 2))
+
+
 # A shard whose figures did not change is reported again at most this often.
 LAG_REPORT_EVERY_SECONDS = 300
 
@@ -258,7 +265,7 @@ def build_lag_sensor(spec: SourceSpec, freshness_job) -> dg.SensorDefinition:
     @dg.sensor(
         name=f"{spec.name}_lag",
         job=freshness_job,
-        minimum_interval_seconds=LAG_INTERVAL_SECONDS,
+        minimum_interval_seconds=lag_interval_seconds(spec),
         default_status=dg.DefaultSensorStatus.RUNNING,
         required_resource_keys={"runtime", embedder_key},
         description=(

@@ -41,6 +41,8 @@ from embedding_assets.state.source_sql import (
 log = logging.getLogger(__name__)
 
 INSUFFICIENT_PRIVILEGE = "42501"
+LOCK_NOT_AVAILABLE = "55P03"
+DDL_LOCK_TIMEOUT = "5s"
 LOST_VERSION = "lost"  # as in destinations.audit: a ledger version no pipeline has
 
 
@@ -98,8 +100,7 @@ class ColumnDestination:
 
     def ddl(self, dimension: int, live: bool, conn: sa.Connection) -> list[str]:
         """What creates this generation's columns (and the side table), for us or a DBA."""
-        vector, *rest = self.columns(live)
-        types = {vector: f"vector({int(dimension)})"}
+        types = {self.columns(live)[0]: f"vector({int(dimension)})"}
         if self.write_back.model_column:
             types[generation_column(self.write_back.model_column, self.number, live)] = "text"
         if self.write_back.embedded_at_column:
@@ -132,12 +133,22 @@ class ColumnDestination:
             statements = self.ddl(dimension, live, conn)
             try:
                 with conn.begin_nested():
+                    # ALTER TABLE queues behind the application's open transactions, and
+                    # its queries queue behind it: wait briefly, then fail (retried later).
+                    conn.execute(sa.text(f"SET LOCAL lock_timeout = '{DDL_LOCK_TIMEOUT}'"))
                     for statement in statements:
                         conn.execute(sa.text(statement))
             except sa.exc.DBAPIError as exc:
-                if getattr(exc.orig, "sqlstate", None) != INSUFFICIENT_PRIVILEGE:
+                state = getattr(exc.orig, "sqlstate", None)
+                if state == LOCK_NOT_AVAILABLE:
+                    raise WriteBackError(
+                        f"could not add the write-back column to {self.relation} within "
+                        f"{DDL_LOCK_TIMEOUT}: long transactions hold the table. The run is "
+                        "retried; or add it yourself: " + "; ".join(statements)
+                    ) from exc
+                if state != INSUFFICIENT_PRIVILEGE:
                     raise
-                raise WriteBackError(self._privilege_message(conn, statements, dimension)) from exc
+                raise WriteBackError(self._privilege_message(conn, statements, live)) from exc
         self._require_shape(conn, live, dimension)
         refilled = self._pending_again(conn, enqueue) if self._empty(conn, live) else 0
         self.ready = (dimension, live)
@@ -177,12 +188,12 @@ class ColumnDestination:
                     f"to run: GRANT UPDATE ({names}) ON {self.relation} TO {role};"
                 )
 
-    def _privilege_message(self, conn: sa.Connection, statements: list[str], dim: int) -> str:
+    def _privilege_message(self, conn: sa.Connection, statements: list[str], live: bool) -> str:
         role = conn.scalar(sa.text("SELECT current_user"))
         grant = (
             f"GRANT SELECT, INSERT, UPDATE ON {self.relation} TO {quote_ident(role)};"
             if self.side_table
-            else f"GRANT UPDATE ({', '.join(quote_ident(c) for c in self.write_back.columns)}) "
+            else f"GRANT UPDATE ({', '.join(quote_ident(c) for c in self.columns(live))}) "
             f"ON {self.relation} TO {quote_ident(role)};"
         )
         sql = ";\n".join(statements) + ";\n" + grant
@@ -456,6 +467,9 @@ def swap_columns(
     if spec.write_back is None:
         return
     relation = quote_table(split_qualified(spec.write_back.table or spec.table or ""))
+    # A rename waits for the application's transactions on the table: briefly, else the
+    # promotion fails whole and is tried again after the next write.
+    conn.execute(sa.text(f"SET LOCAL lock_timeout = '{DDL_LOCK_TIMEOUT}'"))
     existing = catalog_columns(conn, relation)
     for name in spec.write_back.columns:
         shadow = generation_column(name, new_live, live=False)

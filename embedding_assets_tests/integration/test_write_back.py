@@ -409,3 +409,32 @@ def settings_embedder_vector(settings, name: str, text: str) -> np.ndarray:
     runtime = runtime_for(settings, name, os.environ["DATABASE_URL"])
     vector = runtime.embedder.embed_documents([text])[0]
     return vector / np.linalg.norm(vector)
+
+
+def test_adding_the_column_waits_briefly_behind_open_transactions_then_says_so(
+    postgres, home, tmp_path
+):
+    """ALTER TABLE queues behind an application's open transaction, and the application's
+    next queries would queue behind it: the column is added under a short lock timeout."""
+    name = unique_name()
+    create_docs_table(postgres, name, docs()[:2])
+    settings = write_settings(tmp_path, name, name, write_back="{column: embedding}")
+    engine = engine_for(postgres)
+    column = ColumnDestination(engine, settings.source(name), "t", 1)
+    reader = engine.connect()
+    reader.begin()
+    reader.execute(sa.text(f"SELECT count(*) FROM {name}"))  # an application's transaction
+    try:
+        started = time.monotonic()
+        with (
+            engine.begin() as conn,
+            pytest.raises(WriteBackError, match="long transactions hold the table"),
+        ):
+            column.ensure(conn, 384, live=True, enqueue=True)
+        assert time.monotonic() - started < 15
+    finally:
+        reader.rollback()
+        reader.close()
+    with engine.begin() as conn:
+        column.ensure(conn, 384, live=True, enqueue=True)
+    assert column_vectors(postgres, name) == {1: None, 2: None}
