@@ -258,10 +258,13 @@ class SourceRuntime:
 
     def reconcile(self) -> tuple[int, list[ShardAudit]]:
         """Queue what a full diff finds the change feed missed, and compare both sinks with
-        the ledger in full (counted, checksummed), marking what they lost for repair.
-        Returns the rows queued and the shards repaired."""
+        the ledger in full (counted, checksummed), marking what they lost for repair; rows
+        whose write-back vector is missing are queued too. Returns the rows queued and the
+        shards repaired."""
         found = self.feed.reconcile()
         audits = audit_destinations(self, qdrant="count", deep=True)
+        if self.column is not None and self.is_live:  # vectors NULLed in the column by hand
+            found += self.column.repair_missing(enqueue=self.feed.mode != "diff")
         return found, [a for a in audits if a.repaired]
 
     def exact_work(self, shard: int | None = None) -> dict[int, ShardWork]:

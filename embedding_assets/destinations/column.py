@@ -50,6 +50,11 @@ class WriteBackError(RuntimeError):
     """The write-back column cannot be created or written; the message holds the SQL to run."""
 
 
+def catalog_columns_of(engine: sa.Engine, relation: str) -> dict[str, tuple[str, str]]:
+    with engine.connect() as conn:
+        return catalog_columns(conn, relation)
+
+
 def generation_column(name: str, number: int, live: bool) -> str:
     return name if live else f"{name}__g{number}"
 
@@ -204,12 +209,30 @@ class ColumnDestination:
             "may create."
         )
 
-    def _pending_again(self, conn: sa.Connection, enqueue: bool) -> int:
-        """Every row the ledger holds with chunks is pending again."""
+    def repair_missing(self, enqueue: bool) -> int:
+        """Rows the ledger holds with chunks whose vector the live column lacks (set to
+        NULL by hand, a side-table row deleted) are pending again: the next run writes them
+        from their reused chunks. O(table): part of `reconcile`. Returns the rows marked."""
+        if self.columns(True)[0] not in catalog_columns_of(self.engine, self.relation):
+            return 0
+        with self.engine.begin() as conn:
+            return self._pending_again(conn, enqueue, only_missing=True)
+
+    def _pending_again(self, conn: sa.Connection, enqueue: bool, only_missing=False) -> int:
+        """Every row the ledger holds with chunks is pending again (or, `only_missing`,
+        those without a vector in the live column)."""
+        missing = (
+            f"AND NOT EXISTS (SELECT 1 FROM {self.relation} AS w WHERE "
+            f"CAST({self._id('w')} AS text) = st.row_id "
+            f"AND w.{quote_ident(self.columns(True)[0])} IS NOT NULL)"
+            if only_missing
+            else ""
+        )
         rows = conn.execute(
             sa.text(
-                f"UPDATE {STATE_SCHEMA}.row_state SET version = :lost WHERE target = :t "
-                "AND NOT deleted AND chunk_count > 0 AND version <> :lost RETURNING shard, row_id"
+                f"UPDATE {STATE_SCHEMA}.row_state AS st SET version = :lost WHERE target = :t "
+                f"AND NOT deleted AND chunk_count > 0 AND version <> :lost {missing} "
+                "RETURNING shard, row_id"
             ),
             {"t": self.target, "lost": LOST_VERSION},
         ).fetchall()
@@ -227,7 +250,7 @@ class ColumnDestination:
                 },
             )
         if rows:
-            log.info("write_back column is empty: %d rows pending again to fill it", len(rows))
+            log.info("write_back column lacks %d rows' vectors: pending again", len(rows))
         return len(rows)
 
     # -- writes -------------------------------------------------------------------------

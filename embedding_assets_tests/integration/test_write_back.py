@@ -404,6 +404,13 @@ def test_a_column_only_source_needs_no_chunk_table_and_still_reuses_chunks(
     hits = search_source(settings, name, "Doc 5: the body of document 5", 1, "column")
     assert hits[0]["row_id"] == "5"
 
+    # A vector NULLed by hand is found by reconcile and written again from the cache.
+    execute(postgres, f"UPDATE {name} SET embedding = NULL WHERE id = 4")
+    queued_again, _ = runtime_for(settings, name, postgres).reconcile()
+    assert queued_again == 1
+    assert embedded_chunks(sync_shards(settings, name, instance)) == 0
+    np.testing.assert_allclose(column_vectors(postgres, name)[4], vectors[4], atol=1e-6)
+
 
 def settings_embedder_vector(settings, name: str, text: str) -> np.ndarray:
     runtime = runtime_for(settings, name, os.environ["DATABASE_URL"])
