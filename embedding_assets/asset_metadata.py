@@ -96,7 +96,7 @@ def sink_metadata(
         embeddings["dagster/table_name"] = f"{schema}.{table}"
         embeddings["dagster/column_schema"] = chunk_table_schema(spec, declared_dimension(embedder))
     if spec.write_back is not None:
-        relation = spec.write_back.table or spec.table or ""
+        relation = ".".join(spec.write_back_table)
         embeddings["write_back"] = f"{relation}.{spec.write_back.column}"
         if not spec.pgvector.enabled:  # the column is the asset's one table
             embeddings["dagster/table_name"] = relation

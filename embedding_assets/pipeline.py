@@ -363,8 +363,12 @@ def store_embeddings(runtime: SourceRuntime, batch: EmbeddedRows) -> WriteStats:
             runtime.ledger.set_vector_index(conn, "built")
     seconds = round(time.perf_counter() - started, 3) if built else 0.0
     column_index = False
-    wants_index = runtime.column is not None and runtime.column.index_missing()
-    if wants_index and not pending.backlog and not _work_left(runtime):
+    if (
+        runtime.column is not None
+        and not pending.backlog
+        and runtime.column.index_missing()
+        and not _work_left(runtime)
+    ):
         column_index = runtime.column.build_index(live)
     return WriteStats(
         len(written),

@@ -418,6 +418,12 @@ class SourceSpec(_Spec):
         return template_fields(self.text)
 
     @property
+    def write_back_table(self) -> tuple[str, str]:
+        """(schema, table) the write-back columns live in: the side table, else the source."""
+        assert self.write_back is not None
+        return split_qualified(self.write_back.table or self.table or "")
+
+    @property
     def pg_table(self) -> tuple[str, str]:
         """(schema, table) of the pgvector table: configured, else <schema>.<name>_embeddings."""
         if self.pgvector.table:

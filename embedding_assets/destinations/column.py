@@ -23,13 +23,15 @@ import sqlalchemy as sa
 
 from embedding_assets.core.delta import EmbeddedRows
 from embedding_assets.core.row_vectors import row_vectors
+from embedding_assets.destinations.audit import LOST_VERSION
 from embedding_assets.destinations.pgvector import (
     INDEX_BUILD_MEMORY,
     POSTGRES_NAME_LIMIT,
     vector_text,
 )
-from embedding_assets.settings import SourceSpec, WriteBackSpec, split_qualified
+from embedding_assets.settings import SourceSpec, WriteBackSpec
 from embedding_assets.state.ddl import STATE_SCHEMA
+from embedding_assets.state.queue import ChangeQueue
 from embedding_assets.state.source_sql import (
     SourceSql,
     catalog_columns,
@@ -43,16 +45,10 @@ log = logging.getLogger(__name__)
 INSUFFICIENT_PRIVILEGE = "42501"
 LOCK_NOT_AVAILABLE = "55P03"
 DDL_LOCK_TIMEOUT = "5s"
-LOST_VERSION = "lost"  # as in destinations.audit: a ledger version no pipeline has
 
 
 class WriteBackError(RuntimeError):
     """The write-back column cannot be created or written; the message holds the SQL to run."""
-
-
-def catalog_columns_of(engine: sa.Engine, relation: str) -> dict[str, tuple[str, str]]:
-    with engine.connect() as conn:
-        return catalog_columns(conn, relation)
 
 
 def generation_column(name: str, number: int, live: bool) -> str:
@@ -69,8 +65,7 @@ class ColumnDestination:
         self.number = number
         self.sql = SourceSql(spec)
         self.side_table = self.write_back.table is not None
-        relation = self.write_back.table or spec.table or ""
-        self.qualified = split_qualified(relation)
+        self.qualified = spec.write_back_table
         self.relation = quote_table(self.qualified)
         self._id_type: str | None = None
         self.ready: tuple[int, bool] | None = None  # (dimension, live) checked
@@ -213,9 +208,9 @@ class ColumnDestination:
         """Rows the ledger holds with chunks whose vector the live column lacks (set to
         NULL by hand, a side-table row deleted) are pending again: the next run writes them
         from their reused chunks. O(table): part of `reconcile`. Returns the rows marked."""
-        if self.columns(True)[0] not in catalog_columns_of(self.engine, self.relation):
-            return 0
         with self.engine.begin() as conn:
+            if self.columns(True)[0] not in catalog_columns(conn, self.relation):
+                return 0
             return self._pending_again(conn, enqueue, only_missing=True)
 
     def _pending_again(self, conn: sa.Connection, enqueue: bool, only_missing=False) -> int:
@@ -236,19 +231,8 @@ class ColumnDestination:
             ),
             {"t": self.target, "lost": LOST_VERSION},
         ).fetchall()
-        if rows and enqueue:
-            conn.execute(
-                sa.text(
-                    f"INSERT INTO {STATE_SCHEMA}.change_queue (target, shard, row_id) "
-                    "SELECT :t, s, r FROM unnest(CAST(:shards AS int[]), "
-                    "CAST(:ids AS text[])) AS q(s, r)"
-                ),
-                {
-                    "t": self.target,
-                    "shards": [r.shard for r in rows],
-                    "ids": [r.row_id for r in rows],
-                },
-            )
+        if enqueue:
+            ChangeQueue(self.engine, self.target).enqueue(conn, [(r.shard, r.row_id) for r in rows])
         if rows:
             log.info("write_back column lacks %d rows' vectors: pending again", len(rows))
         return len(rows)
@@ -336,13 +320,13 @@ class ColumnDestination:
 
     # -- index, reads -------------------------------------------------------------------
 
+    @property
+    def qualified_index(self) -> str:
+        return f"{quote_ident(self.qualified[0])}.{quote_ident(self.index_name)}"
+
     def has_index(self, conn: sa.Connection) -> bool:
-        schema = self.qualified[0]
         return bool(
-            conn.scalar(
-                sa.text("SELECT to_regclass(:i) IS NOT NULL"),
-                {"i": f"{quote_ident(schema)}.{quote_ident(self.index_name)}"},
-            )
+            conn.scalar(sa.text("SELECT to_regclass(:i) IS NOT NULL"), {"i": self.qualified_index})
         )
 
     def index_missing(self) -> bool:
@@ -365,12 +349,7 @@ class ColumnDestination:
             conn.execute(sa.text(f"SET maintenance_work_mem = '{INDEX_BUILD_MEMORY}'"))
             conn.execute(sa.text("SET max_parallel_maintenance_workers = 1"))
             # A build interrupted before leaves an invalid index of the same name.
-            conn.execute(
-                sa.text(
-                    f"DROP INDEX CONCURRENTLY IF EXISTS "
-                    f"{quote_ident(self.qualified[0])}.{quote_ident(self.index_name)}"
-                )
-            )
+            conn.execute(sa.text(f"DROP INDEX CONCURRENTLY IF EXISTS {self.qualified_index}"))
             conn.execute(
                 sa.text(
                     f"CREATE INDEX CONCURRENTLY {quote_ident(self.index_name)} ON {self.relation} "
@@ -395,7 +374,7 @@ class ColumnDestination:
                 )
             )
 
-    def _held_rows(self, shard: int | None, live: bool) -> tuple[str, dict]:
+    def _held_rows(self, shard: int | None) -> tuple[str, dict]:
         """FROM clause: this generation's column rows that the ledger holds (of a shard)."""
         only = "AND st.shard = :shard" if shard is not None else ""
         return (
@@ -408,7 +387,7 @@ class ColumnDestination:
         """Rows the ledger holds with chunks but no vector, and zero vectors (the column's
         type fixes the dimension; Postgres rejects NaN)."""
         column = f"w.{quote_ident(self.columns(live)[0])}"
-        held, params = self._held_rows(shard, live)
+        held, params = self._held_rows(shard)
         with self.engine.connect() as conn:
             row = conn.execute(
                 sa.text(
@@ -423,7 +402,7 @@ class ColumnDestination:
     def sample(self, shard: int | None, count: int, live: bool) -> list[tuple[str, np.ndarray]]:
         """Up to `count` (row id, vector) of rows with a vector, spread over the shard."""
         column = f"w.{quote_ident(self.columns(live)[0])}"
-        held, params = self._held_rows(shard, live)
+        held, params = self._held_rows(shard)
         with self.engine.connect() as conn:
             rows = conn.execute(
                 sa.text(
@@ -489,7 +468,7 @@ def swap_columns(
     `__g<old>` names and the new one's lose their `__g<new>` suffix."""
     if spec.write_back is None:
         return
-    relation = quote_table(split_qualified(spec.write_back.table or spec.table or ""))
+    relation = quote_table(spec.write_back_table)
     # A rename waits for the application's transactions on the table: briefly, else the
     # promotion fails whole and is tried again after the next write.
     conn.execute(sa.text(f"SET LOCAL lock_timeout = '{DDL_LOCK_TIMEOUT}'"))
@@ -519,7 +498,7 @@ def drop_columns(conn: sa.Connection, spec: SourceSpec, number: int) -> None:
     """A dropped generation's shadow columns go with it."""
     if spec.write_back is None:
         return
-    relation = quote_table(split_qualified(spec.write_back.table or spec.table or ""))
+    relation = quote_table(spec.write_back_table)
     for name in spec.write_back.columns:
         shadow = quote_ident(generation_column(name, number, live=False))
         conn.execute(sa.text(f"ALTER TABLE {relation} DROP COLUMN IF EXISTS {shadow}"))

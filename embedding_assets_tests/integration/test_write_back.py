@@ -73,6 +73,12 @@ def chunk_vectors(url: str, runtime, row_id: int) -> np.ndarray:
     return np.array([json.loads(r.v) for r in rows], dtype=np.float32)
 
 
+def table_columns(url: str, table: str) -> list[str]:
+    with engine_for(url).connect() as conn:
+        query = "SELECT column_name FROM information_schema.columns WHERE table_name = :t"
+        return list(conn.scalars(sa.text(query), {"t": table}))
+
+
 def queued(url: str, target: str) -> int:
     with engine_for(url).connect() as conn:
         return conn.scalar(
@@ -209,28 +215,12 @@ def test_side_table_for_a_source_table_nobody_may_change(postgres, home, tmp_pat
     settings = write_settings(
         tmp_path, name, name, write_back=f"{{column: embedding, table: {side}}}"
     )
-    with engine_for(postgres).connect() as conn:
-        columns_before = (
-            conn.execute(
-                sa.text("SELECT column_name FROM information_schema.columns WHERE table_name = :t"),
-                {"t": name},
-            )
-            .scalars()
-            .all()
-        )
+    columns_before = table_columns(postgres, name)
     sync_shards(settings, name, instance)
     vectors = column_vectors(postgres, side)
     assert [i for i, v in vectors.items() if v is not None] == list(range(1, 10))
     assert vectors.get(10) is None and 11 not in vectors
-    with engine_for(postgres).connect() as conn:
-        columns_after = (
-            conn.execute(
-                sa.text("SELECT column_name FROM information_schema.columns WHERE table_name = :t"),
-                {"t": name},
-            )
-            .scalars()
-            .all()
-        )
+    columns_after = table_columns(postgres, name)
     assert columns_after == columns_before
     hits = search_source(settings, name, "Doc 7: the body of document 7", 1, "column")
     assert hits[0]["row_id"] == "7" and hits[0]["text"] == "Doc 7: the body of document 7"
