@@ -26,7 +26,7 @@ def main() -> None:
     home = throwaway_home("ea-dev-stack-", EMBEDDING_ASSETS_WORKER_PORT=str(free_port()))
     import dagster as dg
 
-    from embedding_assets.environment import prepare_dagster_home
+    from embedding_assets.ops.environment import prepare_dagster_home
 
     began = time.time()
     dev = start_dev(home)

@@ -29,10 +29,10 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    from embedding_assets.demo import read_demo_rows
+    from embedding_assets.config.embedders import OpenAIEmbedderSpec
+    from embedding_assets.embedders.build import build_embedder
     from embedding_assets.embedders.sentence_transformers import SentenceTransformerEmbedder
-    from embedding_assets.runtime import build_embedder
-    from embedding_assets.settings import OpenAIEmbedderSpec
+    from embedding_assets.ops.demo import read_demo_rows
 
     texts = [f"{name}: {summary}" for name, _, _, summary in read_demo_rows(limit=args.texts)]
     reference = None

@@ -139,11 +139,11 @@ def part_a(tmp: Path, engine, rows: int) -> None:
         load_table(engine, name, rows)
         path = fake_source(tmp, name, server.base_url, {"shards": "8"})
         cli("sync", sources=path, check=True)
-        from embedding_assets.settings import load_settings
+        from embedding_assets.config.settings import load_settings
 
         spec = load_settings(path).source(name)
         table = ".".join(spec.pg_table)
-        from embedding_assets.environment import qdrant_path
+        from embedding_assets.ops.environment import qdrant_path
 
         def lose_and_sync(label: str, remove_store: bool) -> str:
             """Lose the sinks, then one `sync`: what status claimed, what it took."""
@@ -175,7 +175,7 @@ def part_a(tmp: Path, engine, rows: int) -> None:
 def dev_instance():
     import dagster as dg
 
-    from embedding_assets.environment import prepare_dagster_home
+    from embedding_assets.ops.environment import prepare_dagster_home
 
     prepare_dagster_home()
     return dg.DagsterInstance.get()
@@ -195,9 +195,9 @@ def part_b(home: Path, engine) -> None:
     import psutil
     import sqlalchemy as sa
 
-    from embedding_assets.cli import worker_port
-    from embedding_assets.run_health import WORKER_TAG
-    from embedding_assets.settings import load_settings
+    from embedding_assets.cli.serve import worker_port
+    from embedding_assets.config.settings import load_settings
+    from embedding_assets.ops.run_health import WORKER_TAG
 
     dev = start_dev(home)
     restarted: subprocess.Popen | None = None
@@ -292,7 +292,7 @@ def part_b(home: Path, engine) -> None:
 
         # 6. Both sinks lost while dev runs; only the sensor may notice (polled by SQL
         # here: `status` would itself mark the loss).
-        from embedding_assets.environment import qdrant_path
+        from embedding_assets.ops.environment import qdrant_path
 
         with engine.begin() as conn:
             conn.execute(sa.text(f"TRUNCATE {'.'.join(spec.pg_table)}"))
@@ -334,7 +334,7 @@ def main() -> None:
     parser.add_argument("--skip-cli", action="store_true", help="only the dev scenarios")
     args = parser.parse_args()
     home = throwaway_home("ea-failures-", EMBEDDING_ASSETS_WORKER_PORT=str(free_port()))
-    from embedding_assets.embedded import EmbeddedPostgres
+    from embedding_assets.ops.embedded_postgres import EmbeddedPostgres
     from embedding_assets.state.db import engine_for
 
     server = EmbeddedPostgres.from_env()

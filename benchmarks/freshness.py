@@ -43,7 +43,7 @@ def main() -> None:
     try:
         if not wait_until(lambda: converged(status()), 900, every=5):
             raise SystemExit(f"the demo did not finish embedding; see {home / 'dev.log'}")
-        from embedding_assets.environment import database_url
+        from embedding_assets.ops.environment import database_url
         from embedding_assets.state.db import engine_for
 
         engine = engine_for(database_url())

@@ -64,10 +64,10 @@ def main() -> None:
 
     home = throwaway_home("ea-generations-")
 
-    from embedding_assets.destinations.pgvector import publish_view
-    from embedding_assets.promotion import promotion_blockers
-    from embedding_assets.runtime import runtime_for
-    from embedding_assets.settings import load_settings
+    from embedding_assets.config.settings import load_settings
+    from embedding_assets.destinations.pg_relations import publish_view
+    from embedding_assets.sync.generations import runtime_for
+    from embedding_assets.sync.promotion import promotion_blockers
 
     with postgres_and_free_embedder() as (engine, embedder):
         url = os.environ["DATABASE_URL"]

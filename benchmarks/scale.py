@@ -174,8 +174,8 @@ def main() -> None:
 
     home = throwaway_home("ea-scale-")
 
-    from embedding_assets.cli import status_report
-    from embedding_assets.settings import load_settings
+    from embedding_assets.cli.status import status_report
+    from embedding_assets.config.settings import load_settings
 
     with postgres_and_free_embedder() as (engine, embedder):
         started = time.perf_counter()
@@ -212,7 +212,7 @@ def main() -> None:
             f"{status_cli:.2f} s as a command (exact={report['exact']}, "
             f"pending={report['pending_rows']}, embedded={report['embedded_rows']})"
         )
-        from embedding_assets.runtime import qdrant_store_from_env
+        from embedding_assets.ops.environment import qdrant_store_from_env
 
         started = time.perf_counter()
         points = qdrant_store_from_env().count("bench")
@@ -221,8 +221,8 @@ def main() -> None:
             f"{time.perf_counter() - started:.2f} s (every run process pays the opening)"
         )
         from embedding_assets.destinations.audit import audit_destinations
-        from embedding_assets.environment import database_url
-        from embedding_assets.runtime import runtime_for
+        from embedding_assets.ops.environment import database_url
+        from embedding_assets.sync.generations import runtime_for
 
         runtime = runtime_for(settings, "bench", database_url())
         for deep in (False, True):

@@ -25,11 +25,12 @@ def main() -> None:
     args = parser.parse_args()
     home = throwaway_home("ea-recall-")
 
-    from embedding_assets.cli import ensure_database
+    from embedding_assets.cli.common import ensure_database
+    from embedding_assets.config.destinations import PgvectorHnswSpec
+    from embedding_assets.config.settings import load_settings
     from embedding_assets.destinations.recall import recall_at_k
-    from embedding_assets.runtime import runtime_for
-    from embedding_assets.settings import PgvectorHnswSpec, load_settings
     from embedding_assets.state.db import engine_for
+    from embedding_assets.sync.generations import runtime_for
 
     sources = home / "sources.yaml"
     sources.write_text(

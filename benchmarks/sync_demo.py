@@ -21,10 +21,10 @@ def main() -> None:
     import dagster as dg
     import sqlalchemy as sa
 
-    from embedding_assets.cli import sync_source
-    from embedding_assets.demo import load_demo
-    from embedding_assets.embedded import EmbeddedPostgres
-    from embedding_assets.settings import load_settings
+    from embedding_assets.cli.sync import sync_source
+    from embedding_assets.config.settings import load_settings
+    from embedding_assets.ops.demo import load_demo
+    from embedding_assets.ops.embedded_postgres import EmbeddedPostgres
     from embedding_assets.state.db import engine_for
 
     server = EmbeddedPostgres.from_env()

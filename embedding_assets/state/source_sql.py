@@ -7,8 +7,9 @@ Only `query:` and `where:` are raw SQL: they are trusted configuration.
 
 import string
 
+from embedding_assets.config.base import split_qualified
+from embedding_assets.config.sources import SourceSpec
 from embedding_assets.core.sharding import shard_sql
-from embedding_assets.settings import SourceSpec, split_qualified
 from embedding_assets.state.pg_values import read_expr
 
 

@@ -21,8 +21,9 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 
+from embedding_assets.config.base import split_qualified
+from embedding_assets.config.sources import SourceSpec
 from embedding_assets.core.sharding import shard_sql
-from embedding_assets.settings import SourceSpec, split_qualified
 from embedding_assets.state.ddl import STATE_DDL, STATE_SCHEMA
 from embedding_assets.state.generations import ACTIVE_STATES, GENERATIONS_DDL
 from embedding_assets.state.source_sql import (

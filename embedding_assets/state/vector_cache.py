@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 import sqlalchemy as sa
 
-from embedding_assets.destinations.pgvector import fetch_binary, vector_text
+from embedding_assets.destinations.pg_vectors import fetch_binary, vector_text
 from embedding_assets.state.ddl import STATE_SCHEMA
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import dagster as dg
 import sqlalchemy as sa
 
+from embedding_assets.config.settings import Settings, load_settings
 from embedding_assets.definitions import build_definitions
-from embedding_assets.settings import Settings, load_settings
 from embedding_assets.state.db import engine_for
 
 

@@ -5,12 +5,15 @@ import dagster as dg
 import pytest
 import sqlalchemy as sa
 
+from embedding_assets.config.settings import load_settings
 from embedding_assets.core.sharding import shard_of
 from embedding_assets.definitions import build_definitions
-from embedding_assets.pipeline import chunk_rows, embed_chunks, store_embeddings
-from embedding_assets.runtime import qdrant_store_from_env, runtime_for
-from embedding_assets.settings import load_settings
+from embedding_assets.ops.environment import qdrant_store_from_env
 from embedding_assets.state.db import engine_for
+from embedding_assets.sync.chunk import chunk_rows
+from embedding_assets.sync.embed import embed_chunks
+from embedding_assets.sync.generations import runtime_for
+from embedding_assets.sync.store import store_embeddings
 from embedding_assets_tests.integration.helpers import (
     create_docs_table,
     sync_shards,
@@ -274,10 +277,11 @@ def test_a_role_without_trigger_privilege_gets_the_sql_and_a_dba_install_works(
 ):
     from sqlalchemy.engine import make_url
 
+    from embedding_assets.state.capture import resolve_mode
     from embedding_assets.state.ddl import ensure_tables
     from embedding_assets.state.diff import SourceDiff
-    from embedding_assets.state.feeds import TriggerFeed, resolve_mode
     from embedding_assets.state.queue import ChangeQueue
+    from embedding_assets.state.trigger_feed import TriggerFeed
     from embedding_assets.state.triggers import TriggerPrivilegeError
 
     name = unique_name()

@@ -8,7 +8,7 @@ import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
 
-from embedding_assets.cli import main
+from embedding_assets.cli.main import main
 from embedding_assets.state.db import PgvectorMissingError, engine_for
 from embedding_assets_tests.integration.helpers import (
     create_docs_table,

@@ -22,11 +22,11 @@ import dagster as dg
 import pytest
 import sqlalchemy as sa
 
-from embedding_assets.environment import qdrant_path
-from embedding_assets.run_health import WORKER_LOST_TAG
-from embedding_assets.runtime import qdrant_store_from_env, runtime_for
-from embedding_assets.settings import load_settings
+from embedding_assets.config.settings import load_settings
+from embedding_assets.ops.environment import qdrant_path, qdrant_store_from_env
+from embedding_assets.ops.run_health import WORKER_LOST_TAG
 from embedding_assets.state.db import engine_for
+from embedding_assets.sync.generations import runtime_for
 from embedding_assets_tests.fakes.provider_server import ProviderServer
 from embedding_assets_tests.integration.helpers import (
     create_docs_table,
@@ -319,7 +319,7 @@ def assert_converged(url: str, runtime) -> None:
 def test_kill_at_every_stage_then_sync_converges(
     postgres, home, tmp_path, dagster_url, stage, monkeypatch
 ):
-    from embedding_assets.environment import prepare_dagster_home
+    from embedding_assets.ops.environment import prepare_dagster_home
 
     monkeypatch.setenv("EMBEDDING_ASSETS_DAGSTER_PG_URL", dagster_url)
     prepare_dagster_home()  # the test reads the instance the CLI writes
@@ -357,7 +357,7 @@ def test_a_sync_waiting_for_a_live_runs_slot_stops_on_a_signal(
     and Ctrl-C or SIGTERM stops it at once, its own run failed and its slots freed."""
     import uuid
 
-    from embedding_assets.environment import prepare_dagster_home
+    from embedding_assets.ops.environment import prepare_dagster_home
 
     monkeypatch.setenv("EMBEDDING_ASSETS_DAGSTER_PG_URL", dagster_url)
     prepare_dagster_home()
@@ -394,7 +394,7 @@ def test_two_syncs_of_one_shard_embed_each_row_once(
     postgres, home, tmp_path, dagster_url, monkeypatch
 ):
     """The second sync waits for the first one's write, then finds the work done."""
-    from embedding_assets.environment import prepare_dagster_home
+    from embedding_assets.ops.environment import prepare_dagster_home
 
     monkeypatch.setenv("EMBEDDING_ASSETS_DAGSTER_PG_URL", dagster_url)
     prepare_dagster_home()

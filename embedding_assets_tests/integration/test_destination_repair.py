@@ -11,12 +11,12 @@ import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
 
-from embedding_assets.cli import main
+from embedding_assets.cli.main import main
+from embedding_assets.config.settings import load_settings
 from embedding_assets.definitions import build_definitions
-from embedding_assets.environment import qdrant_path
-from embedding_assets.runtime import qdrant_store_from_env, runtime_for
-from embedding_assets.settings import load_settings
+from embedding_assets.ops.environment import qdrant_path, qdrant_store_from_env
 from embedding_assets.state.db import engine_for
+from embedding_assets.sync.generations import runtime_for
 from embedding_assets_tests.fakes.provider_server import ProviderServer
 from embedding_assets_tests.integration.helpers import (
     create_docs_table,

@@ -13,14 +13,14 @@ import psycopg
 import pytest
 
 import embedding_assets
-from embedding_assets.embedded import (
+from embedding_assets.ops.embedded_postgres import (
     DAGSTER_DATABASE,
     DATA_DATABASE,
     EmbeddedPostgres,
     EmbeddedPostgresError,
     _pginstall,
-    default_home,
 )
+from embedding_assets.ops.paths import default_home
 
 pytestmark = pytest.mark.integration
 

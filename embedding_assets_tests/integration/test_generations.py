@@ -13,14 +13,18 @@ import dagster as dg
 import pytest
 import sqlalchemy as sa
 
-from embedding_assets.cli import search_source, status_report, sync_source
-from embedding_assets.generations_cli import generations_report, plan_report
-from embedding_assets.promotion import converge_readers
-from embedding_assets.runtime import qdrant_store_from_env, runtime_for
-from embedding_assets.settings import Settings, load_settings
+from embedding_assets.cli.generations import generations_report
+from embedding_assets.cli.plan import plan_report
+from embedding_assets.cli.search import search_source
+from embedding_assets.cli.status import status_report
+from embedding_assets.cli.sync import sync_source
+from embedding_assets.config.settings import Settings, load_settings
+from embedding_assets.ops.environment import qdrant_store_from_env
 from embedding_assets.state.db import engine_for
 from embedding_assets.state.ddl import ensure_tables
 from embedding_assets.state.generations import Generations
+from embedding_assets.sync.generations import runtime_for
+from embedding_assets.sync.promotion import converge_readers
 from embedding_assets_tests.fakes.provider_server import ProviderServer
 from embedding_assets_tests.integration.helpers import create_docs_table, unique_name
 from embedding_assets_tests.integration.test_crash_every_stage import (
@@ -220,7 +224,7 @@ def test_template_change_copies_unchanged_chunks_and_plan_is_what_the_build_embe
     plan = plan_report(second, name)
     from click.testing import CliRunner
 
-    from embedding_assets.cli import main
+    from embedding_assets.cli.main import main
 
     printed = CliRunner().invoke(main, ["--sources", str(second.path), "plan", "--source", name])
     assert printed.exit_code == 0, printed.output
@@ -283,7 +287,7 @@ def test_a_build_whose_checks_fail_is_not_promoted_and_says_why(
     assert any(r.promotion_blocked for r in reports)
     from click.testing import CliRunner
 
-    from embedding_assets.cli import main
+    from embedding_assets.cli.main import main
 
     result = CliRunner().invoke(
         main, ["--sources", str(remote.path), "generations", "promote", "--source", name]
@@ -301,7 +305,7 @@ def test_manual_promotion_rollback_and_drop(postgres, server_qdrant, tmp_path, i
     assert states(postgres, name) == {1: "live", 2: "building"}
     from click.testing import CliRunner
 
-    from embedding_assets.cli import main
+    from embedding_assets.cli.main import main
 
     args = ["--sources", str(manual.path), "generations"]
     result = CliRunner().invoke(main, [*args, "promote", "--source", name])
@@ -373,7 +377,7 @@ def test_model_change_with_write_back_switches_column_readers_at_promotion(
     the shadow columns."""
     from click.testing import CliRunner
 
-    from embedding_assets.cli import main
+    from embedding_assets.cli.main import main
 
     name = unique_name()
     create_docs_table(postgres, name, docs(10))
@@ -573,7 +577,7 @@ def test_state_from_before_generations_is_adopted_as_generation_1(
         f"ALTER INDEX {table}__g1_embedding_hnsw RENAME TO {table}_embedding_hnsw",
         f"DELETE FROM embedding_assets.generations WHERE source = '{name}'",
     )
-    from embedding_assets import runtime as runtime_module
+    from embedding_assets.sync import runtime as runtime_module
 
     runtime_module._RUNTIMES.clear()
     reports = sync_ok(settings, name, instance)
@@ -596,7 +600,7 @@ def test_the_sensor_asks_for_runs_of_both_generations_tagged_with_each(
     postgres, home, tmp_path, instance
 ):
     from embedding_assets.definitions import build_definitions
-    from embedding_assets.resources.runtime import GENERATION_TAG
+    from embedding_assets.defs.resources import GENERATION_TAG
 
     def tick(settings: Settings):
         defs = build_definitions(settings)

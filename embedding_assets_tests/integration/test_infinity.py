@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from embedding_assets.demo import read_demo_rows
 from embedding_assets.embedders.sentence_transformers import SentenceTransformerEmbedder
+from embedding_assets.ops.demo import read_demo_rows
 from embedding_assets_tests.conftest import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.infinity]
@@ -121,9 +121,9 @@ def test_openai_provider_syncs_a_source_through_infinity(
     """The `openai` provider end to end against a third-party OpenAI-compatible server."""
     import dagster as dg
 
-    from embedding_assets.cli import search_source
-    from embedding_assets.runtime import runtime_for
-    from embedding_assets.settings import load_settings
+    from embedding_assets.cli.search import search_source
+    from embedding_assets.config.settings import load_settings
+    from embedding_assets.sync.generations import runtime_for
     from embedding_assets_tests.integration.helpers import (
         create_docs_table,
         sync_shards,

@@ -8,11 +8,11 @@ import time
 import pytest
 import sqlalchemy as sa
 
-from embedding_assets.pipeline import PROGRESS_CHUNKS
-from embedding_assets.runtime import runtime_for
-from embedding_assets.settings import load_settings
+from embedding_assets.config.settings import load_settings
 from embedding_assets.state.db import engine_for
 from embedding_assets.state.ddl import STATE_SCHEMA
+from embedding_assets.sync.embed import PROGRESS_CHUNKS
+from embedding_assets.sync.generations import runtime_for
 from embedding_assets_tests.fakes.provider_server import ProviderServer
 from embedding_assets_tests.integration.helpers import fake_embedder_settings, unique_name
 from embedding_assets_tests.integration.test_crash_every_stage import (  # noqa: F401

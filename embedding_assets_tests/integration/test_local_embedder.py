@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from embedding_assets.demo import read_demo_rows
 from embedding_assets.embedders.base import Embedder
 from embedding_assets.embedders.sentence_transformers import SentenceTransformerEmbedder
+from embedding_assets.ops.demo import read_demo_rows
 
 pytestmark = pytest.mark.integration
 
@@ -175,7 +175,7 @@ def test_bfloat16_precision_is_close_and_has_its_own_model_id():
     """bf16 halves the compute on CPUs with avx512_bf16/AMX; its vectors stay close to fp32
     but differ, so they carry another model id (never mixed into a float32 table)."""
     from embedding_assets.embedders.sentence_transformers import SentenceTransformerEmbedder
-    from embedding_assets.worker import default_model_names
+    from embedding_assets.worker.app import default_model_names
 
     texts = [f"package {i}: parses configuration files of kind {i}" for i in range(40)]
     fp32 = SentenceTransformerEmbedder()

@@ -7,10 +7,11 @@ import dagster as dg
 import pytest
 import sqlalchemy as sa
 
-from embedding_assets.runtime import qdrant_store_from_env, runtime_for
-from embedding_assets.settings import load_settings
+from embedding_assets.config.settings import load_settings
+from embedding_assets.ops.environment import qdrant_store_from_env
 from embedding_assets.state.db import engine_for
 from embedding_assets.state.source_sql import quote_ident
+from embedding_assets.sync.generations import runtime_for
 from embedding_assets_tests.fakes.provider_server import ProviderServer
 from embedding_assets_tests.integration.helpers import (
     fake_embedder_settings,

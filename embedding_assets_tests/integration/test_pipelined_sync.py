@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 
-import embedding_assets.pipeline as pipeline
-from embedding_assets.cli import sync_source
-from embedding_assets.demo import read_demo_rows
-from embedding_assets.runtime import runtime_for
+import embedding_assets.sync.embed as pipeline
+from embedding_assets.cli.sync import sync_source
+from embedding_assets.ops.demo import read_demo_rows
 from embedding_assets.state.db import engine_for
 from embedding_assets.state.vector_cache import VectorCache
+from embedding_assets.sync.generations import runtime_for
 from embedding_assets_tests.integration.helpers import (
     create_docs_table,
     unique_name,

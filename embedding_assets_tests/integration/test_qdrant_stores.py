@@ -18,14 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from embedding_assets.destinations.qdrant_stores import (
-    EmbeddedQdrantStore,
-    IndexConfig,
-    IndexPoint,
-    QdrantStore,
-    ServerQdrantStore,
-    open_qdrant_store,
-)
+from embedding_assets.destinations.qdrant_embedded import EmbeddedQdrantStore
+from embedding_assets.destinations.qdrant_engines import open_qdrant_store
+from embedding_assets.destinations.qdrant_server import ServerQdrantStore
+from embedding_assets.destinations.qdrant_store import IndexConfig, IndexPoint, QdrantStore
 
 pytestmark = pytest.mark.integration
 

@@ -7,8 +7,8 @@ import dagster as dg
 import pytest
 from dagster._serdes import serialize_value
 
-from embedding_assets.runtime import runtime_for
-from embedding_assets.settings import load_settings
+from embedding_assets.config.settings import load_settings
+from embedding_assets.sync.generations import runtime_for
 from embedding_assets_tests.fakes.provider_server import Fault, ProviderServer
 from embedding_assets_tests.integration.helpers import (
     create_docs_table,
@@ -92,7 +92,7 @@ def test_remote_provider_faults_rejected_row_and_no_key_leak(
             monkeypatch.setenv(KEY_ENV, "sk-wrong")
             server.reject_text = None
             runtime.errors.replay(["13"])  # work to do: the rejected row, pending again
-            from embedding_assets.runtime import build_embedder
+            from embedding_assets.embedders.build import build_embedder
 
             build_embedder.cache_clear()
             failed = sync_shards(settings, name, instance, raise_on_error=False)["00"]

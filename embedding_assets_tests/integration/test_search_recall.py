@@ -10,10 +10,10 @@ import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
 
-from embedding_assets.cli import main
+from embedding_assets.cli.main import main
 from embedding_assets.destinations.recall import pgvector_recall, recall_at_k
-from embedding_assets.runtime import runtime_for
 from embedding_assets.state.db import engine_for
+from embedding_assets.sync.generations import runtime_for
 from embedding_assets_tests.integration.helpers import (
     create_docs_table,
     sync_shards,

@@ -89,7 +89,7 @@ def test_sensor_skips_a_shard_whose_run_is_in_flight(postgres, home, tmp_path):
 
 
 def test_failed_work_is_asked_for_again_after_a_growing_wait(postgres, home, tmp_path, monkeypatch):
-    from embedding_assets import sensors
+    from embedding_assets.defs import sensors
 
     name = unique_name()
     create_docs_table(postgres, name, [{"id": 1, "title": "one", "body": "text"}])
@@ -115,7 +115,7 @@ def test_failed_work_is_asked_for_again_after_a_growing_wait(postgres, home, tmp
 def test_a_run_whose_process_died_is_failed_its_slots_freed_and_its_work_asked_again(
     postgres, home, tmp_path
 ):
-    from embedding_assets.run_health import WORKER_LOST_TAG, WORKER_TAG, worker_tag
+    from embedding_assets.ops.run_health import WORKER_LOST_TAG, WORKER_TAG, worker_tag
 
     name = unique_name()
     create_docs_table(postgres, name, [{"id": 1, "title": "one", "body": "text"}])
@@ -147,7 +147,7 @@ def test_a_run_whose_process_died_is_failed_its_slots_freed_and_its_work_asked_a
 
 
 def test_a_live_run_is_left_alone(postgres, home, tmp_path):
-    from embedding_assets.run_health import worker_tag
+    from embedding_assets.ops.run_health import worker_tag
 
     name = unique_name()
     create_docs_table(postgres, name, [{"id": 1, "title": "one", "body": "text"}])
@@ -202,7 +202,7 @@ def test_a_ui_run_and_a_sensor_run_of_one_shard_at_once_write_it_once(
     )
     settings = write_settings(tmp_path, name, name, shards="1")
     defs = build_definitions(settings)
-    from embedding_assets.runtime import runtime_for
+    from embedding_assets.sync.generations import runtime_for
 
     runtime_for(settings, name, postgres).embedder.embed_documents(["warm"])  # load it now
     dagster_url = dagster_database(postgres)
@@ -255,7 +255,7 @@ def test_a_ui_run_and_a_sensor_run_of_one_shard_at_once_write_it_once(
             sa.text(f"SELECT count(DISTINCT row_id), count(*) FROM {name}_embeddings")
         ).one()
     assert stored == chunks == rows
-    from embedding_assets.runtime import qdrant_store_from_env
+    from embedding_assets.ops.environment import qdrant_store_from_env
 
     assert qdrant_store_from_env().count(name) == rows
 

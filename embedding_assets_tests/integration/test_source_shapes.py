@@ -8,11 +8,11 @@ import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
 
-from embedding_assets.cli import main
-from embedding_assets.runtime import runtime_for
-from embedding_assets.settings import SettingsError, load_settings
+from embedding_assets.cli.main import main
+from embedding_assets.config.settings import SettingsError, load_settings
 from embedding_assets.state.db import engine_for
 from embedding_assets.state.diff import SourceColumnsError
+from embedding_assets.sync.generations import runtime_for
 from embedding_assets_tests.fakes.provider_server import ProviderServer
 from embedding_assets_tests.integration.helpers import (
     fake_embedder_settings,

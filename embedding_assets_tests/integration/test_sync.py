@@ -6,9 +6,11 @@ import pytest
 import sqlalchemy as sa
 
 from embedding_assets.core.sharding import shard_of
+from embedding_assets.embedders.build import make_embedder
 from embedding_assets.embedders.sentence_transformers import SentenceTransformerEmbedder
-from embedding_assets.runtime import make_embedder, qdrant_store_from_env, runtime_for
+from embedding_assets.ops.environment import qdrant_store_from_env
 from embedding_assets.state.db import engine_for
+from embedding_assets.sync.generations import runtime_for
 from embedding_assets_tests.integration.helpers import (
     create_docs_table,
     materialization_metadata,
@@ -189,7 +191,7 @@ def test_long_text_chunks_within_max_tokens_with_overlap(postgres, home, tmp_pat
 
 
 def test_search_finds_exact_text_first_in_both_backends(postgres, home, tmp_path, instance):
-    from embedding_assets.cli import search_source
+    from embedding_assets.cli.search import search_source
 
     name = unique_name()
     create_docs_table(postgres, name, docs(30))
@@ -245,8 +247,8 @@ def test_model_id_is_stored_with_every_vector(postgres, home, tmp_path, instance
 
 def test_qdrant_client_code_path_in_memory(postgres, home, tmp_path, instance, monkeypatch):
     """QDRANT_URL selects the qdrant-client store; `:memory:` runs that code path in-process."""
-    from embedding_assets.cli import search_source
-    from embedding_assets.destinations.qdrant_stores import ServerQdrantStore
+    from embedding_assets.cli.search import search_source
+    from embedding_assets.destinations.qdrant_server import ServerQdrantStore
 
     monkeypatch.setenv("QDRANT_URL", ":memory:")
     assert isinstance(qdrant_store_from_env(), ServerQdrantStore)
@@ -282,7 +284,7 @@ def test_text_and_uuid_keys_and_sql_sharding_matches_python(postgres, home, tmp_
         "embedders: {local: {provider: sentence_transformers}}\n"
         f"sources: [{{name: {name}, table: {name}, text: '{{title}} {{body}}', shards: 5}}]\n"
     )
-    from embedding_assets.settings import load_settings
+    from embedding_assets.config.settings import load_settings
 
     settings = load_settings(path)
     sync_shards(settings, name, instance)

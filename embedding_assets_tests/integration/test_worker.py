@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from embedding_assets.demo import read_demo_rows
 from embedding_assets.embedders.sentence_transformers import SentenceTransformerEmbedder
+from embedding_assets.ops.demo import read_demo_rows
 from embedding_assets_tests.conftest import free_port
 
 pytestmark = pytest.mark.integration

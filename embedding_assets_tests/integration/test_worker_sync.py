@@ -13,9 +13,9 @@ import dagster as dg
 import numpy as np
 import pytest
 
+from embedding_assets.config.settings import load_settings
 from embedding_assets.embedders.sentence_transformers import SentenceTransformerEmbedder
-from embedding_assets.runtime import runtime_for
-from embedding_assets.settings import load_settings
+from embedding_assets.sync.generations import runtime_for
 from embedding_assets_tests.conftest import free_port
 from embedding_assets_tests.integration.helpers import (
     create_docs_table,

@@ -16,12 +16,17 @@ import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
 
-from embedding_assets.cli import main, search_source, status_report
-from embedding_assets.destinations.column import ColumnDestination, WriteBackError
-from embedding_assets.pipeline import chunk_rows, embed_chunks, store_embeddings
-from embedding_assets.runtime import runtime_for
-from embedding_assets.settings import load_settings
+from embedding_assets.cli.main import main
+from embedding_assets.cli.search import search_source
+from embedding_assets.cli.status import status_report
+from embedding_assets.config.settings import load_settings
+from embedding_assets.destinations.column import ColumnDestination
+from embedding_assets.destinations.column_schema import WriteBackError
 from embedding_assets.state.db import engine_for
+from embedding_assets.sync.chunk import chunk_rows
+from embedding_assets.sync.embed import embed_chunks
+from embedding_assets.sync.generations import runtime_for
+from embedding_assets.sync.store import store_embeddings
 from embedding_assets_tests.fakes.provider_server import ProviderServer
 from embedding_assets_tests.integration.helpers import (
     create_docs_table,
@@ -332,7 +337,7 @@ def test_a_column_only_source_needs_no_chunk_table_and_still_reuses_chunks(
     postgres, home, tmp_path, instance
 ):
     from embedding_assets.definitions import build_definitions
-    from embedding_assets.runtime import qdrant_store_from_env
+    from embedding_assets.ops.environment import qdrant_store_from_env
 
     name = unique_name()
     create_docs_table(postgres, name, docs())

@@ -17,8 +17,8 @@ from embedding_assets.core.chunking import (
     chunk_text,
     chunk_texts,
 )
-from embedding_assets.demo import read_demo_rows
 from embedding_assets.embedders.base import HFTokenizer
+from embedding_assets.ops.demo import read_demo_rows
 
 
 class WhitespaceTokenizer:

@@ -9,7 +9,7 @@ import pytest
 from embedding_assets.core.delta import CHUNK_COLUMNS, ChunkedRows, PendingRows
 from embedding_assets.core.ids import point_id
 from embedding_assets.core.sharding import shard_index, shard_of
-from embedding_assets.pipeline import embed_chunks
+from embedding_assets.sync.embed import embed_chunks
 
 
 def test_shard_of_is_stable_and_spread():
@@ -63,7 +63,7 @@ def test_stored_vector_of_another_dimension_is_not_reused():
 
 
 def test_failed_work_waits_longer_after_each_failure_up_to_an_hour():
-    from embedding_assets.sensors import retry_wait
+    from embedding_assets.defs.sensors import retry_wait
 
     assert [retry_wait(n) for n in (1, 2, 3, 4)] == [60, 120, 240, 480]
     assert retry_wait(30) == 3600
@@ -73,7 +73,7 @@ def test_pieces_are_even_and_written_while_the_next_is_embedded(monkeypatch):
     import threading
     import time
 
-    import embedding_assets.pipeline as pipeline
+    import embedding_assets.sync.embed as pipeline
 
     monkeypatch.setattr(pipeline, "PROGRESS_CHUNKS", 4)
     embedder = CountingEmbedder()
@@ -107,7 +107,7 @@ def test_pieces_are_even_and_written_while_the_next_is_embedded(monkeypatch):
 def test_a_failed_progress_write_stops_the_embedding(monkeypatch):
     import pytest
 
-    import embedding_assets.pipeline as pipeline
+    import embedding_assets.sync.embed as pipeline
 
     monkeypatch.setattr(pipeline, "PROGRESS_CHUNKS", 2)
     embedder = CountingEmbedder()

@@ -2,8 +2,8 @@
 
 import dagster as dg
 
+from embedding_assets.config.settings import load_settings
 from embedding_assets.definitions import build_definitions
-from embedding_assets.settings import load_settings
 
 
 def test_bundled_definitions_load_with_every_job_sensor_and_schedule():

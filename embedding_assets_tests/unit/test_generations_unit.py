@@ -7,13 +7,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from embedding_assets.config.settings import Settings
 from embedding_assets.core.delta import CHUNK_COLUMNS, ChunkedRows, PendingRows
-from embedding_assets.destinations.pgvector import POSTGRES_NAME_LIMIT, relation_name
-from embedding_assets.generations import config_key, generation_spec, pick
-from embedding_assets.pipeline import fit_token_budget, new_chunks, new_tokens
-from embedding_assets.settings import Settings
+from embedding_assets.destinations.pg_relations import POSTGRES_NAME_LIMIT, relation_name
 from embedding_assets.state.generations import Generation
 from embedding_assets.state.triggers import CaptureTriggers
+from embedding_assets.sync.embed import fit_token_budget, new_chunks, new_tokens
+from embedding_assets.sync.generations import config_key, generation_spec, pick
 
 
 def settings(**source) -> Settings:

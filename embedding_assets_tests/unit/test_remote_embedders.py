@@ -22,14 +22,13 @@ import pytest
 from embedding_assets.core.chunking import chunk_text
 from embedding_assets.embedders.base import Embedder, HFTokenizer, InputFailure
 from embedding_assets.embedders.providers import WIRE_FORMATS
-from embedding_assets.embedders.remote import (
+from embedding_assets.embedders.remote import RemoteEmbedder
+from embedding_assets.embedders.remote_errors import (
     EmbedderConfigError,
     EmbeddingFailed,
-    EstimatingTokenizer,
-    RemoteEmbedder,
     parse_retry_after,
-    tokenizer_for,
 )
+from embedding_assets.embedders.tokenizers import EstimatingTokenizer, tokenizer_for
 from embedding_assets_tests.fakes.provider_server import (
     AUTH_PROVIDERS,
     Fault,

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from embedding_assets.settings import BUNDLED_SOURCES, SettingsError, load_settings
+from embedding_assets.config.settings import BUNDLED_SOURCES, SettingsError, load_settings
 
 BASE = """
 embedders:

@@ -1,0 +1,93 @@
+"""`embedding-assets search`: the nearest chunks (or, with the column backend, rows) to a text, in
+the live generation."""
+
+import json
+
+import click
+
+from embedding_assets.cli.common import ensure_database, settings_from, source_names
+from embedding_assets.config.settings import Settings
+
+
+def search_source(
+    settings: Settings, source: str, text: str, limit: int, backend: str, exact: bool = False
+) -> list[dict]:
+    """Nearest chunks to `text` in the live generation (with its model, whatever
+    sources.yaml says now): row id, score (cosine similarity), chunk text. With the
+    `column` backend, nearest rows by their write-back vector, with the row's text."""
+    from embedding_assets.ops.environment import database_url
+    from embedding_assets.sync.generations import runtime_for
+
+    runtime = runtime_for(settings, source, database_url(), "live")
+    if backend == "column":
+        if runtime.column is None:
+            raise click.ClickException(
+                f"source {source!r} has no write_back column: add `write_back: {{column: "
+                "embedding}` to it in sources.yaml, or search --backend pgvector or qdrant"
+            )
+        return runtime.column.search(runtime.embedder.embed_query(text), limit, exact=exact)
+    if not getattr(runtime.spec, backend).enabled:  # pgvector: false or qdrant: false
+        raise click.ClickException(
+            f"source {source!r} has `{backend}: false`: search --backend "
+            + ("column" if runtime.column is not None else "pgvector")
+        )
+    if not runtime.pgvector.table_exists():
+        raise click.ClickException(
+            f"source {source!r} has no embeddings yet (its pgvector table "
+            f"{runtime.pgvector.table} does not exist): run `embedding-assets sync` first"
+        )
+    vector = runtime.embedder.embed_query(text)
+    if backend == "pgvector":
+        hits = runtime.pgvector.search(vector, limit, exact=exact)
+        return [
+            {"row_id": h.row_id, "chunk_index": h.chunk_index, "score": h.score, "text": h.text}
+            for h in hits
+        ]
+    return [
+        {
+            "row_id": h.payload.get("row_id"),
+            "chunk_index": h.payload.get("chunk_index"),
+            "score": h.score,
+            "text": h.payload.get("text"),
+        }
+        for h in runtime.qdrant.search(vector, limit, exact=exact)
+    ]
+
+
+@click.command()
+@click.argument("text")
+@click.option("--source", help="Source to search (default: the first one).")
+@click.option("-k", "limit", default=5, show_default=True, type=click.IntRange(1, 1000))
+@click.option(
+    "--backend",
+    type=click.Choice(["pgvector", "qdrant", "column"]),
+    default="pgvector",
+    help="column: the write-back column (one vector per row).",
+)
+@click.option(
+    "--exact",
+    is_flag=True,
+    help="Compare the query with every stored chunk instead of searching the HNSW index "
+    "(slower; the ground truth for the index's recall).",
+)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def search(
+    ctx: click.Context,
+    text: str,
+    source: str | None,
+    limit: int,
+    backend: str,
+    exact: bool,
+    as_json: bool,
+) -> None:
+    """Nearest chunks to TEXT, with row id and score."""
+    ensure_database()
+    settings = settings_from(ctx)
+    name = source_names(settings, source)[0]
+    hits = search_source(settings, name, text, limit, backend, exact)
+    if as_json:
+        click.echo(json.dumps(hits))
+        return
+    for hit in hits:
+        click.echo(f"{hit['score']:.4f}  {hit['row_id']}  {hit['text']}")

@@ -1,0 +1,159 @@
+"""`embedding-assets status`: per source and shard, eligible, embedded and pending rows, failed and
+dead rows, chunks and points; from the ledger and the change feed, or exact."""
+
+import json
+
+import click
+
+from embedding_assets.cli.common import (
+    ensure_database,
+    generation_runtimes,
+    settings_from,
+    source_names,
+)
+from embedding_assets.cli.output import id_warnings
+from embedding_assets.config.settings import Settings
+
+STATUS_FIELDS = (
+    "eligible_rows",
+    "embedded_rows",
+    "pending_rows",
+    "failed_rows",
+    "dead_rows",
+    "pgvector_chunks",
+    "qdrant_points",
+)
+
+
+def status_report(settings: Settings, source: str, exact: bool = False) -> dict:
+    """Per source and shard: eligible rows, rows with a current embedding, pending rows,
+    rows in the error table (waiting for a retry, dead), pgvector chunks and Qdrant points.
+
+    Exact for diff capture or with `exact`: a full diff of the source, and the chunks and
+    points counted in pgvector and Qdrant. Otherwise read from the ledger and the change
+    feed, without scanning the source: `pending_rows` counts queued changes,
+    `eligible_rows` is embedded + pending (an update of an embedded row counts twice until
+    it is done), and `pgvector_chunks` / `qdrant_points` are what the ledger records the
+    destinations hold, after the ledger was checked against pgvector's chunk counts (and
+    Qdrant's, for a server). `eligible_rows_counted` is the last full diff's count, with its
+    time in `counted_at`.
+    """
+    from embedding_assets.cli.generations import generations_report
+    from embedding_assets.destinations.audit import audit_destinations, without_store_lock
+    from embedding_assets.state.diff import DUPLICATE_KIND
+
+    runtimes = generation_runtimes(settings, source)
+    runtime = runtimes[0]  # the live generation
+    spec = runtime.spec
+    runtime.feed.ensure()
+    is_exact = exact or runtime.feed.mode == "diff"
+    # First make the ledger honest about what the destinations hold (a TRUNCATE or a
+    # removed store turns into rows to restore), so no row is reported as embedded that a
+    # destination lacks. An embedded Qdrant store is counted only by --exact (its lock).
+    audit_destinations(
+        runtime, qdrant="count" if is_exact else without_store_lock(runtime), deep=is_exact
+    )
+    errors = runtime.errors.counts_by_shard()
+    shards = {}
+    if is_exact:
+        work = runtime.exact_work()
+        chunks = runtime.pgvector.chunk_counts() if spec.pgvector.enabled else {}
+        points = dict.fromkeys(range(spec.shards), 0)
+        if spec.qdrant.enabled:
+            with runtime.qdrant.store.session(runtime.qdrant.collection):
+                points = {index: runtime.qdrant.count(index) for index in range(spec.shards)}
+        for index, key in enumerate(spec.shard_keys):
+            shards[key] = {
+                "eligible_rows": work[index].eligible_rows,
+                "embedded_rows": work[index].embedded_rows,
+                "pending_rows": work[index].pending_rows,
+                "pgvector_chunks": chunks.get(index, 0),
+                "qdrant_points": points[index],
+            }
+    else:
+        work = runtime.work()
+        held = runtime.ledger.holdings_by_shard()
+        for index, key in enumerate(spec.shard_keys):
+            current, chunks, points = held.get(index, (0, 0, 0))
+            shards[key] = {
+                "eligible_rows": current + work[index].pending_rows,
+                "embedded_rows": current,
+                "pending_rows": work[index].pending_rows,
+                "pgvector_chunks": chunks if spec.pgvector.enabled else 0,
+                "qdrant_points": points if spec.qdrant.enabled else 0,
+            }
+    for index, key in enumerate(spec.shard_keys):
+        failed, dead = errors.get(index, (0, 0))
+        shards[key].update(failed_rows=failed, dead_rows=dead)
+    totals = {f: sum(s[f] for s in shards.values()) for f in STATUS_FIELDS}
+    counted = runtime.diff.counted()
+    return {
+        "null_id_rows": runtime.diff.null_id_rows(),
+        "duplicate_ids": runtime.errors.ids_of_kind(DUPLICATE_KIND),
+        "source": source,
+        "pgvector_table": ".".join(runtime.stable_table),
+        "qdrant_collection": runtime.stable_collection,
+        "generation": runtime.number,
+        "model": runtime.model_id,
+        "generations": generations_report(settings, source, runtimes),
+        "token_budget": runtime.budget.describe(),
+        **totals,
+        # Rows with a vector in the write-back column (None: the source has none).
+        "column_rows": runtime.column.count() if runtime.column is not None else None,
+        "change_capture": runtime.feed.mode,
+        "exact": is_exact,
+        "eligible_rows_counted": counted[0],
+        "counted_at": counted[1],
+        "shards": shards,
+    }
+
+
+@click.command()
+@click.option("--source", help="Only this source (default: all).")
+@click.option(
+    "--exact",
+    is_flag=True,
+    help="Compare the whole source with the ledger (a full scan) instead of reading the "
+    "ledger and the change feed.",
+)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def status(ctx: click.Context, source: str | None, exact: bool, as_json: bool) -> None:
+    """Per source and shard: eligible, embedded and pending rows, chunks and points."""
+    from embedding_assets.cli.output import generation_line
+
+    ensure_database()
+    settings = settings_from(ctx)
+    reports = [status_report(settings, name, exact) for name in source_names(settings, source)]
+    if as_json:
+        click.echo(json.dumps(reports, default=str))
+        return
+    for report in reports:
+        click.echo(
+            f"{report['source']} -> {report['pgvector_table']} / "
+            f"qdrant:{report['qdrant_collection']}  ({report['change_capture']} capture)"
+        )
+        click.echo(f"  {'shard':>5} " + " ".join(f"{f:>15}" for f in STATUS_FIELDS))
+        for key, shard in report["shards"].items():
+            click.echo(f"  {key:>5} " + " ".join(f"{shard[f]:>15}" for f in STATUS_FIELDS))
+        click.echo(f"  {'total':>5} " + " ".join(f"{report[f]:>15}" for f in STATUS_FIELDS))
+        for warning in id_warnings(report, settings.source(report["source"]).id_column):
+            click.echo(f"  WARNING: {warning}")
+        for generation in report["generations"]:
+            click.echo(f"  {generation_line(generation)}")
+        budget = report["token_budget"]
+        if budget["spent"]:
+            click.echo(
+                f"  WAITING: the daily token budget of embedder {budget['embedder']!r} is "
+                f"spent ({budget['tokens_used_today']:,} of {budget['max_tokens_per_day']:,} "
+                "tokens today, UTC); pending rows wait for tomorrow, nothing fails"
+            )
+        if not report["exact"]:
+            counted = report["eligible_rows_counted"]
+            when = report["counted_at"] or "never"
+            click.echo(
+                "  from the ledger and the change feed, not a scan: eligible = embedded + "
+                "queued changes; chunks and points are what the ledger records. Last full "
+                f"count: {counted if counted is not None else '-'} eligible rows ({when}). "
+                "`status --exact` scans the source and counts both sinks."
+            )

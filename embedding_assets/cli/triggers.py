@@ -1,0 +1,60 @@
+"""`embedding-assets triggers`: the capture triggers of `table:` sources: the SQL for a DBA,
+install, drop."""
+
+import click
+
+from embedding_assets.cli.common import ensure_database, settings_from, source_names
+
+
+@click.group()
+def triggers() -> None:
+    """The capture triggers of `table:` sources (change_capture: trigger)."""
+
+
+def _trigger_feed(ctx: click.Context, source: str):
+    from embedding_assets.ops.environment import database_url
+    from embedding_assets.state.trigger_feed import TriggerFeed
+    from embedding_assets.sync.generations import runtime_for
+
+    settings = settings_from(ctx)
+    name = source_names(settings, source)[0]
+    if settings.source(name).table is None:
+        raise click.ClickException(f"source {name!r} is a `query:` source: no triggers")
+    runtime = runtime_for(settings, name, database_url())
+    return TriggerFeed(
+        runtime.engine, runtime.spec, runtime.diff, runtime.feed.queue, runtime.feed.watched_extra
+    )
+
+
+@triggers.command("sql")
+@click.option("--source", required=True)
+@click.pass_context
+def triggers_sql(ctx: click.Context, source: str) -> None:
+    """Print the SQL that installs the triggers, for a DBA to run."""
+    ensure_database()
+    feed = _trigger_feed(ctx, source)
+    with feed.engine.connect() as conn:
+        click.echo(feed.triggers(conn).dba_sql())
+
+
+@triggers.command("install")
+@click.option("--source", required=True)
+@click.pass_context
+def triggers_install(ctx: click.Context, source: str) -> None:
+    """Install (or replace) the triggers and queue what a full diff finds pending."""
+    ensure_database()
+    feed = _trigger_feed(ctx, source)
+    # A TriggerPrivilegeError reaches the user as its message through _Commands.
+    with feed.engine.begin() as conn:
+        found = feed.install(conn, feed.triggers(conn))
+    click.echo(f"installed capture triggers for {source}; {found} rows queued")
+
+
+@triggers.command("drop")
+@click.option("--source", required=True)
+@click.pass_context
+def triggers_drop(ctx: click.Context, source: str) -> None:
+    """Drop the triggers (set change_capture to watermark or diff, or they come back)."""
+    ensure_database()
+    _trigger_feed(ctx, source).drop()
+    click.echo(f"dropped capture triggers of {source}")

@@ -1,0 +1,235 @@
+"""The per-source sensor: one run per shard that has work, never twice for the same work,
+and failed work asked for again after a growing wait (an outage must not strand rows).
+Runs whose process died are failed first (`run_health`), so they hold no shard or slot."""
+
+import json
+import time
+
+import dagster as dg
+
+from embedding_assets.config.sources import SourceSpec
+from embedding_assets.defs.embedder_resources import embedder_resource_key
+from embedding_assets.defs.resources import GENERATION_TAG
+from embedding_assets.destinations.audit import audit_destinations, without_store_lock
+from embedding_assets.ops.run_health import WORKER_LOST_TAG, fail_dead_runs
+from embedding_assets.sync.promotion import converge_readers
+
+IN_FLIGHT = {
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+    dg.DagsterRunStatus.CANCELING,
+}
+FAILED = {dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED}
+WORK_TAG = "embedding_assets/work"
+# After the n-th failed run for the same work, wait RETRY_BASE * 2**(n-1) s, at most RETRY_MAX.
+RETRY_BASE_SECONDS = 60
+RETRY_MAX_SECONDS = 3600
+RECENT_RUNS = 1000
+# How often the sensor compares the destinations with the ledger (destinations.audit).
+AUDIT_INTERVAL_SECONDS = 60
+
+
+def recent_runs(instance: dg.DagsterInstance, job_name: str) -> list:
+    return list(
+        instance.get_run_records(filters=dg.RunsFilter(job_name=job_name), limit=RECENT_RUNS)
+    )
+
+
+def runs_on_source(instance: dg.DagsterInstance, job_name: str, source: str) -> list:
+    """Runs in flight that work on the source's shards, whatever launched them: its sync
+    job (the sensor, `sync`) and any asset selection of its assets (the UI's materialize)."""
+    records = instance.get_run_records(
+        filters=dg.RunsFilter(statuses=list(IN_FLIGHT)), limit=RECENT_RUNS
+    )
+    found = []
+    for record in records:
+        run = record.dagster_run
+        selection = run.asset_selection or set()
+        if run.job_name == job_name or any(key.path[0] == source for key in selection):
+            found.append(record)
+    return found
+
+
+def retry_wait(failures: int) -> float:
+    return min(RETRY_BASE_SECONDS * 2 ** (failures - 1), RETRY_MAX_SECONDS)
+
+
+def retry_run_key(work_id: str, failed: int, lost: int) -> str:
+    """A new key for each retry of the same work: after a failure, and after a run whose
+    process died (retried at once)."""
+    key = f"{work_id}:{failed}" if failed else work_id
+    return f"{key}:lost{lost}" if lost else key
+
+
+def read_cursor(cursor: str | None) -> dict:
+    """A sensor's JSON cursor ({} if none; an older float cursor is its audit time)."""
+    if not cursor:
+        return {}
+    try:
+        value = json.loads(cursor)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {"audited_at": float(value)}
+
+
+def _finished_build_note(source: str, generation) -> str:
+    """What a building generation with no work left waits for, if anything."""
+    if generation.promote == "manual":
+        return (
+            f"generation {generation.number} is built and waits for `embedding-assets "
+            f"generations promote --source {source}`"
+        )
+    if generation.blocked_reason:
+        return f"generation {generation.number} is built but not promoted: " + (
+            generation.blocked_reason
+        )
+    return ""
+
+
+def build_sensor(spec: SourceSpec, job) -> dg.SensorDefinition:
+    embedder_key = embedder_resource_key(spec.embedder)
+    keys = spec.shard_keys
+
+    @dg.sensor(
+        name=f"{spec.name}_changes",
+        job=job,
+        minimum_interval_seconds=spec.sensor_interval_seconds,
+        default_status=dg.DefaultSensorStatus(spec.sensor_status.upper()),
+        required_resource_keys={"runtime", embedder_key},
+        description=(
+            f"Reads {spec.name!r}'s change feed and requests one run per shard with new, "
+            "changed or deleted rows (or points Qdrant lacks)."
+        ),
+    )
+    def source_changes(context: dg.SensorEvaluationContext):
+        dead = fail_dead_runs(context.instance)
+        if dead:
+            context.log.warning(f"failed {len(dead)} runs whose process is gone: {dead}")
+        embedder = getattr(context.resources, embedder_key).embedder()
+        # The live generation and, while one is built, the new one: each follows the feed.
+        runtimes = context.resources.runtime.generations(spec.name, embedder)
+        live = next((r for r in runtimes if r.generation.state == "live"), runtimes[0])
+        moved = converge_readers(
+            live.engine,
+            spec.name,
+            live.stable_table,
+            live.stable_collection,
+            live.qdrant.store,
+            live.generation,
+        )
+        if moved:
+            context.log.warning(f"readers of {spec.name} moved to the live generation: {moved}")
+        runs = recent_runs(context.instance, job.name)
+        busy = {
+            (r.dagster_run.tags.get(GENERATION_TAG), r.dagster_run.tags.get("dagster/partition"))
+            for r in runs_on_source(context.instance, job.name, spec.name)
+        }
+        state = read_cursor(context.cursor)
+        audited_at = float(state.get("audited_at", 0))
+        audit_due = not busy and time.time() - audited_at >= AUDIT_INTERVAL_SECONDS
+        requests, waiting, notes, asked = [], [], [], []
+        for runtime in runtimes:
+            generation = runtime.generation
+            work = runtime.work()
+            if audit_due:
+                # Only while no run writes: a write half-applied is not a loss. An embedded
+                # Qdrant store is only checked for existence here (counting takes its lock).
+                mode = without_store_lock(runtime)
+                repaired = [a for a in audit_destinations(runtime, qdrant=mode) if a.repaired]
+                for audit in repaired:
+                    context.log.warning(
+                        f"destinations of {spec.name} disagree with the ledger: {audit}"
+                    )
+                if repaired:
+                    work = runtime.work()
+            label = f"g{generation.number}"
+            budget_spent = runtime.budget.left() == 0
+            if generation.state == "building" and not any(w.has_work for w in work.values()):
+                notes.append(_finished_build_note(spec.name, generation))
+            for shard, shard_work in sorted(work.items()):
+                key = keys[shard]
+                if not shard_work.has_work:
+                    continue
+                # A run without the tag (started from the UI) may be on any generation.
+                if (str(generation.number), key) in busy or (None, key) in busy:
+                    waiting.append(f"{label}/{key} (run in flight)")
+                    continue
+                if budget_spent and not shard_work.qdrant_lag_rows:
+                    waiting.append(
+                        f"{label}/{key} ({shard_work.pending_rows} rows wait for tomorrow's "
+                        f"token budget of embedder {runtime.budget.embedder!r})"
+                    )
+                    continue
+                # The fingerprint changes with the outstanding work (queue entries, watermark
+                # window, lagging rows): the same work never gets a second run, unless it
+                # failed.
+                work_id = f"{spec.name}:{label}:{key}:{shard_work.fingerprint}"
+                failed = [
+                    r
+                    for r in runs
+                    if r.dagster_run.tags.get(WORK_TAG) == work_id
+                    and r.dagster_run.status in FAILED
+                    # A run whose process died says nothing about the work: no wait for it.
+                    and r.dagster_run.tags.get(WORKER_LOST_TAG) != "true"
+                ]
+                lost = sum(
+                    1
+                    for r in runs
+                    if r.dagster_run.tags.get(WORK_TAG) == work_id
+                    and r.dagster_run.tags.get(WORKER_LOST_TAG) == "true"
+                )
+                if failed:
+                    last = max(r.end_time or r.update_timestamp.timestamp() for r in failed)
+                    due = last + retry_wait(len(failed)) - time.time()
+                    if due > 0:
+                        waiting.append(
+                            f"{label}/{key} (failed {len(failed)}x, retry in {due:.0f}s)"
+                        )
+                        continue
+                asked.append(
+                    f"{label}/{key}: {shard_work.pending_rows} rows pending, "
+                    f"{shard_work.qdrant_lag_rows} rows Qdrant lacks"
+                )
+                requests.append(
+                    dg.RunRequest(
+                        partition_key=key,
+                        run_key=retry_run_key(work_id, len(failed), lost),
+                        tags={
+                            WORK_TAG: work_id,
+                            GENERATION_TAG: str(generation.number),
+                            "embedding_assets/generation_state": generation.state,
+                            "embedding_assets/pending_rows": str(shard_work.pending_rows),
+                            "embedding_assets/qdrant_lag_rows": str(shard_work.qdrant_lag_rows),
+                        },
+                    )
+                )
+        for line in asked:
+            context.log.info(f"asked for {line}")
+        for reason in waiting:
+            context.log.debug(f"not asked: {reason}")  # every tick while runs are in flight
+        context.update_cursor(
+            json.dumps(
+                {
+                    "audited_at": time.time() if audit_due else audited_at,
+                    "asked": len(requests),
+                    "waiting": len(waiting),
+                    "pending_rows": sum(
+                        int(r.tags["embedding_assets/pending_rows"]) for r in requests
+                    ),
+                    "at": time.time(),
+                }
+            )
+        )
+        if not requests:
+            parts = [f"shards with work are waiting: {', '.join(waiting)}"] if waiting else []
+            parts += [n for n in notes if n]
+            if parts:
+                return dg.SkipReason("; ".join(parts))
+            return dg.SkipReason(
+                f"nothing pending ({live.feed.mode} capture): every shard is current"
+            )
+        return dg.SensorResult(run_requests=requests)
+
+    return source_changes

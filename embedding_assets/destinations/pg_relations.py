@@ -1,0 +1,90 @@
+"""Relations of the pgvector side: names that fit Postgres' 63 characters, what a relation is, the
+readers' view over a generation's table, and adopting a table from before generations."""
+
+import hashlib
+
+import sqlalchemy as sa
+
+from embedding_assets.state.source_sql import (
+    quote_ident,
+    quote_table,
+)
+
+POSTGRES_NAME_LIMIT = 63  # longer identifiers are cut silently, and two cut names may clash
+
+
+INDEX_SUFFIXES = ("_embedding_hnsw", "_chunk_hash", "_shard")
+
+
+def relation_name(table: str, suffix: str) -> str:
+    """`table + suffix` if Postgres keeps it whole, else a shortened name with a hash of the
+    full one, so the indexes of `docs__g1` and `docs__g2` never share a name."""
+    name = table + suffix
+    if len(name) <= POSTGRES_NAME_LIMIT:
+        return name
+    digest = hashlib.md5(name.encode()).hexdigest()[:8]
+    return f"{table[: POSTGRES_NAME_LIMIT - len(suffix) - 9]}_{digest}{suffix}"
+
+
+def relation_kind(conn: sa.Connection, schema: str, name: str) -> str | None:
+    """pg_class.relkind of schema.name ('r' table, 'v' view, ...), None if there is none."""
+    return conn.scalar(
+        sa.text("SELECT relkind FROM pg_class WHERE oid = to_regclass(:t)"),
+        {"t": f"{quote_ident(schema)}.{quote_ident(name)}"},
+    )
+
+
+def view_reads(conn: sa.Connection, schema: str, view: str) -> str | None:
+    """The table (schema.name) a view reads, or None if `view` is no view."""
+    return conn.scalar(
+        sa.text(
+            """SELECT DISTINCT n.nspname || '.' || c.relname
+            FROM pg_rewrite AS r JOIN pg_depend AS d ON d.objid = r.oid
+                AND d.classid = 'pg_rewrite'::regclass
+            JOIN pg_class AS c ON c.oid = d.refobjid AND c.oid <> r.ev_class
+            JOIN pg_namespace AS n ON n.oid = c.relnamespace
+            WHERE r.ev_class = to_regclass(:v) AND c.relkind IN ('r', 'p')"""
+        ),
+        {"v": f"{quote_ident(schema)}.{quote_ident(view)}"},
+    )
+
+
+def publish_view(conn: sa.Connection, stable: tuple[str, str], table: tuple[str, str]) -> None:
+    """Make the stable view read `table`, in the caller's transaction: readers see the old
+    generation until it commits and the new one after, never a mix. A view of another
+    dimension cannot be replaced in place, so it is dropped and created again (still one
+    transaction)."""
+    schema, view = stable
+    kind = relation_kind(conn, schema, view)
+    if kind not in (None, "v"):
+        raise RuntimeError(
+            f"{schema}.{view} is a table, not the view embedding_assets keeps for readers; "
+            "rename or drop it (or set another `pgvector: {table: ...}`)"
+        )
+    select = f"SELECT * FROM {quote_table(table)}"
+    target = quote_table(stable)
+    conn.execute(sa.text(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(schema)}"))
+    if kind == "v":
+        try:
+            with conn.begin_nested():
+                conn.execute(sa.text(f"CREATE OR REPLACE VIEW {target} AS {select}"))
+            return
+        except sa.exc.DBAPIError:
+            conn.execute(sa.text(f"DROP VIEW {target}"))
+    conn.execute(sa.text(f"CREATE VIEW {target} AS {select}"))
+
+
+def adopt_table(conn: sa.Connection, stable: tuple[str, str], table: tuple[str, str]) -> None:
+    """A chunk table made before generations existed becomes generation 1: renamed with its
+    indexes, and the stable name becomes a view over it, in the caller's transaction."""
+    schema, old = stable
+    new = table[1]
+    conn.execute(sa.text(f"ALTER TABLE {quote_table(stable)} RENAME TO {quote_ident(new)}"))
+    for suffix in INDEX_SUFFIXES:
+        conn.execute(
+            sa.text(
+                f"ALTER INDEX IF EXISTS {quote_ident(schema)}.{quote_ident(old + suffix)} "
+                f"RENAME TO {quote_ident(relation_name(new, suffix))}"
+            )
+        )
+    publish_view(conn, stable, table)
