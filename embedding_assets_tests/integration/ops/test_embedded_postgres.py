@@ -107,7 +107,7 @@ def test_another_process_does_not_stop_the_server(pg: EmbeddedPostgres) -> None:
         "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
     }
     script = (
-        "from embedding_assets.embedded import EmbeddedPostgres\n"
+        "from embedding_assets.ops.embedded_postgres import EmbeddedPostgres\n"
         "print(EmbeddedPostgres.from_env().start())\n"
     )
     out = subprocess.run(

@@ -27,7 +27,7 @@ from embedding_assets.sync.generations import runtime_for
 from embedding_assets.sync.promotion import converge_readers
 from embedding_assets_tests.fakes.provider_server import ProviderServer
 from embedding_assets_tests.integration.helpers import create_docs_table, unique_name
-from embedding_assets_tests.integration.test_crash_every_stage import (
+from embedding_assets_tests.integration.sync.test_crash_every_stage import (
     dagster_url,  # noqa: F401 (a fixture)
     kill,
     run_sync,

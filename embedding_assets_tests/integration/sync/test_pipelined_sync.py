@@ -19,7 +19,7 @@ from embedding_assets_tests.integration.helpers import (
     unique_name,
     write_settings,
 )
-from embedding_assets_tests.integration.test_large_rows import cached
+from embedding_assets_tests.integration.sync.test_large_rows import cached
 
 pytestmark = pytest.mark.integration
 

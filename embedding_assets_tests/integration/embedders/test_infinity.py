@@ -25,7 +25,7 @@ from embedding_assets_tests.conftest import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.infinity]
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 INFINITY = ROOT / ".venv-infinity" / "bin" / "infinity_emb"
 NAME = "all-MiniLM-L6-v2"
 STARTUP_TIMEOUT_S = 120  # ~10 s here; its imports are slow on a busy 2-core machine

@@ -15,7 +15,7 @@ from embedding_assets.sync.embed import PROGRESS_CHUNKS
 from embedding_assets.sync.generations import runtime_for
 from embedding_assets_tests.fakes.provider_server import ProviderServer
 from embedding_assets_tests.integration.helpers import fake_embedder_settings, unique_name
-from embedding_assets_tests.integration.test_crash_every_stage import (  # noqa: F401
+from embedding_assets_tests.integration.sync.test_crash_every_stage import (  # noqa: F401
     dagster_url,
     kill,
     run_sync,
