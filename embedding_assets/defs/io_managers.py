@@ -10,12 +10,22 @@ from embedding_assets.state.staging import StagedOutputs
 from embedding_assets.sync.promotion import after_index_write
 from embedding_assets.sync.store import store_embeddings
 
+# What the `embeddings` asset reports of the chunk table when the source has none
+# (`pgvector: false`); the chunk table's own figures replace these.
+WITHOUT_CHUNK_TABLE = {
+    "pgvector_table": "off",
+    "vector_index_dropped_for_rewrite": False,
+    "vector_index_built": False,
+    "index_build_duration_seconds": 0.0,
+}
+
 
 class PgVectorIOManager(dg.ConfigurableIOManager):
-    """Stores a shard's embeddings in the source's pgvector table: one transaction replaces
-    the chunks of every processed row, removes deleted rows, records them in the ledger and
-    acknowledges the change-feed entries consumed. Loading returns the shard's stored chunks
-    with their vectors."""
+    """Stores a shard's embeddings in every destination written in the ledger's transaction
+    (the pgvector chunk table, the write-back column): one transaction replaces the chunks of
+    every processed row, removes deleted rows, records them in the ledger and acknowledges the
+    change-feed entries consumed. Loading returns the shard's stored chunks with their
+    vectors."""
 
     runtime: RuntimeResource
 
@@ -31,31 +41,18 @@ class PgVectorIOManager(dg.ConfigurableIOManager):
                 "dagster/row_count": chunks,  # the shard's chunks in the table now
                 "rows_waiting_for_retry": waiting,
                 "dead_rows": dead,
-                "pgvector_table": runtime.pgvector.table
-                if runtime.spec.pgvector.enabled
-                else "off",
+                **WITHOUT_CHUNK_TABLE,
+                **stats.metadata,  # each destination's figures
                 "rows_written": stats.rows_written,
                 "chunks_written": stats.chunks_written,
                 "rows_deleted": stats.rows_deleted,
                 "rows_skipped_newer_write": stats.rows_skipped_stale,
-                "vector_index_dropped_for_rewrite": stats.index_dropped,
-                "vector_index_built": stats.index_built,
-                "index_build_duration_seconds": stats.index_seconds,
                 "write_duration_seconds": round(seconds, 3),
             }
         )
-        if not runtime.spec.qdrant.enabled:
-            # No Qdrant step follows: promotion and the readers' switch happen here.
+        if not runtime.following:
+            # No step follows (no Qdrant): promotion and the readers' switch happen here.
             context.add_output_metadata(after_index_write(runtime, context.log))
-        if runtime.column is not None:
-            context.add_output_metadata(
-                {
-                    "write_back_table": runtime.column.relation,
-                    "write_back_rows_written": stats.column_rows_written,
-                    "write_back_rows_changed_since_read": stats.column_rows_changed_since_read,
-                    "write_back_index_built": stats.column_index_built,
-                }
-            )
 
     def load_input(self, context: dg.InputContext) -> pd.DataFrame:
         runtime = self.runtime.source(context.asset_key.path[0])

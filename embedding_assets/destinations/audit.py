@@ -21,9 +21,7 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 
-from embedding_assets.state.ddl import STATE_SCHEMA, shard_lock
-
-LOST_VERSION = "lost"  # a ledger version no pipeline has: the row is pending again
+from embedding_assets.state.ddl import STATE_SCHEMA
 
 
 @dataclass(frozen=True)
@@ -158,11 +156,13 @@ def audit_destinations(
             pgvector_signature=signatures.get(index, 0) if deep else None,
         )
         if repair and not audit.pgvector_consistent:
-            lost, orphans = _repair_pgvector(runtime, index, table_exists)
-            audit = _with(audit, rows_marked_lost=lost, orphan_chunks_removed=orphans)
+            fixed = runtime.pgvector.repair(index, enqueue=runtime.feed.mode != "diff")
+            audit = _with(
+                audit, rows_marked_lost=fixed.rows_pending, orphan_chunks_removed=fixed.removed
+            )
         if repair and audit.qdrant_points is not None and audit.qdrant_points != want_points:
-            runtime.qdrant.forget(index)
-            audit = _with(audit, qdrant_forgotten=True)
+            fixed = runtime.qdrant.repair(index, enqueue=False)
+            audit = _with(audit, qdrant_forgotten=fixed.resent)
         audits.append(audit)
     return audits
 
@@ -187,40 +187,3 @@ def _qdrant_counts(runtime, mode: str, shards) -> dict[int, int]:
         return {}
     with qdrant.store.session(qdrant.collection):
         return {shard: qdrant.count(shard) for shard in shards}
-
-
-def _repair_pgvector(runtime, shard: int, table_exists: bool) -> tuple[int, int]:
-    """Mark the shard's rows whose chunks pgvector lacks as lost (and queue them); delete
-    chunks of rows the ledger does not hold. Returns (rows marked, chunks removed)."""
-    table = runtime.pgvector.table
-    held = (
-        f"(SELECT row_id, count(*) AS n FROM {table} WHERE shard = :s GROUP BY row_id)"
-        if table_exists
-        else "(SELECT NULL::text AS row_id, 0::bigint AS n WHERE false)"
-    )
-    with runtime.engine.begin() as conn:
-        shard_lock(conn, runtime.target, shard)
-        lost = conn.execute(
-            sa.text(
-                f"""UPDATE {STATE_SCHEMA}.row_state AS st SET version = :lost
-                FROM {STATE_SCHEMA}.row_state AS s LEFT JOIN {held} AS c ON c.row_id = s.row_id
-                WHERE s.target = :t AND s.shard = :s AND NOT s.deleted
-                    AND s.version <> :lost AND s.chunk_count <> coalesce(c.n, 0)
-                    AND st.target = s.target AND st.row_id = s.row_id
-                RETURNING st.row_id"""
-            ),
-            {"t": runtime.target, "s": shard, "lost": LOST_VERSION},
-        ).fetchall()
-        orphans = 0
-        if table_exists:
-            orphans = conn.execute(
-                sa.text(
-                    f"""DELETE FROM {table} AS c WHERE c.shard = :s AND NOT EXISTS (
-                        SELECT 1 FROM {STATE_SCHEMA}.row_state AS st WHERE st.target = :t
-                        AND st.row_id = c.row_id AND NOT st.deleted)"""
-                ),
-                {"t": runtime.target, "s": shard},
-            ).rowcount
-        if lost and runtime.feed.mode != "diff":
-            runtime.feed.queue.enqueue(conn, [(shard, r.row_id) for r in lost])
-    return len(lost), orphans

@@ -15,6 +15,7 @@
 
 import hashlib
 import logging
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import numpy as np
@@ -22,15 +23,15 @@ import sqlalchemy as sa
 
 from embedding_assets.config.destinations import WriteBackSpec
 from embedding_assets.config.sources import SourceSpec
-from embedding_assets.core.delta import EmbeddedRows
 from embedding_assets.core.row_vectors import row_vectors
-from embedding_assets.destinations.audit import LOST_VERSION
+from embedding_assets.destinations.base import DestinationWrite, Repair, RowsToWrite
 from embedding_assets.destinations.column_schema import ColumnSchema, generation_column
 from embedding_assets.destinations.column_search import ColumnReads
 from embedding_assets.destinations.pg_relations import POSTGRES_NAME_LIMIT
 from embedding_assets.destinations.pg_vectors import vector_text
 from embedding_assets.destinations.pgvector_index import INDEX_BUILD_MEMORY
 from embedding_assets.state.ddl import STATE_SCHEMA
+from embedding_assets.state.ledger import LOST_VERSION
 from embedding_assets.state.queue import ChangeQueue
 from embedding_assets.state.source_sql import (
     SourceSql,
@@ -44,6 +45,11 @@ log = logging.getLogger(__name__)
 
 
 class ColumnDestination(ColumnSchema, ColumnReads):
+    """The write-back column, a `TransactionalDestination`: written in the ledger's
+    transaction, guarded by each row's content hash as it is now."""
+
+    name = "column"
+
     def __init__(self, engine: sa.Engine, spec: SourceSpec, target: str, number: int):
         assert spec.write_back is not None
         self.engine = engine
@@ -86,18 +92,21 @@ class ColumnDestination(ColumnSchema, ColumnReads):
 
     # -- schema -------------------------------------------------------------------------
 
-    def repair_missing(self, enqueue: bool) -> int:
+    def repair(self, shard: int | None, enqueue: bool) -> Repair:
         """Rows the ledger holds with chunks whose vector the live column lacks (set to
         NULL by hand, a side-table row deleted) are pending again: the next run writes them
-        from their reused chunks. O(table): part of `reconcile`. Returns the rows marked."""
+        from their reused chunks. O(table): part of `reconcile`."""
         with self.engine.begin() as conn:
             if self.columns(True)[0] not in catalog_columns(conn, self.relation):
-                return 0
-            return self._pending_again(conn, enqueue, only_missing=True)
+                return Repair()
+            return Repair(self._pending_again(conn, enqueue, only_missing=True, shard=shard))
 
-    def _pending_again(self, conn: sa.Connection, enqueue: bool, only_missing=False) -> int:
-        """Every row the ledger holds with chunks is pending again (or, `only_missing`,
-        those without a vector in the live column)."""
+    def _pending_again(
+        self, conn: sa.Connection, enqueue: bool, only_missing=False, shard: int | None = None
+    ) -> int:
+        """Every row the ledger holds with chunks (of a shard, or all) is pending again (or,
+        `only_missing`, those without a vector in the live column)."""
+        in_shard = "AND shard = :shard " if shard is not None else ""
         missing = (
             f"AND NOT EXISTS (SELECT 1 FROM {self.relation} AS w WHERE "
             f"CAST({self._id('w')} AS text) = st.row_id "
@@ -108,10 +117,10 @@ class ColumnDestination(ColumnSchema, ColumnReads):
         rows = conn.execute(
             sa.text(
                 f"UPDATE {STATE_SCHEMA}.row_state AS st SET version = :lost WHERE target = :t "
-                f"AND NOT deleted AND chunk_count > 0 AND version <> :lost {missing} "
+                f"AND NOT deleted AND chunk_count > 0 AND version <> :lost {in_shard}{missing} "
                 "RETURNING shard, row_id"
             ),
-            {"t": self.target, "lost": LOST_VERSION},
+            {"t": self.target, "lost": LOST_VERSION, "shard": shard},
         ).fetchall()
         if enqueue:
             ChangeQueue(self.engine, self.target).enqueue(conn, [(r.shard, r.row_id) for r in rows])
@@ -121,19 +130,14 @@ class ColumnDestination(ColumnSchema, ColumnReads):
 
     # -- writes -------------------------------------------------------------------------
 
-    def write(
-        self,
-        conn: sa.Connection,
-        batch: EmbeddedRows,
-        written: list[str],
-        removed: list[str],
-        hashes: dict[str, str],
-        model_id: str,
-        live: bool,
-    ) -> tuple[int, int]:
-        """Set the row vectors of `written` rows (NULL for rows without chunks) and clear
-        those of `removed` rows. Returns (rows written, rows skipped because they changed
-        since they were read)."""
+    def write(self, conn: sa.Connection, rows: RowsToWrite) -> DestinationWrite:
+        """Set the row vectors of the written rows (NULL for rows without chunks) and clear
+        those of the removed rows. Reports the rows written, and the rows skipped because
+        they changed since they were read (their change is queued)."""
+        batch, written, removed, live = rows.batch, rows.written, rows.removed, rows.live
+        if not (written or removed):
+            return DestinationWrite()
+        hashes, model_id = rows.hashes, rows.model_id
         chunks = batch.chunked.chunks
         vectors = row_vectors(
             chunks["row_id"].tolist(),
@@ -157,7 +161,12 @@ class ColumnDestination(ColumnSchema, ColumnReads):
                 ),
                 {"ids": removed},
             )
-        return done, len(written) - done
+        return DestinationWrite(
+            {
+                "write_back_rows_written": done,
+                "write_back_rows_changed_since_read": len(written) - done,
+            }
+        )
 
     def _set(self, conn, ids, hashes, texts, model_id, columns) -> int:
         id_type = self.id_type(conn)
@@ -217,7 +226,20 @@ class ColumnDestination(ColumnSchema, ColumnReads):
         with self.engine.connect() as conn:
             return not self.has_index(conn)
 
-    def build_index(self, live: bool) -> bool:
+    def build_index(self, live: bool, work_left: Callable[[], bool]) -> DestinationWrite:
+        if not self.index_missing() or work_left():
+            return DestinationWrite()
+        return DestinationWrite({"write_back_index_built": self.create_index(live)})
+
+    def static_metadata(self) -> dict[str, object]:
+        return {
+            "write_back_table": self.relation,
+            "write_back_rows_written": 0,
+            "write_back_rows_changed_since_read": 0,
+            "write_back_index_built": False,
+        }
+
+    def create_index(self, live: bool) -> bool:
         """The HNSW index (cosine) on this generation's column, CONCURRENTLY: the source
         table stays writable while it builds. Once, after a bulk load."""
         if not self.index_missing():

@@ -95,7 +95,7 @@ class ColumnSchema:
         ]
         return statements
 
-    def ensure(self, conn: sa.Connection, dimension: int, live: bool, enqueue: bool) -> int:
+    def prepare(self, conn: sa.Connection, dimension: int, live: bool, enqueue: bool) -> int:
         """Create this generation's columns if missing (a role that may not alter the table
         gets the exact SQL for a DBA). A column with no vector yet while the ledger holds
         embedded rows (new, made by a DBA, or dropped and added again) is filled: those rows

@@ -17,18 +17,23 @@ from embedding_assets.state.source_sql import (
 class ColumnReads:
     """Counts, samples and searches of the column (a mixin of ColumnDestination)."""
 
-    def count(self, live: bool = True) -> int:
-        """Rows with a vector in this generation's column (0 before the column exists)."""
+    def count(self, shard: int | None = None, live: bool = True) -> int:
+        """Rows with a vector in this generation's column, of the shard's rows the ledger
+        holds or of the whole table (0 before the column exists)."""
         column = self.columns(live)[0]
         with self.engine.connect() as conn:
             if column not in catalog_columns(conn, self.relation):
                 return 0
+            if shard is None:
+                source, params = self.relation, {}
+            else:
+                source, params = self._held_rows(shard)
             return int(
                 conn.scalar(
                     sa.text(
-                        f"SELECT count(*) FROM {self.relation} "
-                        f"WHERE {quote_ident(column)} IS NOT NULL"
-                    )
+                        f"SELECT count(*) FROM {source} WHERE {quote_ident(column)} IS NOT NULL"
+                    ),
+                    params,
                 )
             )
 

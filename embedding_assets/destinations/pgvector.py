@@ -7,31 +7,33 @@ work left (building it once is far cheaper than maintaining it row by row); a ru
 rewrites most of a table drops it first. Until it exists, search is an exact scan.
 """
 
+import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-import pandas as pd
 import psycopg
 import sqlalchemy as sa
 
 from embedding_assets.config.sources import SourceSpec
-from embedding_assets.core.delta import EmbeddedRows, RowFailure
+from embedding_assets.core.delta import RowFailure
 from embedding_assets.core.ids import point_id
 from embedding_assets.core.sharding import shard_sql
-from embedding_assets.destinations.pg_relations import relation_kind, relation_name
-from embedding_assets.destinations.pg_vectors import fetch_binary, vector_text
+from embedding_assets.destinations.base import DestinationWrite, Repair, RowsToWrite
+from embedding_assets.destinations.pg_relations import relation_name
+from embedding_assets.destinations.pg_vectors import vector_text
 from embedding_assets.destinations.pgvector_index import ChunkTableIndex
-from embedding_assets.destinations.pgvector_search import ChunkTableSearch
-from embedding_assets.state.pg_values import is_native, needs_text_copy, payload_expr
+from embedding_assets.destinations.pgvector_reads import ChunkTableReads
+from embedding_assets.state.ddl import STATE_SCHEMA, shard_lock
+from embedding_assets.state.ledger import LOST_VERSION, Ledger
+from embedding_assets.state.pg_values import is_native, needs_text_copy
+from embedding_assets.state.queue import ChangeQueue
 from embedding_assets.state.source_sql import (
     SourceSql,
     catalog_columns,
     column_types,
     meta_alias,
     quote_ident,
-    quote_literal,
     quote_table,
 )
 
@@ -39,14 +41,19 @@ from embedding_assets.state.source_sql import (
 REFUSED_VALUE_ERRORS = (psycopg.DataError, psycopg.IntegrityError, TypeError, ValueError)
 
 
-class PgVectorDestination(ChunkTableIndex, ChunkTableSearch):
-    def __init__(self, engine: sa.Engine, spec: SourceSpec, target: str | None = None):
+class PgVectorDestination(ChunkTableIndex, ChunkTableReads):
+    """The chunk table, a `TransactionalDestination`: written in the ledger's transaction."""
+
+    name = "pgvector"
+
+    def __init__(self, engine: sa.Engine, spec: SourceSpec, ledger: Ledger):
         self.engine = engine
         self.spec = spec
-        self.target = target or spec.target  # the ledger key (a generation's)
+        self.ledger = ledger  # records whether the HNSW index is deferred
+        self.target = ledger.target  # the ledger key (a generation's)
         self.table = quote_table(spec.pg_table)
-        self.name = spec.pg_table[1]
-        self.hnsw_index = quote_ident(relation_name(self.name, "_embedding_hnsw"))
+        self.table_name = spec.pg_table[1]
+        self.hnsw_index = quote_ident(relation_name(self.table_name, "_embedding_hnsw"))
         self._columns_catalog: dict[str, tuple[str, str]] | None = None
         self._iterative: bool | None = None
 
@@ -90,7 +97,7 @@ class PgVectorDestination(ChunkTableIndex, ChunkTableSearch):
             )
         )
         for suffix, column in (("_chunk_hash", "chunk_hash"), ("_shard", "shard")):
-            index = quote_ident(relation_name(self.name, suffix))
+            index = quote_ident(relation_name(self.table_name, suffix))
             conn.execute(sa.text(f"CREATE INDEX {index} ON {self.table} ({column})"))
         return True
 
@@ -115,17 +122,105 @@ class PgVectorDestination(ChunkTableIndex, ChunkTableSearch):
         if self.table_exists(conn):
             conn.execute(sa.text(f"UPDATE {self.table} SET shard = {shard_sql('row_id', shards)}"))
 
+    # -- the destination protocol -------------------------------------------------------
+
+    def prepare(self, conn: sa.Connection, dimension: int, live: bool, enqueue: bool) -> None:
+        """Nothing per write: the chunk table is made with the target's record, under the DDL
+        lock (`SourceRuntime.ensure_target`), before any write."""
+
+    def write(self, conn: sa.Connection, rows: RowsToWrite) -> DestinationWrite:
+        """Replace the rows' chunks; a write that rewrites most of the table drops the HNSW
+        index first (rebuilt once the bulk load is done)."""
+        dropped = self.drop_index_for_rewrite(conn, len(rows.batch.chunked.chunks))
+        if dropped:
+            self.ledger.set_vector_index(conn, "deferred")
+        chunks_written, refused = self.replace_rows(conn, rows)
+        return DestinationWrite(
+            {"chunks_written": chunks_written, "vector_index_dropped_for_rewrite": dropped},
+            refused,
+        )
+
+    def build_index(self, live: bool, work_left: Callable[[], bool]) -> DestinationWrite:
+        record = self.ledger.record()
+        if record is None or record.vector_index != "deferred" or work_left():
+            return DestinationWrite()
+        started = time.perf_counter()
+        with self.engine.begin() as conn:
+            built = self.create_index(conn)
+            self.ledger.set_vector_index(conn, "built")
+        seconds = round(time.perf_counter() - started, 3) if built else 0.0
+        return DestinationWrite(
+            {"vector_index_built": built, "index_build_duration_seconds": seconds}
+        )
+
+    def static_metadata(self) -> dict[str, object]:
+        return {
+            "pgvector_table": self.table,
+            "vector_index_dropped_for_rewrite": False,
+            "vector_index_built": False,
+            "index_build_duration_seconds": 0.0,
+        }
+
+    def count(self, shard: int | None = None) -> int:
+        if shard is None:
+            return sum(self.chunk_counts().values())
+        return self.chunk_count(shard)
+
+    def repair(self, shard: int | None, enqueue: bool) -> Repair:
+        """Mark the shard's rows whose chunks the table lacks as lost (and queue them); delete
+        chunks of rows the ledger does not hold."""
+        if shard is None:
+            found = [self.repair(index, enqueue) for index in range(self.spec.shards)]
+            return Repair(sum(r.rows_pending for r in found), sum(r.removed for r in found))
+        table_exists = self.table_exists()
+        held = (
+            f"(SELECT row_id, count(*) AS n FROM {self.table} WHERE shard = :s GROUP BY row_id)"
+            if table_exists
+            else "(SELECT NULL::text AS row_id, 0::bigint AS n WHERE false)"
+        )
+        with self.engine.begin() as conn:
+            shard_lock(conn, self.target, shard)
+            lost = conn.execute(
+                sa.text(
+                    f"""UPDATE {STATE_SCHEMA}.row_state AS st SET version = :lost
+                    FROM {STATE_SCHEMA}.row_state AS s LEFT JOIN {held} AS c
+                        ON c.row_id = s.row_id
+                    WHERE s.target = :t AND s.shard = :s AND NOT s.deleted
+                        AND s.version <> :lost AND s.chunk_count <> coalesce(c.n, 0)
+                        AND st.target = s.target AND st.row_id = s.row_id
+                    RETURNING st.row_id"""
+                ),
+                {"t": self.target, "s": shard, "lost": LOST_VERSION},
+            ).fetchall()
+            orphans = 0
+            if table_exists:
+                orphans = conn.execute(
+                    sa.text(
+                        f"""DELETE FROM {self.table} AS c WHERE c.shard = :s AND NOT EXISTS (
+                            SELECT 1 FROM {STATE_SCHEMA}.row_state AS st WHERE st.target = :t
+                            AND st.row_id = c.row_id AND NOT st.deleted)"""
+                    ),
+                    {"t": self.target, "s": shard},
+                ).rowcount
+            if lost and enqueue:
+                ChangeQueue(self.engine, self.target).enqueue(
+                    conn, [(shard, r.row_id) for r in lost]
+                )
+        return Repair(len(lost), orphans)
+
     # -- writes (inside the ledger's transaction) ---------------------------------------
 
     def replace_rows(
-        self, conn: sa.Connection, batch: EmbeddedRows, skip: set[str], model_id: str
+        self, conn: sa.Connection, rows: RowsToWrite
     ) -> tuple[int, dict[str, RowFailure]]:
-        """Delete the chunks of every row in the batch (written or deleted) and COPY the new
-        ones, except rows in `skip`. Returns the chunks written, and the rows Postgres
-        refused (a value that does not fit its column): those keep their stored chunks,
-        found by halving the batch, so one bad row never blocks its neighbours."""
+        """Delete the chunks of every written or removed row and COPY the written rows' new
+        ones. Returns the chunks written, and the rows Postgres refused (a value that does not
+        fit its column): those keep their stored chunks, found by halving the batch, so one
+        bad row never blocks its neighbours."""
+        batch, model_id = rows.batch, rows.model_id
         pending = batch.pending
-        ids = [r for r in pending.rows["row_id"].tolist() + pending.deleted if r not in skip]
+        ids = rows.written + rows.removed
+        storing = set(rows.written)
         if not ids:
             return 0, {}
         metas = [meta_alias(i) for i in range(len(self.spec.metadata))]
@@ -153,7 +248,7 @@ class PgVectorDestination(ChunkTableIndex, ChunkTableSearch):
                 strict=True,
             )
         ):
-            if row_id in skip:
+            if row_id not in storing:
                 continue
             pid = point_id(self.spec.name, row_id, chunk_index, model_id)
             vector = batch.vectors[position]
@@ -195,7 +290,7 @@ class PgVectorDestination(ChunkTableIndex, ChunkTableSearch):
                 refused[row_id] = RowFailure(
                     hashes[row_id],
                     "unstorable",
-                    f"{self.spec.pg_table[0]}.{self.name} refused this row's values "
+                    f"{self.spec.pg_table[0]}.{self.table_name} refused this row's values "
                     f"({type(exc).__name__}: {' '.join(str(exc).split())}); fix the value, "
                     "or if a source column changed type, drop the chunk table (`DROP TABLE "
                     f"{self.table} CASCADE`: the readers' view goes with it, and the next "
@@ -239,95 +334,3 @@ class PgVectorDestination(ChunkTableIndex, ChunkTableSearch):
         return self._columns_catalog
 
     # -- reads --------------------------------------------------------------------------
-
-    def reusable_vectors(
-        self, chunk_hashes: Sequence[str], also_from: Sequence[tuple[str, str]] = ()
-    ) -> dict[str, np.ndarray]:
-        """Stored vectors for these chunk hashes: this table's (it holds one model only),
-        then for hashes still missing those of `also_from`, tables of other generations
-        with the same model (a template change leaves most chunk texts equal)."""
-        wanted = set(chunk_hashes)
-        found: dict[str, np.ndarray] = {}
-        with self.engine.connect() as conn:
-            for table in (self.spec.pg_table, *also_from):
-                if not wanted:
-                    break
-                if relation_kind(conn, *table) is None:
-                    continue
-                rows = fetch_binary(
-                    conn,
-                    f"SELECT DISTINCT ON (chunk_hash) chunk_hash, embedding "
-                    f"FROM {quote_table(table)} WHERE chunk_hash = ANY(%(hashes)s)",
-                    {"hashes": list(wanted)},
-                    ["chunk_hash", "embedding"],
-                )
-                found.update(zip(rows["chunk_hash"], rows["embedding"], strict=True))
-                wanted.difference_update(rows["chunk_hash"])
-        return found
-
-    COLUMNS = ("point_id", "row_id", "chunk_index", "chunk_text", "embedding", "metadata")
-
-    def _columns(self) -> list[str]:
-        return list(self.COLUMNS)
-
-    def chunks_of_rows(self, conn: sa.Connection, ids: Sequence[str]) -> pd.DataFrame:
-        """The chunks of these rows with vectors and their metadata as a {column: JSON
-        value} dict (the Qdrant payload, see `payload_select`), in row and chunk order."""
-        if not ids:
-            return pd.DataFrame(columns=self._columns())
-        return fetch_binary(
-            conn,
-            f"""SELECT CAST(c.point_id AS text) AS point_id, c.row_id, c.chunk_index,
-                c.chunk_text, c.embedding, {self.payload_select(conn, "c.").replace("%", "%%")}
-            FROM {self.table} AS c WHERE c.row_id = ANY(%(ids)s)
-            ORDER BY c.row_id, c.chunk_index""",
-            {"ids": list(ids)},
-            self._columns(),
-        )
-
-    def stored_chunks(self, shard: int) -> pd.DataFrame:
-        """The shard's stored chunks with vectors and metadata (as `chunks_of_rows`)."""
-        if not self.table_exists():
-            return pd.DataFrame(columns=self._columns())
-        with self.engine.connect() as conn:
-            return fetch_binary(
-                conn,
-                f"""SELECT CAST(point_id AS text) AS point_id, row_id, chunk_index,
-                    chunk_text, embedding, {self.payload_select(conn).replace("%", "%%")}
-                FROM {self.table} WHERE shard = %(shard)s ORDER BY row_id, chunk_index""",
-                {"shard": shard},
-                self._columns(),
-            )
-
-    def payload_select(self, conn: sa.Connection, alias: str = "") -> str:
-        """SQL: the metadata columns as one jsonb object {column name: value}, each value
-        converted by its type (state.pg_values.payload_expr), named `metadata`."""
-        if not self.spec.metadata:
-            return "CAST('{}' AS jsonb) AS metadata"
-        kinds = self._catalog(conn)
-        parts = [
-            f"jsonb_build_object({quote_literal(name)}, "
-            f"{payload_expr(alias + quote_ident(name), *kinds[name])})"
-            for name in self.spec.metadata
-        ]
-        # One object per column, joined: jsonb_build_object takes at most 100 arguments.
-        return f"({' || '.join(parts)}) AS metadata"
-
-    def chunk_counts(self) -> dict[int, int]:
-        if not self.table_exists():
-            return {}
-        with self.engine.connect() as conn:
-            rows = conn.execute(
-                sa.text(f"SELECT shard, count(*) AS n FROM {self.table} GROUP BY shard")
-            ).fetchall()
-        return {row.shard: row.n for row in rows}
-
-    def chunk_count(self, shard: int) -> int:
-        if not self.table_exists():
-            return 0
-        with self.engine.connect() as conn:
-            return int(
-                conn.scalar(
-                    sa.text(f"SELECT count(*) FROM {self.table} WHERE shard = :s"), {"s": shard}
-                )
-            )

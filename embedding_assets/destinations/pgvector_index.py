@@ -36,7 +36,7 @@ class ChunkTableIndex:
             )
         )
 
-    def build_index(self, conn: sa.Connection) -> bool:
+    def create_index(self, conn: sa.Connection) -> bool:
         """Build the HNSW index if missing (under the target's lock, so one run builds it)."""
         shard_lock(conn, self.target, -1)
         if self.has_index(conn):

@@ -1,18 +1,22 @@
-"""Reading a chunk table's vectors: nearest chunks with the source's HNSW settings, samples and
-validity counts for the checks."""
+"""Reading a chunk table: chunks and vectors by row, shard or hash (reuse, the Qdrant payload),
+counts, nearest chunks with the source's HNSW settings, samples and validity for the checks."""
 
 import re
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
 import sqlalchemy as sa
 
+from embedding_assets.destinations.pg_relations import relation_kind
 from embedding_assets.destinations.pg_vectors import SearchHit, fetch_binary
+from embedding_assets.state.pg_values import payload_expr
+from embedding_assets.state.source_sql import quote_ident, quote_literal, quote_table
 
 
-class ChunkTableSearch:
-    """Searches and samples of the chunk table (a mixin of PgVectorDestination: `engine`, `table`,
-    `spec`, `table_exists`)."""
+class ChunkTableReads:
+    """Reads of the chunk table (a mixin of PgVectorDestination: `engine`, `table`, `spec`,
+    `table_exists`, `_catalog`)."""
 
     def invalid_vectors(self, shard: int | None, dimension: int) -> dict[str, int]:
         """Stored vectors (of the shard, or all) of the wrong length or zero norm (pgvector
@@ -103,3 +107,95 @@ class ChunkTableSearch:
             parts = tuple(int(p) for p in re.findall(r"\d+", version or "0")[:2])
             self._iterative = parts >= (0, 8)
         return self._iterative
+
+    def reusable_vectors(
+        self, chunk_hashes: Sequence[str], also_from: Sequence[tuple[str, str]] = ()
+    ) -> dict[str, np.ndarray]:
+        """Stored vectors for these chunk hashes: this table's (it holds one model only),
+        then for hashes still missing those of `also_from`, tables of other generations
+        with the same model (a template change leaves most chunk texts equal)."""
+        wanted = set(chunk_hashes)
+        found: dict[str, np.ndarray] = {}
+        with self.engine.connect() as conn:
+            for table in (self.spec.pg_table, *also_from):
+                if not wanted:
+                    break
+                if relation_kind(conn, *table) is None:
+                    continue
+                rows = fetch_binary(
+                    conn,
+                    f"SELECT DISTINCT ON (chunk_hash) chunk_hash, embedding "
+                    f"FROM {quote_table(table)} WHERE chunk_hash = ANY(%(hashes)s)",
+                    {"hashes": list(wanted)},
+                    ["chunk_hash", "embedding"],
+                )
+                found.update(zip(rows["chunk_hash"], rows["embedding"], strict=True))
+                wanted.difference_update(rows["chunk_hash"])
+        return found
+
+    COLUMNS = ("point_id", "row_id", "chunk_index", "chunk_text", "embedding", "metadata")
+
+    def _columns(self) -> list[str]:
+        return list(self.COLUMNS)
+
+    def chunks_of_rows(self, conn: sa.Connection, ids: Sequence[str]) -> pd.DataFrame:
+        """The chunks of these rows with vectors and their metadata as a {column: JSON
+        value} dict (the Qdrant payload, see `payload_select`), in row and chunk order."""
+        if not ids:
+            return pd.DataFrame(columns=self._columns())
+        return fetch_binary(
+            conn,
+            f"""SELECT CAST(c.point_id AS text) AS point_id, c.row_id, c.chunk_index,
+                c.chunk_text, c.embedding, {self.payload_select(conn, "c.").replace("%", "%%")}
+            FROM {self.table} AS c WHERE c.row_id = ANY(%(ids)s)
+            ORDER BY c.row_id, c.chunk_index""",
+            {"ids": list(ids)},
+            self._columns(),
+        )
+
+    def stored_chunks(self, shard: int) -> pd.DataFrame:
+        """The shard's stored chunks with vectors and metadata (as `chunks_of_rows`)."""
+        if not self.table_exists():
+            return pd.DataFrame(columns=self._columns())
+        with self.engine.connect() as conn:
+            return fetch_binary(
+                conn,
+                f"""SELECT CAST(point_id AS text) AS point_id, row_id, chunk_index,
+                    chunk_text, embedding, {self.payload_select(conn).replace("%", "%%")}
+                FROM {self.table} WHERE shard = %(shard)s ORDER BY row_id, chunk_index""",
+                {"shard": shard},
+                self._columns(),
+            )
+
+    def payload_select(self, conn: sa.Connection, alias: str = "") -> str:
+        """SQL: the metadata columns as one jsonb object {column name: value}, each value
+        converted by its type (state.pg_values.payload_expr), named `metadata`."""
+        if not self.spec.metadata:
+            return "CAST('{}' AS jsonb) AS metadata"
+        kinds = self._catalog(conn)
+        parts = [
+            f"jsonb_build_object({quote_literal(name)}, "
+            f"{payload_expr(alias + quote_ident(name), *kinds[name])})"
+            for name in self.spec.metadata
+        ]
+        # One object per column, joined: jsonb_build_object takes at most 100 arguments.
+        return f"({' || '.join(parts)}) AS metadata"
+
+    def chunk_counts(self) -> dict[int, int]:
+        if not self.table_exists():
+            return {}
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.text(f"SELECT shard, count(*) AS n FROM {self.table} GROUP BY shard")
+            ).fetchall()
+        return {row.shard: row.n for row in rows}
+
+    def chunk_count(self, shard: int) -> int:
+        if not self.table_exists():
+            return 0
+        with self.engine.connect() as conn:
+            return int(
+                conn.scalar(
+                    sa.text(f"SELECT count(*) FROM {self.table} WHERE shard = :s"), {"s": shard}
+                )
+            )

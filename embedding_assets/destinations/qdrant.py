@@ -16,6 +16,7 @@ import sqlalchemy as sa
 from embedding_assets.config.sources import SourceSpec
 from embedding_assets.core.delta import IndexUpdate
 from embedding_assets.core.ids import point_id
+from embedding_assets.destinations.base import Repair
 from embedding_assets.destinations.pgvector import PgVectorDestination
 from embedding_assets.destinations.qdrant_embedded import EmbeddedQdrantStore
 from embedding_assets.destinations.qdrant_store import (
@@ -37,6 +38,11 @@ class PlanStats:
 
 
 class QdrantDestination:
+    """Qdrant, a `FollowingDestination`: planned from the ledger and the chunk table after each
+    write, over whichever engine `store` is (a server, or the embedded engine)."""
+
+    name = "qdrant"
+
     def __init__(
         self,
         engine: sa.Engine,
@@ -260,6 +266,12 @@ class QdrantDestination:
 
     def count(self, shard: int | None = None) -> int:
         return self.store.count(self.collection, shard=shard)
+
+    def repair(self, shard: int | None, enqueue: bool) -> Repair:
+        """Qdrant's count disagrees with the ledger: the shard (or all) is resent from the
+        chunk table by the next run; nothing to queue, the ledger's lag is the work."""
+        self.forget(shard)
+        return Repair(resent=True)
 
     @property
     def index_config(self) -> IndexConfig:

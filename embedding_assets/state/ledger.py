@@ -14,6 +14,8 @@ import sqlalchemy as sa
 from embedding_assets.core.sharding import shard_sql
 from embedding_assets.state.ddl import STATE_SCHEMA, ensure_tables
 
+LOST_VERSION = "lost"  # a ledger version no pipeline has: the row is pending again
+
 
 class ModelMismatchError(RuntimeError):
     """The target holds another model's vectors than the configured embedder's."""

@@ -13,6 +13,11 @@ import sqlalchemy as sa
 
 from embedding_assets.config.sources import SourceSpec
 from embedding_assets.destinations.audit import ShardAudit, audit_destinations
+from embedding_assets.destinations.base import (
+    Destination,
+    FollowingDestination,
+    TransactionalDestination,
+)
 from embedding_assets.destinations.column import ColumnDestination
 from embedding_assets.destinations.pg_relations import publish_view
 from embedding_assets.destinations.pgvector import PgVectorDestination
@@ -67,6 +72,26 @@ class SourceRuntime:
     @property
     def model_id(self) -> str:
         return self.embedder.model_id
+
+    @property
+    def transactional(self) -> list[TransactionalDestination]:
+        """Destinations written in the ledger's transaction, in write order: the chunk table
+        first (it may refuse a row's values; the others then leave that row as it was)."""
+        found: list[TransactionalDestination] = []
+        if self.spec.pgvector.enabled:
+            found.append(self.pgvector)
+        if self.column is not None:
+            found.append(self.column)
+        return found
+
+    @property
+    def following(self) -> list[FollowingDestination]:
+        """Destinations written after the ledger's transaction, from what it says they lack."""
+        return [self.qdrant] if self.spec.qdrant.enabled else []
+
+    @property
+    def destinations(self) -> list[Destination]:
+        return [*self.transactional, *self.following]
 
     @property
     def is_live(self) -> bool:
@@ -190,7 +215,7 @@ class SourceRuntime:
         found = self.feed.reconcile()
         audits = audit_destinations(self, qdrant="count", deep=True)
         if self.column is not None and self.is_live:  # vectors NULLed in the column by hand
-            found += self.column.repair_missing(enqueue=self.feed.mode != "diff")
+            found += self.column.repair(None, enqueue=self.feed.mode != "diff").rows_pending
         return found, [a for a in audits if a.repaired]
 
     def exact_work(self, shard: int | None = None) -> dict[int, ShardWork]:
@@ -235,7 +260,7 @@ def source_runtime(
         )
         ledger = Ledger(engine, target, spec.name, version, with_qdrant=spec.qdrant.enabled)
         diff = SourceDiff(engine, spec, target, version)
-        pgvector = PgVectorDestination(engine, spec, target)
+        pgvector = PgVectorDestination(engine, spec, ledger)
         stable_table, stable_collection = stable or (spec.pg_table, spec.qdrant_collection)
         _RUNTIMES[key] = SourceRuntime(
             spec=spec,

@@ -2,38 +2,37 @@
 ledger's transaction, with the ledger, the error table and the change feed's acknowledgement,
 all or nothing."""
 
-import time
 from dataclasses import dataclass
+
+import sqlalchemy as sa
 
 from embedding_assets.core.delta import (
     EmbeddedRows,
+    RowFailure,
 )
+from embedding_assets.destinations.base import RowsToWrite
 from embedding_assets.state.ddl import shard_lock
 from embedding_assets.sync.runtime import SourceRuntime
 
 
 @dataclass(frozen=True)
 class WriteStats:
+    """What a store did: the ledger's figures, and each destination's in its own metadata keys."""
+
     rows_written: int
     chunks_written: int
     rows_deleted: int
     rows_skipped_stale: int
-    index_dropped: bool = False
-    index_built: bool = False
-    index_seconds: float = 0.0
-    # The write-back column: rows given their vector, rows left as they were because they
-    # changed after they were read (their change is queued), and its index built.
-    column_rows_written: int = 0
-    column_rows_changed_since_read: int = 0
-    column_index_built: bool = False
+    metadata: dict[str, object]
 
 
 def store_embeddings(runtime: SourceRuntime, batch: EmbeddedRows) -> WriteStats:
-    """Replace the chunks of every processed row and remove deleted rows, in one transaction
-    with the ledger and the change feed's acknowledgement. A row stored after this batch's
-    delta was read (by a newer run) is skipped: the newer write wins and nothing regresses.
-    Rows the embedder failed on are recorded in the error table, in the same transaction;
-    their feed entries are consumed with the rest (the error table retries them)."""
+    """Write every processed row to each destination written in the ledger's transaction, and
+    remove deleted rows, in one transaction with the ledger and the change feed's
+    acknowledgement. A row stored after this batch's delta was read (by a newer run) is
+    skipped: the newer write wins and nothing regresses. Rows the embedder failed on, and rows
+    a destination refused, are recorded in the error table in the same transaction; their
+    feed entries are consumed with the rest (the error table retries them)."""
     if batch.model_id and batch.model_id != runtime.model_id:
         raise RuntimeError(
             f"embeddings of source {runtime.spec.name!r} were computed by {batch.model_id} "
@@ -43,33 +42,43 @@ def store_embeddings(runtime: SourceRuntime, batch: EmbeddedRows) -> WriteStats:
     upsert_ids = pending.rows["row_id"].tolist()
     all_ids = upsert_ids + pending.deleted
     dimension = batch.vectors.shape[1] if batch.vectors.ndim == 2 else runtime.embedder.dimension
+    enqueue = runtime.feed.mode != "diff"
+    destinations = runtime.transactional
     if all_ids:
         runtime.ensure_target(dimension)
-    if runtime.column is not None and all_ids:
-        # Columns are added in a short transaction of their own: ALTER TABLE's lock on the
-        # application's table must not last the whole write. The write checks again.
+        # What a destination adds to the application's tables (the write-back column's ALTER
+        # TABLE) happens in a short transaction of its own: that lock must not last the whole
+        # write. The write checks again.
         with runtime.engine.begin() as conn:
-            runtime.column.ensure(conn, dimension, runtime.is_live, runtime.feed.mode != "diff")
+            for destination in destinations:
+                destination.prepare(conn, dimension, runtime.is_live, enqueue)
+    metadata: dict[str, object] = {}
+    for destination in destinations:
+        metadata.update(destination.static_metadata())
     with runtime.engine.begin() as conn:
         shard_lock(conn, runtime.target, pending.shard)
         live = runtime.require_kept(conn) == "live"
-        if runtime.column is not None and all_ids:
-            runtime.column.ensure(conn, dimension, live, enqueue=runtime.feed.mode != "diff")
+        if all_ids:
+            for destination in destinations:
+                destination.prepare(conn, dimension, live, enqueue)
         stale = runtime.ledger.newer_rows(conn, all_ids, pending.computed_at) if all_ids else set()
-        chunk_table = runtime.spec.pgvector.enabled
         chunks = batch.chunked.chunks
-        dropped = chunk_table and runtime.pgvector.drop_index_for_rewrite(conn, len(chunks))
-        if dropped:
-            runtime.ledger.set_vector_index(conn, "deferred")
-        if chunk_table:
-            chunks_written, refused = runtime.pgvector.replace_rows(
-                conn, batch, stale, runtime.model_id
-            )
-        else:
-            chunks_written, refused = int((~chunks["row_id"].isin(stale)).sum()), {}
-        counts = chunks.groupby("row_id").size().to_dict() if len(chunks) else {}
         hashes = dict(zip(pending.rows["row_id"], pending.rows["content_hash"], strict=True))
-        written = [r for r in upsert_ids if r not in stale and r not in refused]
+        rows = RowsToWrite(
+            batch,
+            written=[r for r in upsert_ids if r not in stale],
+            removed=[r for r in pending.deleted if r not in stale],
+            hashes=hashes,
+            model_id=runtime.model_id,
+            live=live,
+        )
+        refused: dict[str, RowFailure] = {}
+        for destination in destinations:
+            done = destination.write(conn, rows.without(refused))
+            metadata.update(done.metadata)
+            refused.update(done.refused)
+        written = [r for r in rows.written if r not in refused]
+        counts = chunks.groupby("row_id").size().to_dict() if len(chunks) else {}
         runtime.ledger.record_written(
             conn,
             pending.shard,
@@ -77,67 +86,54 @@ def store_embeddings(runtime: SourceRuntime, batch: EmbeddedRows) -> WriteStats:
             [hashes[r] for r in written],
             [int(counts.get(r, 0)) for r in written],
         )
-        removed = [r for r in pending.deleted if r not in stale]
-        runtime.ledger.record_deleted(conn, removed)
-        column_written = column_changed = 0
-        if runtime.column is not None and (written or removed):
-            column_written, column_changed = runtime.column.write(
-                conn, batch, written, removed, hashes, runtime.model_id, live
-            )
-        runtime.errors.clear(conn, written + removed)
-        if chunk_table:
-            runtime.vector_cache.forget(conn, chunks["chunk_hash"].tolist())
-        else:  # the cache is the chunk vectors' store: what the rows have now
-            kept = chunks["row_id"].isin(set(written)).to_numpy()
-            runtime.vector_cache.keep_rows(
-                conn,
-                written + removed,
-                list(
-                    zip(
-                        chunks["row_id"][kept],
-                        chunks["chunk_index"][kept].astype(int),
-                        chunks["chunk_hash"][kept],
-                        strict=True,
-                    )
-                ),
-                batch.vectors[kept],
-            )
+        runtime.ledger.record_deleted(conn, rows.removed)
+        runtime.errors.clear(conn, written + rows.removed)
+        _keep_chunk_vectors(runtime, conn, batch, written, rows.removed)
         failures = {**pending.failures, **batch.failures, **refused}
         runtime.errors.record(conn, pending.shard, failures)
         runtime.feed.acknowledge(conn, pending)
     runtime.release_shard(pending.shard)
-    built, started = False, time.perf_counter()
-    chunk_index_due = chunk_table and _index_deferred(runtime)
-    if not pending.backlog and chunk_index_due and not _work_left(runtime):
-        with runtime.engine.begin() as conn:
-            built = runtime.pgvector.build_index(conn)
-            runtime.ledger.set_vector_index(conn, "built")
-    seconds = round(time.perf_counter() - started, 3) if built else 0.0
-    column_index = False
-    if (
-        runtime.column is not None
-        and not pending.backlog
-        and runtime.column.index_missing()
-        and not _work_left(runtime)
-    ):
-        column_index = runtime.column.build_index(live)
+    if not pending.backlog:
+        for destination in destinations:
+            metadata.update(destination.build_index(live, lambda: _work_left(runtime)).metadata)
+    unstored = int((~chunks["row_id"].isin(stale)).sum())  # without a chunk table
     return WriteStats(
         len(written),
-        chunks_written,
-        len(removed),
+        int(metadata.get("chunks_written", unstored)),
+        len(rows.removed),
         len(stale),
-        dropped,
-        built,
-        seconds,
-        column_written,
-        column_changed,
-        column_index,
+        metadata,
     )
 
 
-def _index_deferred(runtime: SourceRuntime) -> bool:
-    record = runtime.ledger.record()
-    return record is not None and record.vector_index == "deferred"
+def _keep_chunk_vectors(
+    runtime: SourceRuntime,
+    conn: sa.Connection,
+    batch: EmbeddedRows,
+    written: list[str],
+    removed: list[str],
+) -> None:
+    """The vector cache after a write: with a chunk table, the chunks now stored there leave
+    it (it held an interrupted run's progress); without one, it is the chunk vectors' store,
+    and keeps what the rows have now."""
+    chunks = batch.chunked.chunks
+    if runtime.spec.pgvector.enabled:
+        runtime.vector_cache.forget(conn, chunks["chunk_hash"].tolist())
+        return
+    kept = chunks["row_id"].isin(set(written)).to_numpy()
+    runtime.vector_cache.keep_rows(
+        conn,
+        written + removed,
+        list(
+            zip(
+                chunks["row_id"][kept],
+                chunks["chunk_index"][kept].astype(int),
+                chunks["chunk_hash"][kept],
+                strict=True,
+            )
+        ),
+        batch.vectors[kept],
+    )
 
 
 def _work_left(runtime: SourceRuntime) -> bool:

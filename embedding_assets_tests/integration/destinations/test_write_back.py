@@ -196,7 +196,8 @@ def test_a_row_changed_during_a_run_never_gets_the_stale_vector(postgres, home, 
             chunk_rows(pending, settings.source(name), runtime.embedder), runtime.embedder, {}
         ),
     )
-    assert stats.column_rows_changed_since_read == 1 and stats.column_rows_written == 0
+    assert stats.metadata["write_back_rows_changed_since_read"] == 1
+    assert stats.metadata["write_back_rows_written"] == 0
     np.testing.assert_allclose(column_vectors(postgres, name)[1], before)  # not "version two"
 
     sync_shards(settings, name, instance)
@@ -256,7 +257,7 @@ def test_a_role_that_may_not_alter_the_table_gets_the_sql_for_a_dba(postgres, ho
     settings = write_settings(tmp_path, name, name, write_back=WRITE_BACK)
     column = ColumnDestination(as_app, settings.source(name), "t", 1)
     with as_app.begin() as conn, pytest.raises(WriteBackError) as error:
-        column.ensure(conn, 384, live=True, enqueue=True)
+        column.prepare(conn, 384, live=True, enqueue=True)
     message = str(error.value)
     assert (
         f'ALTER TABLE "public"."{name}" ADD COLUMN IF NOT EXISTS "embedding" vector(384)' in message
@@ -265,7 +266,7 @@ def test_a_role_that_may_not_alter_the_table_gets_the_sql_for_a_dba(postgres, ho
     # The DBA runs it; then the role may write.
     execute(postgres, *message.split("Ask a DBA to run:\n")[1].split("\nor set")[0].split(";\n"))
     with as_app.begin() as conn:
-        column.ensure(conn, 384, live=True, enqueue=True)
+        column.prepare(conn, 384, live=True, enqueue=True)
 
 
 def test_kill_9_inside_the_write_converges(postgres, home, tmp_path):
@@ -432,11 +433,11 @@ def test_adding_the_column_waits_briefly_behind_open_transactions_then_says_so(
             engine.begin() as conn,
             pytest.raises(WriteBackError, match="long transactions hold the table"),
         ):
-            column.ensure(conn, 384, live=True, enqueue=True)
+            column.prepare(conn, 384, live=True, enqueue=True)
         assert time.monotonic() - started < 15
     finally:
         reader.rollback()
         reader.close()
     with engine.begin() as conn:
-        column.ensure(conn, 384, live=True, enqueue=True)
+        column.prepare(conn, 384, live=True, enqueue=True)
     assert column_vectors(postgres, name) == {1: None, 2: None}
