@@ -54,34 +54,7 @@ def status_report(settings: Settings, source: str, exact: bool = False) -> dict:
         runtime, qdrant="count" if is_exact else without_store_lock(runtime), deep=is_exact
     )
     errors = runtime.errors.counts_by_shard()
-    shards = {}
-    if is_exact:
-        work = runtime.exact_work()
-        chunks = runtime.pgvector.chunk_counts() if spec.pgvector.enabled else {}
-        points = dict.fromkeys(range(spec.shards), 0)
-        if spec.qdrant.enabled:
-            with runtime.qdrant.store.session(runtime.qdrant.collection):
-                points = {index: runtime.qdrant.count(index) for index in range(spec.shards)}
-        for index, key in enumerate(spec.shard_keys):
-            shards[key] = {
-                "eligible_rows": work[index].eligible_rows,
-                "embedded_rows": work[index].embedded_rows,
-                "pending_rows": work[index].pending_rows,
-                "pgvector_chunks": chunks.get(index, 0),
-                "qdrant_points": points[index],
-            }
-    else:
-        work = runtime.work()
-        held = runtime.ledger.holdings_by_shard()
-        for index, key in enumerate(spec.shard_keys):
-            current, chunks, points = held.get(index, (0, 0, 0))
-            shards[key] = {
-                "eligible_rows": current + work[index].pending_rows,
-                "embedded_rows": current,
-                "pending_rows": work[index].pending_rows,
-                "pgvector_chunks": chunks if spec.pgvector.enabled else 0,
-                "qdrant_points": points if spec.qdrant.enabled else 0,
-            }
+    shards = _exact_shards(runtime) if is_exact else _ledger_shards(runtime)
     for index, key in enumerate(spec.shard_keys):
         failed, dead = errors.get(index, (0, 0))
         shards[key].update(failed_rows=failed, dead_rows=dead)
@@ -157,3 +130,42 @@ def status(ctx: click.Context, source: str | None, exact: bool, as_json: bool) -
                 f"count: {counted if counted is not None else '-'} eligible rows ({when}). "
                 "`status --exact` scans the source and counts both sinks."
             )
+
+
+def _exact_shards(runtime) -> dict[str, dict[str, int]]:
+    """Per shard, by a full diff of the source and counting both sinks."""
+    spec = runtime.spec
+    work = runtime.exact_work()
+    chunks = runtime.pgvector.chunk_counts() if spec.pgvector.enabled else {}
+    points = dict.fromkeys(range(spec.shards), 0)
+    if spec.qdrant.enabled:
+        with runtime.qdrant.store.session(runtime.qdrant.collection):
+            points = {index: runtime.qdrant.count(index) for index in range(spec.shards)}
+    return {
+        key: {
+            "eligible_rows": work[index].eligible_rows,
+            "embedded_rows": work[index].embedded_rows,
+            "pending_rows": work[index].pending_rows,
+            "pgvector_chunks": chunks.get(index, 0),
+            "qdrant_points": points[index],
+        }
+        for index, key in enumerate(spec.shard_keys)
+    }
+
+
+def _ledger_shards(runtime) -> dict[str, dict[str, int]]:
+    """Per shard, from the ledger and the change feed (no scan of the source)."""
+    spec = runtime.spec
+    work = runtime.work()
+    held = runtime.ledger.holdings_by_shard()
+    shards = {}
+    for index, key in enumerate(spec.shard_keys):
+        current, chunks, points = held.get(index, (0, 0, 0))
+        shards[key] = {
+            "eligible_rows": current + work[index].pending_rows,
+            "embedded_rows": current,
+            "pending_rows": work[index].pending_rows,
+            "pgvector_chunks": chunks if spec.pgvector.enabled else 0,
+            "qdrant_points": points if spec.qdrant.enabled else 0,
+        }
+    return shards

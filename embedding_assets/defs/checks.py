@@ -7,7 +7,7 @@ import dagster as dg
 
 from embedding_assets.config.sources import SourceSpec
 from embedding_assets.core.sharding import shard_index
-from embedding_assets.defs.embedder_resources import embedder_resource_key
+from embedding_assets.defs.assets import source_resources
 from embedding_assets.defs.resources import runtime_of
 from embedding_assets.destinations.audit import audit_destinations
 from embedding_assets.destinations.recall import (
@@ -31,14 +31,27 @@ def build_checks(
 ) -> list[dg.AssetChecksDefinition]:
     """`vector_index` is None for a source without Qdrant: the checks that compare with
     Qdrant go, and self-retrieval checks what the source has (pgvector or the column)."""
-    resources = {"runtime", embedder_resource_key(spec.embedder)}
+    vectors_valid = build_vectors_valid(spec, shards, embeddings)
+    coverage = build_coverage(spec, shards, embeddings)
+    parity = build_parity(spec, shards, vector_index or embeddings)
+    no_dead_rows = build_no_dead_rows(spec, shards, embeddings)
+    self_retrieval = build_self_retrieval(spec, shards, vector_index or embeddings)
+    search_recall = build_search_recall(spec, shards, vector_index or embeddings)
+    freshness = build_freshness(spec, shards, embeddings)
 
+    with_qdrant = [parity, search_recall] if vector_index is not None else []
+    return [vectors_valid, coverage, no_dead_rows, self_retrieval, freshness, *with_qdrant]
+
+
+def build_vectors_valid(
+    spec: SourceSpec, shards: dg.PartitionsDefinition, asset: dg.AssetsDefinition
+) -> dg.AssetChecksDefinition:
     @dg.asset_check(
-        asset=embeddings,
+        asset=asset,
         name="vectors_valid",
         blocking=True,
         partitions_def=shards,
-        required_resource_keys=resources,
+        required_resource_keys=source_resources(spec),
         description="Every stored vector of the shard has the model's dimension and a "
         "non-zero norm (pgvector itself rejects NaN). Blocks the Qdrant write if not.",
     )
@@ -55,11 +68,17 @@ def build_checks(
             passed=passed, metadata={**found, "dimension": embedder.dimension}
         )
 
+    return vectors_valid
+
+
+def build_coverage(
+    spec: SourceSpec, shards: dg.PartitionsDefinition, asset: dg.AssetsDefinition
+) -> dg.AssetChecksDefinition:
     @dg.asset_check(
-        asset=embeddings,
+        asset=asset,
         name="coverage",
         partitions_def=shards,
-        required_resource_keys=resources,
+        required_resource_keys=source_resources(spec),
         description="Eligible source rows of the shard with a current embedding, divided by "
         "eligible rows. Below 1.0 while a backlog, new changes or failed rows wait. "
         "Exact (a diff of the shard) for diff capture; for trigger and watermark capture, "
@@ -90,11 +109,17 @@ def build_checks(
             },
         )
 
+    return coverage
+
+
+def build_parity(
+    spec: SourceSpec, shards: dg.PartitionsDefinition, asset: dg.AssetsDefinition
+) -> dg.AssetChecksDefinition:
     @dg.asset_check(
-        asset=vector_index or embeddings,  # left out below without Qdrant
+        asset=asset,  # left out below without Qdrant
         name="pgvector_qdrant_parity",
         partitions_def=shards,
-        required_resource_keys=resources,
+        required_resource_keys=source_resources(spec),
         description="The shard's chunks in pgvector and points in Qdrant are as many as the "
         "ledger records. A destination that lost data (a TRUNCATE, rows deleted by hand, a "
         "removed store) fails this check and is marked for repair: the next run restores it "
@@ -120,11 +145,17 @@ def build_checks(
             },
         )
 
+    return parity
+
+
+def build_no_dead_rows(
+    spec: SourceSpec, shards: dg.PartitionsDefinition, asset: dg.AssetsDefinition
+) -> dg.AssetChecksDefinition:
     @dg.asset_check(
-        asset=embeddings,
+        asset=asset,
         name="no_dead_rows",
         partitions_def=shards,
-        required_resource_keys=resources,
+        required_resource_keys=source_resources(spec),
         description="No row of the shard is dead in the error table: failed "
         "`retries.max_attempts` times with the same content. `embedding-assets errors "
         "--dead` lists them with the provider's reason; `errors replay` tries them again.",
@@ -139,11 +170,17 @@ def build_checks(
             metadata={"dead_rows": dead, "rows_waiting_for_retry": failed},
         )
 
+    return no_dead_rows
+
+
+def build_self_retrieval(
+    spec: SourceSpec, shards: dg.PartitionsDefinition, asset: dg.AssetsDefinition
+) -> dg.AssetChecksDefinition:
     @dg.asset_check(
-        asset=vector_index or embeddings,
+        asset=asset,
         name="self_retrieval",
         partitions_def=shards,
-        required_resource_keys=resources,
+        required_resource_keys=source_resources(spec),
         description=f"A sample of {SELF_RETRIEVAL_SAMPLE} stored chunks each find themselves "
         f"(or an identical text) in their top {SELF_RETRIEVAL_K}, in pgvector (the whole "
         "table once its HNSW index is built, the shard before) and in the shard's Qdrant "
@@ -184,11 +221,17 @@ def build_checks(
             metadata={"sampled": sampled, **{f"found_{k}": v for k, v in found.items()}},
         )
 
+    return self_retrieval
+
+
+def build_search_recall(
+    spec: SourceSpec, shards: dg.PartitionsDefinition, asset: dg.AssetsDefinition
+) -> dg.AssetChecksDefinition:
     @dg.asset_check(
-        asset=vector_index or embeddings,  # left out below without Qdrant
+        asset=asset,  # left out below without Qdrant
         name="search_recall",
         partitions_def=shards,
-        required_resource_keys=resources,
+        required_resource_keys=source_resources(spec),
         description=f"recall@{RECALL_K} of the approximate searches against exact ones, for "
         f"{RECALL_SAMPLE} stored chunks of the shard used as queries: pgvector's HNSW index "
         "over the whole table, and the shard's Qdrant points. Warns below "
@@ -212,11 +255,17 @@ def build_checks(
             },
         )
 
+    return search_recall
+
+
+def build_freshness(
+    spec: SourceSpec, shards: dg.PartitionsDefinition, asset: dg.AssetsDefinition
+) -> dg.AssetChecksDefinition:
     @dg.asset_check(
-        asset=embeddings,
+        asset=asset,
         name="freshness",
         partitions_def=shards,
-        required_resource_keys=resources,
+        required_resource_keys=source_resources(spec),
         description=f"No change of the shard has waited longer than `freshness_seconds` "
         f"({spec.freshness_seconds} s) to reach both sinks. Evaluated after each run and, "
         f"without any run (the sensor off, runs failing), by the `{spec.name}_lag` sensor, "
@@ -234,5 +283,4 @@ def build_checks(
             passed=not lag.late, severity=dg.AssetCheckSeverity.WARN, metadata=lag.metadata()
         )
 
-    with_qdrant = [parity, search_recall] if vector_index is not None else []
-    return [vectors_valid, coverage, no_dead_rows, self_retrieval, freshness, *with_qdrant]
+    return freshness

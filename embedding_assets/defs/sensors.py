@@ -4,6 +4,7 @@ Runs whose process died are failed first (`run_health`), so they hold no shard o
 
 import json
 import time
+from dataclasses import dataclass
 
 import dagster as dg
 
@@ -12,6 +13,7 @@ from embedding_assets.defs.embedder_resources import embedder_resource_key
 from embedding_assets.defs.resources import GENERATION_TAG
 from embedding_assets.destinations.audit import audit_destinations, without_store_lock
 from embedding_assets.ops.run_health import WORKER_LOST_TAG, fail_dead_runs
+from embedding_assets.state.diff import ShardWork
 from embedding_assets.sync.promotion import converge_readers
 
 IN_FLIGHT = {
@@ -88,6 +90,90 @@ def _finished_build_note(source: str, generation) -> str:
     return ""
 
 
+def _repair_destinations(log, source: str, runtime) -> None:
+    """Audit the runtime's destinations against the ledger and queue the rows they lost. Only
+    while no run writes: a write half-applied is not a loss. An embedded Qdrant store is only
+    checked for existence here (counting takes its lock)."""
+    mode = without_store_lock(runtime)
+    for audit in audit_destinations(runtime, qdrant=mode):
+        if audit.repaired:
+            log.warning(f"destinations of {source} disagree with the ledger: {audit}")
+
+
+@dataclass(frozen=True)
+class ShardDecision:
+    """Whether the sensor asks for a run of a shard with work: the request, or None and why
+    not; `line` says which, for the sensor's log."""
+
+    request: dg.RunRequest | None
+    line: str
+
+
+def shard_decision(
+    source: str,
+    generation,
+    key: str,
+    shard_work: ShardWork,
+    busy: set[tuple[str | None, str | None]],
+    budget_embedder: str | None,
+    runs: list,
+    now: float,
+) -> ShardDecision:
+    """A pure function of the shard's work, the runs in flight (`busy`: (generation, shard)
+    tags), the recent runs, whether the embedder's daily budget is spent (its name) and the
+    time: a run request whose key is new for new work, or why there is none."""
+    label = f"g{generation.number}"
+    # A run without the tag (started from the UI) may be on any generation.
+    if (str(generation.number), key) in busy or (None, key) in busy:
+        return ShardDecision(None, f"{label}/{key} (run in flight)")
+    if budget_embedder is not None and not shard_work.qdrant_lag_rows:
+        return ShardDecision(
+            None,
+            f"{label}/{key} ({shard_work.pending_rows} rows wait for tomorrow's "
+            f"token budget of embedder {budget_embedder!r})",
+        )
+    # The fingerprint changes with the outstanding work (queue entries, watermark window,
+    # lagging rows): the same work never gets a second run, unless it failed.
+    work_id = f"{source}:{label}:{key}:{shard_work.fingerprint}"
+    failed = [
+        r
+        for r in runs
+        if r.dagster_run.tags.get(WORK_TAG) == work_id
+        and r.dagster_run.status in FAILED
+        # A run whose process died says nothing about the work: no wait for it.
+        and r.dagster_run.tags.get(WORKER_LOST_TAG) != "true"
+    ]
+    lost = sum(
+        1
+        for r in runs
+        if r.dagster_run.tags.get(WORK_TAG) == work_id
+        and r.dagster_run.tags.get(WORKER_LOST_TAG) == "true"
+    )
+    if failed:
+        last = max(r.end_time or r.update_timestamp.timestamp() for r in failed)
+        due = last + retry_wait(len(failed)) - now
+        if due > 0:
+            return ShardDecision(
+                None, f"{label}/{key} (failed {len(failed)}x, retry in {due:.0f}s)"
+            )
+    request = dg.RunRequest(
+        partition_key=key,
+        run_key=retry_run_key(work_id, len(failed), lost),
+        tags={
+            WORK_TAG: work_id,
+            GENERATION_TAG: str(generation.number),
+            "embedding_assets/generation_state": generation.state,
+            "embedding_assets/pending_rows": str(shard_work.pending_rows),
+            "embedding_assets/qdrant_lag_rows": str(shard_work.qdrant_lag_rows),
+        },
+    )
+    return ShardDecision(
+        request,
+        f"{label}/{key}: {shard_work.pending_rows} rows pending, "
+        f"{shard_work.qdrant_lag_rows} rows Qdrant lacks",
+    )
+
+
 def build_sensor(spec: SourceSpec, job) -> dg.SensorDefinition:
     embedder_key = embedder_resource_key(spec.embedder)
     keys = spec.shard_keys
@@ -132,79 +218,24 @@ def build_sensor(spec: SourceSpec, job) -> dg.SensorDefinition:
         requests, waiting, notes, asked = [], [], [], []
         for runtime in runtimes:
             generation = runtime.generation
-            work = runtime.work()
             if audit_due:
-                # Only while no run writes: a write half-applied is not a loss. An embedded
-                # Qdrant store is only checked for existence here (counting takes its lock).
-                mode = without_store_lock(runtime)
-                repaired = [a for a in audit_destinations(runtime, qdrant=mode) if a.repaired]
-                for audit in repaired:
-                    context.log.warning(
-                        f"destinations of {spec.name} disagree with the ledger: {audit}"
-                    )
-                if repaired:
-                    work = runtime.work()
-            label = f"g{generation.number}"
-            budget_spent = runtime.budget.left() == 0
+                _repair_destinations(context.log, spec.name, runtime)
+            work = runtime.work()
             if generation.state == "building" and not any(w.has_work for w in work.values()):
                 notes.append(_finished_build_note(spec.name, generation))
+            budget_embedder = runtime.budget.embedder if runtime.budget.left() == 0 else None
             for shard, shard_work in sorted(work.items()):
-                key = keys[shard]
                 if not shard_work.has_work:
                     continue
-                # A run without the tag (started from the UI) may be on any generation.
-                if (str(generation.number), key) in busy or (None, key) in busy:
-                    waiting.append(f"{label}/{key} (run in flight)")
-                    continue
-                if budget_spent and not shard_work.qdrant_lag_rows:
-                    waiting.append(
-                        f"{label}/{key} ({shard_work.pending_rows} rows wait for tomorrow's "
-                        f"token budget of embedder {runtime.budget.embedder!r})"
-                    )
-                    continue
-                # The fingerprint changes with the outstanding work (queue entries, watermark
-                # window, lagging rows): the same work never gets a second run, unless it
-                # failed.
-                work_id = f"{spec.name}:{label}:{key}:{shard_work.fingerprint}"
-                failed = [
-                    r
-                    for r in runs
-                    if r.dagster_run.tags.get(WORK_TAG) == work_id
-                    and r.dagster_run.status in FAILED
-                    # A run whose process died says nothing about the work: no wait for it.
-                    and r.dagster_run.tags.get(WORKER_LOST_TAG) != "true"
-                ]
-                lost = sum(
-                    1
-                    for r in runs
-                    if r.dagster_run.tags.get(WORK_TAG) == work_id
-                    and r.dagster_run.tags.get(WORKER_LOST_TAG) == "true"
-                )
-                if failed:
-                    last = max(r.end_time or r.update_timestamp.timestamp() for r in failed)
-                    due = last + retry_wait(len(failed)) - time.time()
-                    if due > 0:
-                        waiting.append(
-                            f"{label}/{key} (failed {len(failed)}x, retry in {due:.0f}s)"
-                        )
-                        continue
-                asked.append(
-                    f"{label}/{key}: {shard_work.pending_rows} rows pending, "
-                    f"{shard_work.qdrant_lag_rows} rows Qdrant lacks"
-                )
-                requests.append(
-                    dg.RunRequest(
-                        partition_key=key,
-                        run_key=retry_run_key(work_id, len(failed), lost),
-                        tags={
-                            WORK_TAG: work_id,
-                            GENERATION_TAG: str(generation.number),
-                            "embedding_assets/generation_state": generation.state,
-                            "embedding_assets/pending_rows": str(shard_work.pending_rows),
-                            "embedding_assets/qdrant_lag_rows": str(shard_work.qdrant_lag_rows),
-                        },
-                    )
-                )
+                decision = shard_decision(
+                    spec.name, generation, keys[shard], shard_work, busy, budget_embedder, runs,
+                    time.time(),
+                )  # fmt: skip
+                if decision.request is None:
+                    waiting.append(decision.line)
+                else:
+                    asked.append(decision.line)
+                    requests.append(decision.request)
         for line in asked:
             context.log.info(f"asked for {line}")
         for reason in waiting:
