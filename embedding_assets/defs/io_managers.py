@@ -1,3 +1,6 @@
+"""The IO managers of a source's stored assets: `embeddings` into the destinations written in
+the ledger's transaction, `vector_index` into Qdrant; the intermediate stages in Postgres."""
+
 import time
 
 import dagster as dg

@@ -1,7 +1,8 @@
 """The interface between the pipeline and the places a source's vectors are kept.
 
-Every destination is reconciled against the ledger (`embedding_assets.row_state`), never
-against what a run produced, and is written one of two ways:
+Every destination is reconciled against the ledger (`state.ledger`, the table
+`embedding_assets.row_state`), never against what a run produced, and is written one of two
+ways:
 
 - `TransactionalDestination` (the pgvector chunk table, the write-back column): written inside
   the ledger's transaction, so the ledger's content hash is exactly what it holds and a crash

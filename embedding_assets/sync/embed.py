@@ -1,6 +1,6 @@
-"""The stages of a shard sync as plain functions: chunk, embed (reusing stored vectors), and
-store (pgvector + ledger + change-feed acknowledgement in one transaction). The Qdrant
-stage lives in `destinations.qdrant`. Dagster assets, IO managers and tests call these."""
+"""The embed stage: a shard's chunks turned into vectors, reusing the stored vectors of chunks
+whose text did not change, within the daily token budget, with per-row failures kept apart.
+Dagster assets, the CLI and tests call it; `sync.chunk` comes before, `sync.store` after."""
 
 import math
 from collections.abc import Callable
