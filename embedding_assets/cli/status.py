@@ -41,6 +41,7 @@ def status_report(settings: Settings, source: str, exact: bool = False) -> dict:
     from embedding_assets.cli.generations import generations_report
     from embedding_assets.destinations.audit import audit_destinations, without_store_lock
     from embedding_assets.state.diff import DUPLICATE_KIND
+    from embedding_assets.sync.config_edits import pending_edits
 
     runtimes = generation_runtimes(settings, source)
     runtime = runtimes[0]  # the live generation
@@ -60,6 +61,7 @@ def status_report(settings: Settings, source: str, exact: bool = False) -> dict:
         shards[key].update(failed_rows=failed, dead_rows=dead)
     totals = {f: sum(s[f] for s in shards.values()) for f in STATUS_FIELDS}
     counted = runtime.diff.counted()
+    edits = pending_edits(runtime)
     return {
         "null_id_rows": runtime.diff.null_id_rows(),
         "duplicate_ids": runtime.errors.ids_of_kind(DUPLICATE_KIND),
@@ -74,6 +76,9 @@ def status_report(settings: Settings, source: str, exact: bool = False) -> dict:
         # Rows with a vector in the write-back column (None: the source has none).
         "column_rows": runtime.column.count() if runtime.column is not None else None,
         "change_capture": runtime.feed.mode,
+        # Keys edited in sources.yaml since the store was last brought in line (applied by
+        # the next sync, sensor tick or run), with their effect; None: nothing recorded yet.
+        "config_changes": {k: str(v) for k, v in edits.items()} if edits is not None else None,
         "exact": is_exact,
         "eligible_rows_counted": counted[0],
         "counted_at": counted[1],
@@ -110,6 +115,12 @@ def status(ctx: click.Context, source: str | None, exact: bool, as_json: bool) -
         for key, shard in report["shards"].items():
             click.echo(f"  {key:>5} " + " ".join(f"{shard[f]:>15}" for f in STATUS_FIELDS))
         click.echo(f"  {'total':>5} " + " ".join(f"{report[f]:>15}" for f in STATUS_FIELDS))
+        if report["config_changes"]:
+            edited = ", ".join(f"{k} ({v})" for k, v in report["config_changes"].items())
+            click.echo(
+                f"  PENDING EDIT: {edited} changed in sources.yaml; the next sync (or sensor "
+                "tick) applies it: the counts above are from before it"
+            )
         for warning in id_warnings(report, settings.source(report["source"]).id_column):
             click.echo(f"  WARNING: {warning}")
         for generation in report["generations"]:

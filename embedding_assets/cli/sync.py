@@ -58,9 +58,13 @@ def _sync_generation(
 ) -> list[ShardReport]:
     from embedding_assets.destinations.audit import audit_destinations, without_store_lock
     from embedding_assets.ops.environment import qdrant_store_from_env
+    from embedding_assets.sync.config_edits import apply_config
 
     spec = runtime.spec
     keys = [shard] if shard else spec.shard_keys
+    edit = apply_config(runtime)  # an edit of sources.yaml becomes work before the runs
+    if edit.changed:
+        click.echo(f"{source} g{runtime.number}: {edit.describe()}", err=True)
     # A destination that lost data (TRUNCATE, a removed Qdrant store) becomes work here.
     # An embedded store is only checked for existence (counting waits for its lock); each
     # shard run counts its own points, and `--all-shards` runs every shard.
@@ -83,7 +87,32 @@ def _sync_generation(
                 progress = report.rows or report.rows_deleted or report.points_upserted
                 if not (report.success and backlog and progress):
                     break
+        _finish_build(runtime, source)
     return reports
+
+
+def _finish_build(runtime, source: str) -> None:
+    """A build whose rows are all stored goes live here, even when no shard had work (its
+    last run's promotion was cut off, or a rollback target was already current)."""
+    from embedding_assets.sync.promotion import finish_build
+
+    try:
+        outcome = finish_build(runtime)
+    except Exception as exc:  # the runs' results stand; the next sync or tick tries again
+        click.echo(f"{source}: generation {runtime.number} not finished yet: {exc}", err=True)
+        return
+    if "promoted_generation" in outcome:
+        click.echo(
+            f"{source}: generation {outcome['promoted_generation']} is complete and passed "
+            "its checks: it is live now",
+            err=True,
+        )
+    elif "promotion_blocked" in outcome:
+        click.echo(
+            f"{source}: generation {runtime.number} is complete but not promoted: "
+            f"{outcome['promotion_blocked']}",
+            err=True,
+        )
 
 
 def _run_shard(job, source: str, key: str, instance, generation=None) -> tuple[ShardReport, bool]:

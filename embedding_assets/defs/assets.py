@@ -20,6 +20,7 @@ from embedding_assets.defs.metadata import (
 from embedding_assets.defs.resources import runtime_of
 from embedding_assets.ops.pools import EMBEDDED_QDRANT_POOL, embedder_pool
 from embedding_assets.sync.chunk import chunk_rows, effective_max_tokens
+from embedding_assets.sync.config_edits import apply_config
 from embedding_assets.sync.embed import embed_chunks, fit_token_budget, reusable_vectors
 
 
@@ -48,6 +49,9 @@ def build_pending_rows(spec: SourceSpec, shards: dg.PartitionsDefinition) -> dg.
         matching `where`). At most `max_rows_per_run`; the sensor asks again for the rest."""
         started = time.perf_counter()
         runtime = runtime_of(context, spec)
+        edit = apply_config(runtime)  # an edit of sources.yaml, whoever runs first
+        if edit.changed:
+            context.log.info(f"{spec.name}: {edit.describe()}")
         shard = shard_index(context.partition_key)
         runtime.claim_shard(
             shard,

@@ -14,7 +14,8 @@ from embedding_assets.defs.resources import GENERATION_TAG
 from embedding_assets.destinations.audit import audit_destinations, without_store_lock
 from embedding_assets.ops.run_health import WORKER_LOST_TAG, fail_dead_runs
 from embedding_assets.state.diff import ShardWork
-from embedding_assets.sync.promotion import converge_readers
+from embedding_assets.sync.config_edits import apply_config
+from embedding_assets.sync.promotion import converge_readers, finish_build
 
 IN_FLIGHT = {
     dg.DagsterRunStatus.QUEUED,
@@ -218,11 +219,16 @@ def build_sensor(spec: SourceSpec, job) -> dg.SensorDefinition:
         requests, waiting, notes, asked = [], [], [], []
         for runtime in runtimes:
             generation = runtime.generation
+            edit = apply_config(runtime)  # an edit of sources.yaml becomes work now
+            if edit.changed:
+                context.log.info(f"{spec.name} g{generation.number}: {edit.describe()}")
             if audit_due:
                 _repair_destinations(context.log, spec.name, runtime)
             work = runtime.work()
             if generation.state == "building" and not any(w.has_work for w in work.values()):
-                notes.append(_finished_build_note(spec.name, generation))
+                if not busy and "promoted_generation" in finish_build(runtime, context.log):
+                    continue  # live now; the next tick follows it as the live generation
+                notes.append(_finished_build_note(spec.name, runtime.generation))
             budget_embedder = runtime.budget.embedder if runtime.budget.left() == 0 else None
             for shard, shard_work in sorted(work.items()):
                 if not shard_work.has_work:

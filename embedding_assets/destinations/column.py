@@ -101,6 +101,11 @@ class ColumnDestination(ColumnSchema, ColumnReads):
                 return Repair()
             return Repair(self._pending_again(conn, enqueue, only_missing=True, shard=shard))
 
+    def rewrite_all(self, conn: sa.Connection, enqueue: bool) -> int:
+        """After an edit of `write_back:` (another column, row vector or index): every row
+        the ledger holds is written to the column again, from its stored chunks."""
+        return self._pending_again(conn, enqueue)
+
     def _pending_again(
         self, conn: sa.Connection, enqueue: bool, only_missing=False, shard: int | None = None
     ) -> int:

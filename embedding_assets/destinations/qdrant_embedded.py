@@ -96,6 +96,9 @@ class EmbeddedQdrantStore:
 
     # -- the protocol --
 
+    def update_index_config(self, name: str, config: IndexConfig) -> bool:
+        return False  # searched exactly: no index to rebuild
+
     def ensure_collection(
         self, name: str, dimension: int, config: IndexConfig = DEFAULT_INDEX_CONFIG
     ) -> bool:

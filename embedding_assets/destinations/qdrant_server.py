@@ -110,6 +110,25 @@ class ServerQdrantStore:
         self._ensure_payload_indexes(name, info)
         return created
 
+    def update_index_config(self, name: str, config: IndexConfig) -> bool:
+        from qdrant_client import models
+
+        if not self._client.collection_exists(name):
+            return False
+        quantization = (
+            models.ScalarQuantization(
+                scalar=models.ScalarQuantizationConfig(type=models.ScalarType.INT8, always_ram=True)
+            )
+            if config.quantization == "scalar"
+            else models.Disabled.DISABLED
+        )
+        self._client.update_collection(
+            name,
+            hnsw_config=models.HnswConfigDiff(m=config.m, ef_construct=config.ef_construct),
+            quantization_config=quantization,
+        )
+        return True
+
     def collection_exists(self, name: str) -> bool:
         return bool(self._client.collection_exists(name))
 

@@ -100,6 +100,12 @@ class QdrantStore(Protocol):
         restore pgvector from Qdrant); [] if no collection."""
         ...
 
+    def update_index_config(self, name: str, config: IndexConfig) -> bool:
+        """Apply an edited HNSW / quantization config to an existing collection (a server
+        rebuilds its index in the background); False where there is none to change (the
+        embedded engine searches exactly)."""
+        ...
+
     def keep_open(self) -> contextlib.AbstractContextManager[None]:
         """Keep collections opened in the block open until it ends (embedded store)."""
         ...

@@ -4,7 +4,8 @@ spent. Rows then wait, pending, until the next day; nothing fails."""
 
 import sqlalchemy as sa
 
-from embedding_assets.state.ddl import STATE_SCHEMA, ensure_tables
+from embedding_assets.state.ddl import STATE_SCHEMA
+from embedding_assets.state.migrations import migrate
 
 TODAY = "CAST(now() AT TIME ZONE 'UTC' AS date)"
 
@@ -14,7 +15,7 @@ class TokenBudget:
         self.engine = engine
         self.embedder = embedder
         self.per_day = per_day
-        ensure_tables(engine)
+        migrate(engine)
 
     def used_today(self) -> int:
         with self.engine.connect() as conn:

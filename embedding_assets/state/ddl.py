@@ -14,7 +14,10 @@
 - `row_errors`: per (target, source row), the last failure to embed the row's content: kind,
   message, attempts, when to retry, and whether it is dead (see `state.errors`).
 - `token_usage`: per embedder and UTC day, the tokens sent to it (`max_tokens_per_day`).
-- `generations`: see `state.generations` (its DDL lives there).
+- `generations`: the generation registry (see `state.generations`).
+- `staged_outputs`: intermediate stage outputs (see `state.staging`).
+- `applied_config`, `schema_version`: see `state.migrations` (every change of these tables
+  is a migration there).
 - `vector_cache`: vectors a long run computed and has not stored yet, so an interrupted run
   keeps its progress (see `state.vector_cache`); without a chunk table, every chunk vector,
   with `row_chunks` saying which rows use it.
@@ -25,8 +28,8 @@ import sqlalchemy as sa
 STATE_SCHEMA = "embedding_assets"
 DDL_LOCK = "embedding_assets.ddl"
 
+# Migration 1 (`state.migrations`): never edited, only followed by new migrations.
 STATE_DDL = f"""
-CREATE SCHEMA IF NOT EXISTS {STATE_SCHEMA};
 CREATE TABLE IF NOT EXISTS {STATE_SCHEMA}.targets (
     target text PRIMARY KEY,
     source text NOT NULL,
@@ -130,18 +133,44 @@ CREATE TABLE IF NOT EXISTS {STATE_SCHEMA}.shard_counts (
 );
 """
 
-_DDL_DONE: set[tuple[str, str]] = set()  # (database URL, DDL) already applied by this process
+# Migration 2: the generations registry (see `state.generations`).
+GENERATIONS_DDL = f"""
+CREATE TABLE IF NOT EXISTS {STATE_SCHEMA}.generations (
+    source text NOT NULL,
+    number int NOT NULL,
+    target text NOT NULL UNIQUE,    -- the ledger key of this generation's state
+    pg_table text NOT NULL,         -- schema.table of its chunk table
+    collection text NOT NULL,       -- its Qdrant collection
+    pipeline_key text NOT NULL,     -- hash of what shapes its vectors (see pipeline_key)
+    pipeline jsonb NOT NULL,        -- that pipeline: embedder spec, template, chunking
+    model text NOT NULL,
+    state text NOT NULL,            -- building | live | previous | dropped
+    promote text NOT NULL,          -- auto | manual
+    created_at timestamptz NOT NULL DEFAULT now(),
+    promoted_at timestamptz,
+    retired_at timestamptz,
+    dropped_at timestamptz,
+    blocked_reason text,            -- why the last promotion attempt refused, if it did
+    blocked_at timestamptz,
+    PRIMARY KEY (source, number)
+);
+-- One live and one building generation per source, enforced by the database.
+CREATE UNIQUE INDEX IF NOT EXISTS generations_one_live ON {STATE_SCHEMA}.generations (source)
+    WHERE state = 'live';
+CREATE UNIQUE INDEX IF NOT EXISTS generations_one_building
+    ON {STATE_SCHEMA}.generations (source) WHERE state = 'building';
+"""
 
-
-def ensure_tables(engine: sa.Engine, ddl: str = STATE_DDL) -> None:
-    """Apply idempotent DDL once per database and process, serialised across processes."""
-    key = (engine.url.render_as_string(hide_password=False), ddl)
-    if key in _DDL_DONE:
-        return
-    with engine.begin() as conn:
-        ddl_lock(conn)
-        execute_script(conn, ddl)
-    _DDL_DONE.add(key)
+# Migration 3: stage outputs kept between steps (see `state.staging`).
+STAGING_DDL = f"""
+CREATE TABLE IF NOT EXISTS {STATE_SCHEMA}.staged_outputs (
+    asset_key text NOT NULL,
+    partition_key text NOT NULL,
+    run_id text,
+    payload bytea NOT NULL,
+    stored_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (asset_key, partition_key)
+)"""
 
 
 def execute_script(conn: sa.Connection, sql: str) -> None:

@@ -22,38 +22,13 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from embedding_assets.state.ddl import STATE_SCHEMA, ddl_lock, ensure_tables
+from embedding_assets.state.ddl import STATE_SCHEMA, ddl_lock
+from embedding_assets.state.migrations import migrate
 
 ACTIVE_STATES = ("live", "building")  # the generations the change feed fills
 KEPT_STATES = ("live", "building", "previous")
 POSTGRES_NAME_LIMIT = 63  # NAMEDATALEN - 1: longer identifiers are cut, silently
 
-GENERATIONS_DDL = f"""
-CREATE TABLE IF NOT EXISTS {STATE_SCHEMA}.generations (
-    source text NOT NULL,
-    number int NOT NULL,
-    target text NOT NULL UNIQUE,    -- the ledger key of this generation's state
-    pg_table text NOT NULL,         -- schema.table of its chunk table
-    collection text NOT NULL,       -- its Qdrant collection
-    pipeline_key text NOT NULL,     -- hash of what shapes its vectors (see pipeline_key)
-    pipeline jsonb NOT NULL,        -- that pipeline: embedder spec, template, chunking
-    model text NOT NULL,
-    state text NOT NULL,            -- building | live | previous | dropped
-    promote text NOT NULL,          -- auto | manual
-    created_at timestamptz NOT NULL DEFAULT now(),
-    promoted_at timestamptz,
-    retired_at timestamptz,
-    dropped_at timestamptz,
-    blocked_reason text,            -- why the last promotion attempt refused, if it did
-    blocked_at timestamptz,
-    PRIMARY KEY (source, number)
-);
--- One live and one building generation per source, enforced by the database.
-CREATE UNIQUE INDEX IF NOT EXISTS generations_one_live ON {STATE_SCHEMA}.generations (source)
-    WHERE state = 'live';
-CREATE UNIQUE INDEX IF NOT EXISTS generations_one_building
-    ON {STATE_SCHEMA}.generations (source) WHERE state = 'building';
-"""
 
 # Every per-target table of the state schema: what dropping a generation removes.
 TARGET_TABLES = (
@@ -65,6 +40,7 @@ TARGET_TABLES = (
     "vector_cache",
     "row_chunks",
     "shard_counts",
+    "applied_config",
     "targets",
 )
 
@@ -135,8 +111,7 @@ class Generations:
     def __init__(self, engine: sa.Engine, source: str):
         self.engine = engine
         self.source = source
-        ensure_tables(engine)
-        ensure_tables(engine, GENERATIONS_DDL)
+        migrate(engine)
 
     def all(self, conn: sa.Connection | None = None, lock: bool = False) -> list[Generation]:
         query = sa.text(

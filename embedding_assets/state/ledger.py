@@ -12,7 +12,8 @@ from datetime import datetime
 import sqlalchemy as sa
 
 from embedding_assets.core.sharding import shard_sql
-from embedding_assets.state.ddl import STATE_SCHEMA, ensure_tables
+from embedding_assets.state.ddl import STATE_SCHEMA
+from embedding_assets.state.migrations import migrate
 
 LOST_VERSION = "lost"  # a ledger version no pipeline has: the row is pending again
 
@@ -47,7 +48,7 @@ class Ledger:
         # Without a Qdrant destination nothing is owed to it: a write leaves the row's Qdrant
         # state equal to its content (never lagging), and a delete leaves no tombstone.
         self.with_qdrant = with_qdrant
-        ensure_tables(engine)
+        migrate(engine)
 
     # -- the target ---------------------------------------------------------------------
 

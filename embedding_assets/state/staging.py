@@ -6,24 +6,14 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from embedding_assets.state.ddl import STATE_DDL, STATE_SCHEMA, ensure_tables
-
-STAGING_DDL = f"""
-CREATE TABLE IF NOT EXISTS {STATE_SCHEMA}.staged_outputs (
-    asset_key text NOT NULL,
-    partition_key text NOT NULL,
-    run_id text,
-    payload bytea NOT NULL,
-    stored_at timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (asset_key, partition_key)
-)"""
+from embedding_assets.state.ddl import STATE_SCHEMA
+from embedding_assets.state.migrations import migrate
 
 
 class StagedOutputs:
     def __init__(self, engine: sa.Engine):
         self.engine = engine
-        ensure_tables(engine, STATE_DDL)
-        ensure_tables(engine, STAGING_DDL)
+        migrate(engine)
 
     def put(self, asset_key: str, partition_key: str, value: Any, run_id: str | None) -> int:
         payload = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)

@@ -24,8 +24,8 @@ import sqlalchemy as sa
 from embedding_assets.config.base import split_qualified
 from embedding_assets.config.sources import SourceSpec
 from embedding_assets.core.sharding import shard_sql
-from embedding_assets.state.ddl import STATE_DDL, STATE_SCHEMA
-from embedding_assets.state.generations import ACTIVE_STATES, GENERATIONS_DDL
+from embedding_assets.state.ddl import STATE_SCHEMA
+from embedding_assets.state.generations import ACTIVE_STATES
 from embedding_assets.state.source_sql import (
     catalog_columns,
     quote_ident,
@@ -180,7 +180,9 @@ $capture$;"""
     def dba_sql(self) -> str:
         """What a DBA runs for a role that may not create triggers: our schema first (the
         trigger writes into it), then the triggers."""
-        return STATE_DDL.strip() + "\n" + GENERATIONS_DDL.strip() + "\n\n" + self.install_sql()
+        from embedding_assets.state.migrations import all_ddl
+
+        return all_ddl() + "\n\n" + self.install_sql()
 
 
 def installed_signature(conn: sa.Connection, triggers: CaptureTriggers) -> str | None:

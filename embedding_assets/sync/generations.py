@@ -48,13 +48,17 @@ _EMBEDDER_SPEC = TypeAdapter(EmbedderSpec)
 def pipeline_identity(spec: SourceSpec, embedder_spec: EmbedderSpec, model_id: str) -> dict:
     """Everything that changes a source's vectors: the model (its id carries the precision),
     the requested output dimension, the text template, the chunking and the text rules.
-    Metadata, filters, limits and endpoints are not in it: changing them builds nothing."""
+    Metadata, filters, limits and endpoints are not in it: changing them builds nothing
+    (`config.effects` says what each key does). A remote embedder's `tokenizer` cuts the
+    chunks, so it is part of it once set (absent, the key of existing generations stays)."""
+    tokenizer = getattr(embedder_spec, "tokenizer", None)
     return {
         "model": model_id,
         "dimensions": getattr(embedder_spec, "dimensions", None),
         "text": spec.text,
         "chunking": {"max_tokens": spec.chunking.max_tokens, "overlap": spec.chunking.overlap},
         "text_rules": TEXT_RULES_VERSION,
+        **({"tokenizer": tokenizer} if tokenizer else {}),
     }
 
 
@@ -66,10 +70,6 @@ def pipeline_record(spec: SourceSpec, embedder_spec: EmbedderSpec, model_id: str
         "embedder_name": spec.embedder,
         "embedder": embedder_spec.model_dump(mode="json"),
     }
-
-
-def _identity_of(record: dict) -> dict:
-    return {k: record[k] for k in ("model", "dimensions", "text", "chunking", "text_rules")}
 
 
 def config_key(spec: SourceSpec, embedder_spec: EmbedderSpec, model_id: str) -> str:

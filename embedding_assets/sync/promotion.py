@@ -335,6 +335,16 @@ def expire_previous(runtime: SourceRuntime) -> list[int]:
     return [g.number for g in expired]
 
 
+def finish_build(runtime: SourceRuntime, logger=log) -> dict[str, Any]:
+    """A building generation (a new model, or a rollback target) whose rows are all stored
+    is checked and promoted by whoever looks next: a sync, a sensor tick, a run. Without
+    this, a build whose last write committed but whose promotion was cut off (a kill, a
+    crash) would wait for the next changed row. Nothing for a live generation."""
+    if runtime.generation is None or runtime.generation.state != "building":
+        return {}
+    return after_index_write(runtime, logger)
+
+
 def after_index_write(runtime: SourceRuntime, logger=log) -> dict[str, Any]:
     """What follows a shard's Qdrant write: promote a finished auto build, keep readers on
     the live generation, drop expired previous ones and sweep their collections."""

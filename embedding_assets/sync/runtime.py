@@ -65,6 +65,8 @@ class SourceRuntime:
     embedder_name: str = ""
     tokens_per_day: int | None = None
     target_ready: bool = False
+    # sources.yaml's edits are brought into this generation's store (`sync.config_edits`).
+    config_applied: bool = False
     # The write-back column (write_back: in sources.yaml), None without one.
     column: ColumnDestination | None = None
     _claims: dict[int, sa.Connection] = field(default_factory=dict, repr=False)

@@ -239,12 +239,12 @@ def test_side_table_for_a_source_table_nobody_may_change(postgres, home, tmp_pat
 def test_a_role_that_may_not_alter_the_table_gets_the_sql_for_a_dba(postgres, home, tmp_path):
     from sqlalchemy.engine import make_url
 
-    from embedding_assets.state.ddl import ensure_tables
+    from embedding_assets.state.migrations import migrate
 
     name = unique_name()
     create_docs_table(postgres, name, docs()[:2])
     role = f"app_{name}"
-    ensure_tables(engine_for(postgres))
+    migrate(engine_for(postgres))
     # The role uses our schema and may update the source table, but may not alter it.
     execute(
         postgres,

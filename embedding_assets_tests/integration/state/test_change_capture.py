@@ -278,8 +278,8 @@ def test_a_role_without_trigger_privilege_gets_the_sql_and_a_dba_install_works(
     from sqlalchemy.engine import make_url
 
     from embedding_assets.state.capture import resolve_mode
-    from embedding_assets.state.ddl import ensure_tables
     from embedding_assets.state.diff import SourceDiff
+    from embedding_assets.state.migrations import migrate
     from embedding_assets.state.queue import ChangeQueue
     from embedding_assets.state.trigger_feed import TriggerFeed
     from embedding_assets.state.triggers import TriggerPrivilegeError
@@ -288,7 +288,7 @@ def test_a_role_without_trigger_privilege_gets_the_sql_and_a_dba_install_works(
     create_docs_table(postgres, name, docs(3))
     role = f"app_{name}"
     # Our role reads the source and uses our schema, but may not create triggers on the table.
-    ensure_tables(engine_for(postgres))
+    migrate(engine_for(postgres))
     execute(
         postgres,
         f"CREATE ROLE {role} LOGIN",

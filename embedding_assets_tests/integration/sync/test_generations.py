@@ -21,8 +21,8 @@ from embedding_assets.cli.sync import sync_source
 from embedding_assets.config.settings import Settings, load_settings
 from embedding_assets.ops.environment import qdrant_store_from_env
 from embedding_assets.state.db import engine_for
-from embedding_assets.state.ddl import ensure_tables
 from embedding_assets.state.generations import Generations
+from embedding_assets.state.migrations import migrate
 from embedding_assets.sync.generations import runtime_for
 from embedding_assets.sync.promotion import converge_readers
 from embedding_assets_tests.fakes.provider_server import ProviderServer
@@ -537,7 +537,7 @@ def test_daily_token_budget_makes_rows_wait_without_failing(postgres, home, tmp_
     name = unique_name()
     create_docs_table(postgres, name, docs(20))
     # Usage is per embedder and day, whatever the source: earlier tests used `local` too.
-    ensure_tables(engine_for(postgres))
+    migrate(engine_for(postgres))
     execute(postgres, "DELETE FROM embedding_assets.token_usage WHERE embedder = 'local'")
     budget = settings_for(tmp_path, name, "a", budget="max_tokens_per_day: 100")
     reports = sync_ok(budget, name, instance)
@@ -630,3 +630,79 @@ def test_the_sensor_asks_for_runs_of_both_generations_tagged_with_each(
     assert "generation 2 is built and waits for `embedding-assets generations promote" in (
         idle.skip_message
     )
+
+
+KILL_AT_SWITCH = """
+import os, signal, sys
+import embedding_assets.sync.promotion as promotion
+
+def killed(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)  # the build's last write is committed; no switch
+
+promotion._switch = killed
+from embedding_assets.cli.main import main
+main(sys.argv[1:])
+"""
+
+
+def test_a_build_killed_at_its_promotion_goes_live_at_the_next_sync(
+    postgres,
+    home,
+    tmp_path,
+    instance,
+    dagster_url,  # noqa: F811 (the fixture)
+):
+    """kill -9 after the build's last write committed, at the moment of the switch: the
+    build is complete (coverage 100 %) but `building`. The next sync, with no row changed
+    and no shard with work, checks and promotes it."""
+    import os
+    import sys
+
+    name = unique_name()
+    create_docs_table(postgres, name, docs(12))
+    sync_ok(settings_for(tmp_path, name, "a"), name, instance)
+    second = settings_for(tmp_path, name, "b", chunking="{max_tokens: 32, overlap: 4}")
+    child = subprocess.run(
+        [sys.executable, "-c", KILL_AT_SWITCH, "--sources", str(second.path), "sync"],
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "EMBEDDING_ASSETS_DAGSTER_PG_URL": dagster_url},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert child.returncode == -9, child.stderr[-2000:]
+    assert states(postgres, name) == {1: "live", 2: "building"}
+    building = runtime_for(second, name, postgres, 2)
+    assert not any(w.has_work for w in building.work().values())  # nothing left to write
+
+    # As `embedding-assets sync` runs: only shards with work, and there are none.
+    assert sync_source(second, name, None, instance, every_shard=False) == []
+    assert states(postgres, name) == {1: "previous", 2: "live"}
+    assert view_rows(postgres, name) and all(
+        len(t) == 1 for t in view_rows(postgres, name).values()
+    )
+    listed = {g["number"]: g for g in generations_report(second, name)}
+    assert listed[2]["state"] == "live"
+
+
+def test_a_rollback_with_nothing_changed_goes_live_at_the_next_sync(
+    postgres, server_qdrant, tmp_path, instance
+):
+    name = unique_name()
+    create_docs_table(postgres, name, docs(8))
+    first = settings_for(tmp_path, name, "a")
+    sync_ok(first, name, instance)
+    second = settings_for(tmp_path, name, "b", chunking="{max_tokens: 32, overlap: 4}")
+    sync_ok(second, name, instance)
+    assert states(postgres, name) == {1: "previous", 2: "live"}
+    from click.testing import CliRunner
+
+    from embedding_assets.cli.main import main
+
+    args = ["--sources", str(second.path), "generations", "rollback", "--source", name]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "0 rows queued" in result.output
+    assert states(postgres, name) == {1: "building", 2: "live"}
+    assert sync_source(second, name, None, instance, every_shard=False) == []
+    assert states(postgres, name) == {1: "live", 2: "previous"}
+    assert server_qdrant.alias_target(name) == f"{name}__g1"

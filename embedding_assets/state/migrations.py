@@ -1,0 +1,128 @@
+"""Our own tables change only through these migrations, in order, each applied once.
+
+`embedding_assets.schema_version` records which are applied. Whichever process touches the
+state schema first applies the missing ones, under the DDL advisory lock, in one
+transaction; a process that finds them all applied writes nothing. A store written before
+the version table existed (up to commit 0f72d97) has every table of migrations 1-3
+already: their DDL is idempotent (`IF NOT EXISTS`), so it is adopted as it is and nothing is
+embedded again. A new table or column of ours is a new entry at the end, never an edit of
+an old one.
+"""
+
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+
+from embedding_assets.state.ddl import (
+    GENERATIONS_DDL,
+    STAGING_DDL,
+    STATE_DDL,
+    STATE_SCHEMA,
+    ddl_lock,
+    execute_script,
+)
+
+APPLIED_CONFIG_DDL = f"""
+CREATE TABLE IF NOT EXISTS {STATE_SCHEMA}.applied_config (
+    target text PRIMARY KEY,       -- a generation's ledger key
+    config jsonb NOT NULL,         -- values of the keys whose edit changes the store
+    fingerprints jsonb NOT NULL,   -- per effect class (config.effects)
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+"""
+
+VERSION_DDL = f"""
+CREATE TABLE IF NOT EXISTS {STATE_SCHEMA}.schema_version (
+    version int PRIMARY KEY,
+    name text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+"""
+
+
+class SchemaVersionError(RuntimeError):
+    """The state schema was written by a newer version of this tool."""
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+
+MIGRATIONS = (
+    Migration(1, "ledger, change queue, capture, errors, caches (as of 0f72d97)", STATE_DDL),
+    Migration(2, "generations registry", GENERATIONS_DDL),
+    Migration(3, "staged stage outputs", STAGING_DDL),
+    Migration(4, "applied configuration per generation", APPLIED_CONFIG_DDL),
+)
+LATEST = MIGRATIONS[-1].version
+
+_MIGRATED: set[str] = set()  # database URLs this process found up to date
+
+
+def schema_version(conn: sa.Connection) -> int | None:
+    """The newest applied migration; None before the version table existed."""
+    exists = conn.scalar(
+        sa.text("SELECT to_regclass(:t) IS NOT NULL"), {"t": f"{STATE_SCHEMA}.schema_version"}
+    )
+    if not exists:
+        return None
+    return conn.scalar(sa.text(f"SELECT max(version) FROM {STATE_SCHEMA}.schema_version"))
+
+
+def migrate(engine: sa.Engine) -> list[int]:
+    """Apply the migrations this database lacks; returns their versions ([] when none)."""
+    key = engine.url.render_as_string(hide_password=False)
+    if key in _MIGRATED:
+        return []
+    with engine.connect() as conn:
+        found = schema_version(conn)
+    _refuse_newer(found)
+    applied: list[int] = []
+    if found != LATEST:
+        with engine.begin() as conn:
+            ddl_lock(conn)
+            applied = _apply_missing(conn)
+    _MIGRATED.add(key)
+    return applied
+
+
+def _refuse_newer(version: int | None) -> None:
+    if version is not None and version > LATEST:
+        raise SchemaVersionError(
+            f"the {STATE_SCHEMA} schema is at version {version}, written by a newer "
+            f"embedding-assets than this one (which knows up to {LATEST}); upgrade this "
+            "installation (pip install -U embedding-assets) instead of running an older one"
+        )
+
+
+def _apply_missing(conn: sa.Connection) -> list[int]:
+    has_schema = conn.scalar(
+        sa.text("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = :s)"),
+        {"s": STATE_SCHEMA},
+    )
+    if not has_schema:  # only when missing: a DBA may have created it for a role without CREATE
+        conn.execute(sa.text(f"CREATE SCHEMA {STATE_SCHEMA}"))
+    execute_script(conn, VERSION_DDL)
+    done = set(conn.scalars(sa.text(f"SELECT version FROM {STATE_SCHEMA}.schema_version")))
+    _refuse_newer(max(done, default=None))
+    applied = []
+    for migration in MIGRATIONS:
+        if migration.version in done:
+            continue
+        execute_script(conn, migration.sql)
+        conn.execute(
+            sa.text(f"INSERT INTO {STATE_SCHEMA}.schema_version (version, name) VALUES (:v, :n)"),
+            {"v": migration.version, "n": migration.name},
+        )
+        applied.append(migration.version)
+    return applied
+
+
+def all_ddl() -> str:
+    """Every migration's DDL, for a DBA to run (the version rows are written by the tool)."""
+    return "\n".join(
+        [f"CREATE SCHEMA IF NOT EXISTS {STATE_SCHEMA};", *(m.sql.strip() for m in MIGRATIONS)]
+    )

@@ -1,0 +1,151 @@
+"""Edits of sources.yaml brought into a store already built, by whoever runs next.
+
+A generation's store records the configuration it was last brought in line with
+(`state.applied_config`). The first sync, sensor tick or run after an edit compares it with
+sources.yaml and, for the keys whose effect is `eligibility` or `in_place`
+(`config.effects`):
+
+- queues what one full diff finds (rows that left are deleted from every sink, rows that
+  entered are embedded, rows whose metadata changed are rewritten from their stored
+  vectors) in the same transaction that records the new configuration, so a crash either
+  leaves the old record (the next caller does it again) or a queue that holds the work;
+- moves capture triggers off a table the source no longer reads;
+- rebuilds what an index edit changes (pgvector HNSW, a Qdrant server's HNSW and
+  quantization), and sends every row to an edited write-back column again from its stored
+  chunks.
+
+A store with no record (new, or written before the record existed) gets one full diff
+before its first record, so nothing an old edit left behind survives an upgrade.
+"""
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+
+from embedding_assets.config.base import split_qualified
+from embedding_assets.config.effects import Effect, changed_keys, recorded_config
+from embedding_assets.state.applied_config import AppliedConfig
+from embedding_assets.state.ddl import STATE_SCHEMA, ddl_lock, execute_script
+from embedding_assets.state.source_sql import quote_ident, quote_table
+from embedding_assets.state.triggers import OPERATIONS
+from embedding_assets.sync.runtime import SourceRuntime
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ConfigEdit:
+    """What bringing a store in line found and did."""
+
+    changed: dict[str, Effect] = field(default_factory=dict)
+    first_record: bool = False  # no configuration was recorded before
+    rows_queued: int = 0
+    applied: tuple[str, ...] = ()  # in-place actions taken
+
+    @property
+    def any(self) -> bool:
+        return bool(self.changed) or self.first_record
+
+    def describe(self) -> str:
+        keys = ", ".join(f"{k} ({v})" for k, v in self.changed.items()) or "none recorded yet"
+        done = f"; {', '.join(self.applied)}" if self.applied else ""
+        return f"configuration edits applied: {keys}; {self.rows_queued} rows queued{done}"
+
+
+def current_config(runtime: SourceRuntime) -> dict[str, Any]:
+    """The configured values of the recorded keys, as this generation applies them: the
+    readers' names are the stable ones (a generation's own table and collection never move)."""
+    config = recorded_config(runtime.spec)
+    config["pgvector.table"] = ".".join(runtime.stable_table)
+    config["qdrant.collection"] = runtime.stable_collection
+    return config
+
+
+def pending_edits(runtime: SourceRuntime) -> dict[str, Effect] | None:
+    """Read only: the keys edited since the store was last brought in line ({} when none),
+    None when nothing was recorded yet."""
+    applied = AppliedConfig(runtime.engine, runtime.target).read()
+    if applied is None:
+        return None
+    return changed_keys(applied, current_config(runtime))
+
+
+def apply_config(runtime: SourceRuntime) -> ConfigEdit:
+    """Bring the runtime's store in line with sources.yaml; once per runtime and process
+    when nothing changed (one indexed read)."""
+    if runtime.config_applied:
+        return ConfigEdit()
+    record = AppliedConfig(runtime.engine, runtime.target)
+    current = current_config(runtime)
+    if record.read() == current:
+        runtime.config_applied = True
+        return ConfigEdit()
+    runtime.feed.ensure()  # triggers re-installed for the columns the edit watches
+    with runtime.engine.begin() as conn:
+        record.lock(conn)
+        applied = record.read(conn)
+        if applied == current:  # another process did it meanwhile
+            runtime.config_applied = True
+            return ConfigEdit()
+        changed = changed_keys(applied or {}, current)
+        if applied is not None and "table" in changed and applied.get("table"):
+            _drop_triggers_on(conn, runtime, applied["table"])
+        queued = _queue_full_diff(conn, runtime)
+        record.record(conn, current)
+    edit = ConfigEdit(changed, applied is None, queued, tuple(_apply_in_place(runtime, changed)))
+    if edit.changed:
+        log.info("%s: %s", runtime.spec.name, edit.describe())
+    runtime.config_applied = True
+    return edit
+
+
+def _queue_full_diff(conn: sa.Connection, runtime: SourceRuntime) -> int:
+    """Queue what a full diff finds (a diff feed compares in full on every run anyway). A
+    target with nothing stored yet needs none: its first runs find every row."""
+    if runtime.feed.mode == "diff":
+        return 0
+    stored = conn.scalar(
+        sa.text(f"SELECT EXISTS (SELECT 1 FROM {STATE_SCHEMA}.row_state WHERE target = :t)"),
+        {"t": runtime.target},
+    )
+    return runtime.diff.enqueue_pending(conn) if stored else 0
+
+
+def _drop_triggers_on(conn: sa.Connection, runtime: SourceRuntime, table: str) -> None:
+    """The source reads another table now: its capture triggers leave the old one."""
+    relation = quote_table(split_qualified(table))
+    if not conn.scalar(sa.text("SELECT to_regclass(:t) IS NOT NULL"), {"t": relation}):
+        return
+    ddl_lock(conn)
+    execute_script(
+        conn,
+        "\n".join(
+            f"DROP TRIGGER IF EXISTS {quote_ident(f'ea_{runtime.spec.name}_{op}')} ON {relation};"
+            for op in OPERATIONS
+        ),
+    )
+
+
+def _apply_in_place(runtime: SourceRuntime, changed: dict[str, Effect]) -> list[str]:
+    done = []
+    if {"pgvector.hnsw.m", "pgvector.hnsw.ef_construction"} & changed.keys():
+        with runtime.engine.begin() as conn:
+            if runtime.pgvector.table_exists(conn) and runtime.pgvector.has_index(conn):
+                schema, _ = runtime.spec.pg_table
+                index = f"{quote_ident(schema)}.{runtime.pgvector.hnsw_index}"
+                conn.execute(sa.text(f"DROP INDEX IF EXISTS {index}"))
+                runtime.pgvector.create_index(conn)
+                done.append("pgvector HNSW index rebuilt")
+    qdrant_keys = {"qdrant.hnsw.m", "qdrant.hnsw.ef_construct", "qdrant.quantization"}
+    if qdrant_keys & changed.keys() and runtime.spec.qdrant.enabled:
+        store, collection = runtime.qdrant.store, runtime.qdrant.collection
+        if store.update_index_config(collection, runtime.qdrant.index_config):
+            done.append("Qdrant index config updated")
+    edited_column = any(k.startswith("write_back.") for k in changed)
+    if edited_column and runtime.column is not None and runtime.is_live:
+        with runtime.engine.begin() as conn:
+            rows = runtime.column.rewrite_all(conn, enqueue=runtime.feed.mode != "diff")
+        done.append(f"{rows} rows sent to the write-back column again")
+    return done

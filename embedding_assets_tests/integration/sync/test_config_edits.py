@@ -1,0 +1,137 @@
+"""Edits of sources.yaml take effect at the next sync, each as its class in config.effects says:
+real Postgres + pgvector, Qdrant's embedded engine, an OpenAI-compatible server on 127.0.0.1
+that counts what it embeds, trigger capture."""
+
+from pathlib import Path
+
+import dagster as dg
+import pytest
+import sqlalchemy as sa
+
+from embedding_assets.cli.status import status_report
+from embedding_assets.cli.sync import sync_source
+from embedding_assets.config.settings import load_settings
+from embedding_assets.ops.environment import qdrant_store_from_env
+from embedding_assets.state.db import engine_for
+from embedding_assets_tests.fakes.provider_server import ProviderServer
+from embedding_assets_tests.integration.helpers import (
+    create_docs_table,
+    fake_embedder_settings,
+    unique_name,
+)
+
+ROWS = 200
+
+
+@pytest.fixture
+def instance():
+    with dg.DagsterInstance.ephemeral() as inst:
+        yield inst
+
+
+@pytest.fixture
+def fake():
+    with ProviderServer("openai", dim=8) as server:
+        yield server
+
+
+def embedded_inputs(server: ProviderServer) -> int:
+    return sum(len(r.inputs) for r in server.requests if r.status == 200)
+
+
+class Source:
+    """A 200-row table, kind 'even' / 'odd' half each, and its sources.yaml."""
+
+    def __init__(self, postgres: str, tmp_path: Path, fake: ProviderServer):
+        self.url, self.tmp_path, self.fake = postgres, tmp_path, fake
+        self.name = unique_name()
+        rows = [
+            {
+                "id": i,
+                "title": f"Doc {i}",
+                "body": f"body {i}",
+                "category": ("even", "odd")[i % 2],
+            }
+            for i in range(1, ROWS + 1)
+        ]
+        create_docs_table(postgres, self.name, rows)
+
+    def configure(self, **source: str):
+        path = fake_embedder_settings(
+            self.tmp_path, self.name, self.fake.base_url, {}, {"shards": "2", **source}
+        )
+        return load_settings(path)
+
+    def sync(self, settings, instance) -> int:
+        """One `embedding-assets sync` (shards with work only); returns the inputs embedded."""
+        before = embedded_inputs(self.fake)
+        reports = sync_source(settings, self.name, None, instance, every_shard=False)
+        assert all(r.success for r in reports), [r.error for r in reports]
+        return embedded_inputs(self.fake) - before
+
+    def stored_ids(self) -> set[int]:
+        with engine_for(self.url).connect() as conn:
+            rows = conn.scalars(sa.text(f"SELECT DISTINCT row_id FROM {self.name}_embeddings"))
+            return {int(r) for r in rows}
+
+    def qdrant_payloads(self) -> list[dict]:
+        """The payloads of the points of every chunk pgvector holds."""
+        with engine_for(self.url).connect() as conn:
+            ids = list(conn.scalars(sa.text(f"SELECT point_id FROM {self.name}_embeddings")))
+        return [h.payload for h in qdrant_store_from_env().retrieve(self.name, ids)]
+
+
+def ids_of(kind: str) -> set[int]:
+    return {i for i in range(1, ROWS + 1) if (i % 2 == 0) == (kind == "even")}
+
+
+def test_a_where_edit_moves_the_store_to_the_new_rows_at_the_next_sync(
+    postgres, home, tmp_path, instance, fake
+):
+    source = Source(postgres, tmp_path, fake)
+    even = source.configure(where="\"category = 'even'\"")
+    assert source.sync(even, instance) == 100
+    assert source.stored_ids() == ids_of("even")
+
+    odd = source.configure(where="\"category = 'odd'\"")
+    report = status_report(odd, source.name)
+    assert report["config_changes"] == {"where": "eligibility"}
+    calls = source.sync(odd, instance)
+    assert calls == 100  # the entering rows' chunks only
+    assert source.stored_ids() == ids_of("odd")
+    assert qdrant_store_from_env().count(source.name) == 100
+    after = status_report(odd, source.name, exact=True)
+    assert after["config_changes"] == {}
+    assert (after["eligible_rows"], after["embedded_rows"], after["pending_rows"]) == (100, 100, 0)
+    assert source.sync(odd, instance) == 0  # applied once
+
+
+def test_in_place_and_operational_edits_embed_nothing(postgres, home, tmp_path, instance, fake):
+    source = Source(postgres, tmp_path, fake)
+    first = source.configure(metadata="[views]")
+    assert source.sync(first, instance) == ROWS
+
+    more = source.configure(metadata="[views, category]")
+    assert status_report(more, source.name)["config_changes"] == {"metadata": "in_place"}
+    assert source.sync(more, instance) == 0
+    with engine_for(postgres).connect() as conn:
+        kinds = dict(
+            conn.execute(
+                sa.text(f"SELECT row_id, category FROM {source.name}_embeddings")
+            ).fetchall()
+        )
+    assert len(kinds) == ROWS and kinds["2"] == "even" and kinds["3"] == "odd"
+    payloads = source.qdrant_payloads()
+    assert len(payloads) == ROWS and {p["category"] for p in payloads} == {"even", "odd"}
+
+    with engine_for(postgres).connect() as conn:
+        written = sa.text(
+            "SELECT max(pg_synced_at) FROM embedding_assets.row_state WHERE target = :t"
+        )
+        before = conn.scalar(written, {"t": f"public.{source.name}_embeddings"})
+    ops = source.configure(metadata="[views, category]", max_rows_per_run="50",
+                           sensor_interval_seconds="9", retries="{max_attempts: 2}")  # fmt: skip
+    assert status_report(ops, source.name)["config_changes"] == {}
+    assert source.sync(ops, instance) == 0
+    with engine_for(postgres).connect() as conn:
+        assert conn.scalar(written, {"t": f"public.{source.name}_embeddings"}) == before
