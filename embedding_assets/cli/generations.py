@@ -33,7 +33,7 @@ def generations_report(
         runtime = runtimes.get(generation.number)
         if runtime is not None:
             embedded = sum(runtime.ledger.current_rows_by_shard().values())
-            pending = sum(w.pending_rows for w in runtime.work().values())
+            pending = sum(w.pending_rows for w in runtime.work(ensure=False).values())
             failed = sum(f + d for f, d in runtime.errors.counts_by_shard().values())
             eligible = embedded + pending + failed
             if generation.state == "live":

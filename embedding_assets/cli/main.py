@@ -13,6 +13,7 @@ from embedding_assets.cli.dev import dev
 from embedding_assets.cli.errors import errors
 from embedding_assets.cli.generations import generations
 from embedding_assets.cli.plan import plan
+from embedding_assets.cli.prune import prune
 from embedding_assets.cli.reconcile import reconcile
 from embedding_assets.cli.search import search
 from embedding_assets.cli.serve import serve
@@ -97,6 +98,7 @@ for command in (
     errors,
     generations,
     plan,
+    prune,
     reconcile,
     search,
     serve,

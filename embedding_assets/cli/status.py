@@ -43,10 +43,11 @@ def status_report(settings: Settings, source: str, exact: bool = False) -> dict:
     from embedding_assets.state.diff import DUPLICATE_KIND
     from embedding_assets.sync.config_edits import pending_edits
 
+    if not _registered(source):
+        return _never_synced(settings, source)
     runtimes = generation_runtimes(settings, source)
     runtime = runtimes[0]  # the live generation
     spec = runtime.spec
-    runtime.feed.ensure()
     is_exact = exact or runtime.feed.mode == "diff"
     # First make the ledger honest about what the destinations hold (a TRUNCATE or a
     # removed store turns into rows to restore), so no row is reported as embedded that a
@@ -103,10 +104,15 @@ def status(ctx: click.Context, source: str | None, exact: bool, as_json: bool) -
     ensure_database()
     settings = settings_from(ctx)
     reports = [status_report(settings, name, exact) for name in source_names(settings, source)]
+    for line in unconfigured_leftovers(settings):
+        click.echo(f"WARNING: {line}", err=True)
     if as_json:
         click.echo(json.dumps(reports, default=str))
         return
     for report in reports:
+        if report.get("synced") is False:
+            click.echo(f"{report['source']}: {report['note']}")
+            continue
         click.echo(
             f"{report['source']} -> {report['pgvector_table']} / "
             f"qdrant:{report['qdrant_collection']}  ({report['change_capture']} capture)"
@@ -143,6 +149,39 @@ def status(ctx: click.Context, source: str | None, exact: bool, as_json: bool) -
             )
 
 
+def _registered(source: str) -> bool:
+    from embedding_assets.ops.environment import database_url
+    from embedding_assets.state.db import engine_for
+    from embedding_assets.state.generations import Generations
+
+    return bool(Generations(engine_for(database_url()), source).all())
+
+
+def _never_synced(settings: Settings, source: str) -> dict:
+    """A configured source with no store yet: reported without creating one (status writes
+    nothing; the first sync, run or sensor tick sets capture up)."""
+    spec = settings.source(source)
+    return {
+        "source": source,
+        "synced": False,
+        "pgvector_table": ".".join(spec.pg_table),
+        "qdrant_collection": spec.qdrant_collection,
+        "note": f"never synced: `embedding-assets sync --source {source}` (or the sensor in "
+        "`dev`) creates its store and sets change capture up",
+        **dict.fromkeys(STATUS_FIELDS),
+    }
+
+
+def unconfigured_leftovers(settings: Settings) -> list[str]:
+    """What sources no longer in sources.yaml left behind (triggers, queues), described."""
+    from embedding_assets.ops.environment import database_url
+    from embedding_assets.state.db import engine_for
+    from embedding_assets.state.leftovers import leftovers
+
+    configured = {s.name for s in settings.sources}
+    return [found.describe() for found in leftovers(engine_for(database_url()), configured)]
+
+
 def _exact_shards(runtime) -> dict[str, dict[str, int]]:
     """Per shard, by a full diff of the source and counting both sinks."""
     spec = runtime.spec
@@ -167,7 +206,7 @@ def _exact_shards(runtime) -> dict[str, dict[str, int]]:
 def _ledger_shards(runtime) -> dict[str, dict[str, int]]:
     """Per shard, from the ledger and the change feed (no scan of the source)."""
     spec = runtime.spec
-    work = runtime.work()
+    work = runtime.work(ensure=False)
     held = runtime.ledger.holdings_by_shard()
     shards = {}
     for index, key in enumerate(spec.shard_keys):

@@ -47,8 +47,9 @@ class ChangeFeed(Protocol):
     def pending(self, shard: int, limit: int) -> PendingRows:
         """At most `limit` rows of the shard that need work, with what was consumed."""
 
-    def work(self) -> dict[int, tuple[int, str | None]]:
-        """Per shard with work: (pending rows, or an estimate; a fingerprint). Cheap."""
+    def work(self, ensure: bool = True) -> dict[int, tuple[int, str | None]]:
+        """Per shard with work: (pending rows, or an estimate; a fingerprint). Cheap.
+        `ensure=False` (read-only callers: status) installs nothing and requeues nothing."""
 
     def acknowledge(self, conn: sa.Connection, pending: PendingRows) -> None:
         """In the ledger write's transaction: consume `pending` (rows that failed are in
@@ -171,8 +172,9 @@ class DiffFeed(BaseFeed):
         self.ensure()
         return self.diff.pending(shard, limit)
 
-    def work(self) -> dict[int, tuple[int, str | None]]:
-        self.ensure()
+    def work(self, ensure: bool = True) -> dict[int, tuple[int, str | None]]:
+        if ensure:
+            self.ensure()
         return {
             shard: (w.pending_rows, w.fingerprint)
             for shard, w in self.diff.exact_work().items()

@@ -100,9 +100,10 @@ class TriggerFeed(QueueFeed):
         found = self.diff.pending(shard, limit, scope)
         return replace(found, consumed=entries, backlog=len(entries) >= limit)
 
-    def work(self) -> dict[int, tuple[int, str | None]]:
-        self.ensure()
-        self.errors.requeue_due()
+    def work(self, ensure: bool = True) -> dict[int, tuple[int, str | None]]:
+        if ensure:
+            self.ensure()
+            self.errors.requeue_due()
         return {
             shard: (q.entries, f"q{q.entries}:{q.first_id}:{q.last_id}")
             for shard, q in self.queue.summary_by_shard().items()

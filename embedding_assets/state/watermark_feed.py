@@ -104,11 +104,12 @@ class WatermarkFeed(QueueFeed):
                 {"t": self.target, "s": pending.shard, "v": pending.watermark},
             )
 
-    def work(self) -> dict[int, tuple[int, str | None]]:
+    def work(self, ensure: bool = True) -> dict[int, tuple[int, str | None]]:
         """Pending rows past each shard's watermark (one diff over the window since the
         lowest mark), plus queued rows. A shard with no mark yet has a full diff to do."""
-        self.ensure()
-        self.errors.requeue_due()
+        if ensure:
+            self.ensure()
+            self.errors.requeue_due()
         marks = self.watermarks()
         queued = self.queue.summary_by_shard()
         work: dict[int, tuple[int, str | None]] = {}

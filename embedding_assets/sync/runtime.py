@@ -194,10 +194,11 @@ class SourceRuntime:
         for shard in list(self._claims):
             self.release_shard(shard)
 
-    def work(self) -> dict[int, ShardWork]:
+    def work(self, ensure: bool = True) -> dict[int, ShardWork]:
         """Per shard: pending rows and Qdrant lag from the change feed and the ledger's
-        lag index. Cost follows the changes (for trigger and watermark feeds)."""
-        pending = self.feed.work()
+        lag index. Cost follows the changes (for trigger and watermark feeds). Read-only
+        callers pass `ensure=False`: capture is then neither installed nor seeded."""
+        pending = self.feed.work(ensure)
         lag = self.qdrant.lag_by_shard()
         work = {}
         for shard in range(self.spec.shards):

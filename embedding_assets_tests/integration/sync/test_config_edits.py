@@ -135,3 +135,69 @@ def test_in_place_and_operational_edits_embed_nothing(postgres, home, tmp_path, 
     assert source.sync(ops, instance) == 0
     with engine_for(postgres).connect() as conn:
         assert conn.scalar(written, {"t": f"public.{source.name}_embeddings"}) == before
+
+
+def database_snapshot(url: str, table: str) -> dict:
+    """What a read-only command must not change: triggers on the table, our functions and
+    relations, the registry, the queue."""
+    with engine_for(url).connect() as conn:
+        one = conn.scalar
+        return {
+            "triggers": sorted(
+                conn.scalars(
+                    sa.text("SELECT tgname FROM pg_trigger WHERE tgrelid = to_regclass(:t)"),
+                    {"t": table},
+                )
+            ),
+            "relations": one(sa.text("SELECT count(*) FROM pg_class")),
+            "functions": one(sa.text("SELECT count(*) FROM pg_proc")),
+            "generations": one(sa.text("SELECT count(*) FROM embedding_assets.generations")),
+            "queue": one(sa.text("SELECT count(*) FROM embedding_assets.change_queue")),
+            "capture": one(sa.text("SELECT count(*) FROM embedding_assets.capture")),
+        }
+
+
+def test_status_of_a_renamed_source_writes_nothing_and_leftovers_are_pruned_on_request(
+    postgres, home, tmp_path, instance, fake
+):
+    from click.testing import CliRunner
+
+    from embedding_assets.cli.main import main
+
+    source = Source(postgres, tmp_path, fake)
+    settings = source.configure()
+    assert source.sync(settings, instance) == ROWS
+    renamed_path = tmp_path / "renamed.yaml"
+    renamed_path.write_text(
+        settings.path.read_text().replace(f"- name: {source.name}", f"- name: {source.name}x")
+    )
+    before = database_snapshot(postgres, source.name)
+    result = CliRunner().invoke(main, ["--sources", str(renamed_path), "status", "--json"])
+    assert result.exit_code == 0, result.output
+    assert "never synced" in result.output
+    assert database_snapshot(postgres, source.name) == before  # nothing installed, queued
+
+    # The renamed source synced on purpose, then the name goes back: its triggers are
+    # reported (they queue every write for a target nothing reads) and pruned on request.
+    renamed = load_settings(renamed_path)
+    assert sync_source(renamed, f"{source.name}x", None, instance, every_shard=False)
+    with engine_for(postgres).begin() as conn:
+        conn.execute(sa.text(f"UPDATE {source.name} SET body = body || '!' WHERE id <= 10"))
+    result = CliRunner().invoke(main, ["--sources", str(settings.path), "status"])
+    assert result.exit_code == 0, result.output
+    assert f"source '{source.name}x' is not in sources.yaml" in result.output
+    assert "4 capture triggers" in result.output and "10 queued changes" in result.output
+    pruned = CliRunner().invoke(
+        main, ["--sources", str(settings.path), "prune", "--source", f"{source.name}x"]
+    )
+    assert pruned.exit_code == 0, pruned.output
+    assert "removed 4 capture triggers, 10 queued changes" in pruned.output
+    refused = CliRunner().invoke(
+        main, ["--sources", str(settings.path), "prune", "--source", source.name]
+    )
+    assert refused.exit_code != 0 and "is in sources.yaml" in refused.output
+    with engine_for(postgres).begin() as conn:
+        conn.execute(sa.text(f"UPDATE {source.name} SET body = body || '!' WHERE id <= 10"))
+    result = CliRunner().invoke(main, ["--sources", str(settings.path), "status"])
+    assert "is not in sources.yaml" not in result.output
+    assert source.sync(settings, instance) == 10  # the configured source saw both updates
