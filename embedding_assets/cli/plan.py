@@ -14,6 +14,7 @@ def plan_report(settings: Settings, source: str) -> dict[str, Any]:
     embedder's own tokenizer), chunks reused instead of embedded, and the price."""
     from embedding_assets.ops.environment import database_url
     from embedding_assets.sync.chunk import chunk_rows
+    from embedding_assets.sync.config_edits import pending_edits
     from embedding_assets.sync.embed import new_chunks, new_tokens, reusable_vectors
 
     spec = settings.source(source)
@@ -40,9 +41,13 @@ def plan_report(settings: Settings, source: str) -> dict[str, Any]:
         to_embed += sum(len(positions) for positions in missing.values())  # as a run counts
         tokens_to_embed += new_tokens(chunked.chunks, missing)
     price = embedder_spec.price_per_million_tokens
+    edits = pending_edits(runtime) if runtime.generation is not None else None
     return {
         "source": source,
         "generation": label,
+        # Keys edited since the store was brought in line, with their effect (config.effects);
+        # the counts below are what applying them costs: rows leaving, entering, rewritten.
+        "config_changes": {k: str(v) for k, v in (edits or {}).items()},
         "model": embedder.model_id,
         "rows": rows,
         "rows_to_delete": deleted,
@@ -120,6 +125,13 @@ def plan(ctx: click.Context, source: str | None, as_json: bool) -> None:
             f"{r['chunks']:,} chunks; {r['chunks_to_embed']:,} chunks / "
             f"{r['tokens_to_embed']:,} tokens to embed, {r['chunks_reused']:,} reused; {cost}"
         )
+        if r["config_changes"]:
+            edited = ", ".join(f"{k} ({v})" for k, v in r["config_changes"].items())
+            click.echo(
+                f"  edited since the last sync: {edited}; applying it removes "
+                f"{r['rows_to_delete']:,} rows and writes {r['rows']:,} (of which the chunks "
+                "above are embedded, the rest reused)"
+            )
         if r["max_tokens_per_day"]:
             days = r["tokens_to_embed"] / r["max_tokens_per_day"]
             click.echo(f"  at {r['max_tokens_per_day']:,} tokens per day: {days:.1f} days")

@@ -8,6 +8,7 @@ import dagster as dg
 import pytest
 import sqlalchemy as sa
 
+from embedding_assets.cli.plan import plan_report
 from embedding_assets.cli.status import status_report
 from embedding_assets.cli.sync import sync_source
 from embedding_assets.config.settings import load_settings
@@ -96,6 +97,9 @@ def test_a_where_edit_moves_the_store_to_the_new_rows_at_the_next_sync(
     odd = source.configure(where="\"category = 'odd'\"")
     report = status_report(odd, source.name)
     assert report["config_changes"] == {"where": "eligibility"}
+    plan = plan_report(odd, source.name)
+    assert plan["config_changes"] == {"where": "eligibility"}
+    assert (plan["rows_to_delete"], plan["rows"], plan["chunks_to_embed"]) == (100, 100, 100)
     calls = source.sync(odd, instance)
     assert calls == 100  # the entering rows' chunks only
     assert source.stored_ids() == ids_of("odd")
@@ -199,5 +203,5 @@ def test_status_of_a_renamed_source_writes_nothing_and_leftovers_are_pruned_on_r
     with engine_for(postgres).begin() as conn:
         conn.execute(sa.text(f"UPDATE {source.name} SET body = body || '!' WHERE id <= 10"))
     result = CliRunner().invoke(main, ["--sources", str(settings.path), "status"])
-    assert "is not in sources.yaml" not in result.output
+    assert f"source '{source.name}x'" not in result.output
     assert source.sync(settings, instance) == 10  # the configured source saw both updates
