@@ -104,11 +104,11 @@ def status(ctx: click.Context, source: str | None, exact: bool, as_json: bool) -
     ensure_database()
     settings = settings_from(ctx)
     reports = [status_report(settings, name, exact) for name in source_names(settings, source)]
-    for line in unconfigured_leftovers(settings):
-        click.echo(f"WARNING: {line}", err=True)
     if as_json:
         click.echo(json.dumps(reports, default=str))
         return
+    for line in unconfigured_leftovers(settings):
+        click.echo(f"WARNING: {line}")
     for report in reports:
         if report.get("synced") is False:
             click.echo(f"{report['source']}: {report['note']}")
