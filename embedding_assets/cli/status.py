@@ -111,7 +111,9 @@ def status(ctx: click.Context, source: str | None, exact: bool, as_json: bool) -
         click.echo(f"WARNING: {line}")
     for report in reports:
         if report.get("synced") is False:
-            click.echo(f"{report['source']}: {report['note']}")
+            click.echo(
+                f"{report['source']}: {report['eligible_rows']} eligible rows; {report['note']}"
+            )
             continue
         click.echo(
             f"{report['source']} -> {report['pgvector_table']} / "
@@ -160,7 +162,20 @@ def _registered(source: str) -> bool:
 def _never_synced(settings: Settings, source: str) -> dict:
     """A configured source with no store yet: reported without creating one (status writes
     nothing; the first sync, run or sensor tick sets capture up)."""
+    from embedding_assets.ops.environment import database_url
+    from embedding_assets.state.db import engine_for
+    from embedding_assets.state.diff import SourceDiff
+
     spec = settings.source(source)
+    work = SourceDiff(engine_for(database_url()), spec, spec.target, "").exact_work(remember=False)
+    shards = {
+        key: {
+            **dict.fromkeys(STATUS_FIELDS, 0),
+            "eligible_rows": work[index].eligible_rows,
+            "pending_rows": work[index].pending_rows,
+        }
+        for index, key in enumerate(spec.shard_keys)
+    }
     return {
         "source": source,
         "synced": False,
@@ -168,7 +183,10 @@ def _never_synced(settings: Settings, source: str) -> dict:
         "qdrant_collection": spec.qdrant_collection,
         "note": f"never synced: `embedding-assets sync --source {source}` (or the sensor in "
         "`dev`) creates its store and sets change capture up",
-        **dict.fromkeys(STATUS_FIELDS),
+        **{f: sum(s[f] for s in shards.values()) for f in STATUS_FIELDS},
+        "config_changes": None,
+        "exact": True,
+        "shards": shards,
     }
 
 

@@ -247,7 +247,7 @@ class SourceDiff:
             failures=failures,
         )
 
-    def exact_work(self, shard: int | None = None) -> dict[int, ShardWork]:
+    def exact_work(self, shard: int | None = None, remember: bool = True) -> dict[int, ShardWork]:
         """Per shard (or for one shard only), by a full diff: eligible, current, pending and
         Qdrant-lagging rows, and a fingerprint of the outstanding work (row ids, source and
         stored hashes, last write time). Cost: the whole source, hashed."""
@@ -276,7 +276,8 @@ class SourceDiff:
                     row.eligible_rows,
                     row.embedded_rows,
                 )
-            self._remember_counts(conn, work)
+            if remember:
+                self._remember_counts(conn, work)
         return work
 
     def _remember_counts(self, conn: sa.Connection, work: dict[int, ShardWork]) -> None:
