@@ -10,7 +10,12 @@ from embedding_assets.config.settings import Settings, load_settings
 from embedding_assets.defs.embedder_resources import embedder_resource, embedder_resource_key
 from embedding_assets.defs.factory import build_source_defs
 from embedding_assets.defs.io_managers import PgVectorIOManager, QdrantIOManager, StagingIOManager
-from embedding_assets.defs.resources import DatabaseResource, QdrantResource, RuntimeResource
+from embedding_assets.defs.resources import (
+    DatabaseResource,
+    QdrantResource,
+    RuntimeResource,
+    use_settings,
+)
 from embedding_assets.ops.environment import database_url, qdrant_path
 
 # Quiet by default. Partitioned asset checks are "preview" and code references "beta" in
@@ -27,6 +32,7 @@ def _env_or(name: str, default: str | None):
 
 
 def build_definitions(settings: Settings) -> dg.Definitions:
+    use_settings(settings)  # runs and ticks of these definitions read no other configuration
     database = DatabaseResource(url=_env_or("DATABASE_URL", database_url()))
     qdrant = QdrantResource(
         url=_env_or("QDRANT_URL", None),

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -46,6 +47,7 @@ def dev(ctx: click.Context, host: str, port: int) -> None:
     env = {**os.environ, "EMBEDDING_ASSETS_SOURCES": str(settings.path)}
     children: list[subprocess.Popen] = []
     stopping: list[str] = []
+    stop_following = threading.Event()
 
     def stop(signum: int, _frame) -> None:
         stopping.append(signal.Signals(signum).name)
@@ -68,10 +70,12 @@ def dev(ctx: click.Context, host: str, port: int) -> None:
             "--log-level", "warning",
         ]  # fmt: skip
         children.append(subprocess.Popen(command, env=env, cwd=home, start_new_session=True))
+        follow_sources(settings.path, f"http://{host}:{port}/graphql", stop_following)
         children[-1].wait()
     except KeyboardInterrupt:
         pass
     finally:
+        stop_following.set()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_IGN)  # a second signal must not cut the clean-up
         for child in reversed(children):  # Dagster first, then the worker its runs call
@@ -83,6 +87,32 @@ def dev(ctx: click.Context, host: str, port: int) -> None:
         click.echo(f"stopped by {stopping[0]}")
         sys.exit(0)
     sys.exit(children[-1].returncode or 0 if children else 1)
+
+
+CODE_LOCATION = "embedding_assets"  # workspace.yaml's location_name
+
+
+def follow_sources(path: Path, graphql_url: str, stop: threading.Event) -> None:
+    """In the background: a valid save of sources.yaml reloads the code location; a broken
+    one prints one line and keeps the loaded configuration running."""
+    from embedding_assets.ops.sources_watch import SourcesWatch, reload_code_location
+
+    def reload() -> None:
+        error = reload_code_location(graphql_url, CODE_LOCATION)
+        if error:
+            click.echo(f"{path} saved, but the code location did not load: {error}", err=True)
+        else:
+            click.echo(f"{path} saved: code location reloaded; edits apply at the next tick")
+
+    def broken(message: str) -> None:
+        click.echo(
+            f"{message[:600]} -- the loaded configuration keeps running; save a fixed file "
+            "to apply it",
+            err=True,
+        )
+
+    watch = SourcesWatch(path, reload, broken)
+    threading.Thread(target=watch.run, args=(stop,), daemon=True, name="sources-watch").start()
 
 
 def start_worker(env: dict[str, str]) -> subprocess.Popen:

@@ -101,3 +101,22 @@ def load_settings(path: Path | str | None = None) -> Settings:
         return Settings.model_validate({**raw, "path": path.resolve()})
     except ValidationError as exc:
         raise SettingsError(f"{path} is invalid:\n{exc}") from exc
+
+
+def drift(loaded: Settings) -> str | None:
+    """Why the file `loaded` came from no longer matches it (broken, or edited), or None.
+    What a long-lived process (the code location's sensors) asks before starting work."""
+    try:
+        current = load_settings(loaded.path)
+    except SettingsError as exc:
+        first = str(exc).strip().splitlines()
+        return (
+            f"{first[0]}{' ' + ' '.join(first[1:3]) if len(first) > 1 else ''}. Nothing is "
+            "asked for or deleted until it is fixed; the loaded configuration stays"
+        )
+    if current != loaded:
+        return (
+            f"{loaded.path} changed since this code location loaded it: reload the code "
+            "location (Deployment > Reload; `embedding-assets dev` reloads by itself)"
+        )
+    return None

@@ -1,7 +1,9 @@
 """The `runtime` resource: every source's runtime (settings, engine, embedder, ledger, change
 feed, destinations), built in one place and shared by assets, checks, the sensor and the IO
-managers. sources.yaml is read once per resource instance (once per run or sensor tick), so
-a file edited during a run cannot stamp vectors with another model than computed them."""
+managers. Everything in a process uses the configuration its definitions were built from
+(`use_settings`): a file edited during a run cannot stamp vectors with another model than
+computed them, a run in flight finishes with the configuration it started with, and a broken
+file never reaches a sensor tick or a step of the code location already loaded."""
 
 import contextlib
 from collections.abc import Iterator
@@ -19,6 +21,15 @@ from embedding_assets.ops.instance_connections import pool_instance_connections
 from embedding_assets.ops.run_health import stamp_worker
 from embedding_assets.state.db import engine_for
 from embedding_assets.sync.runtime import SourceRuntime, release_all_claims
+
+# The settings each sources file's definitions were built from, in this process.
+_BUILT_FROM: dict[str, Settings] = {}
+
+
+def use_settings(settings: Settings) -> None:
+    """Record what this process's definitions were built from; the runtime resource reads
+    it instead of the file (which may have been edited, or broken, since)."""
+    _BUILT_FROM[str(settings.path)] = settings
 
 
 class DatabaseResource(dg.ConfigurableResource):
@@ -64,7 +75,8 @@ class RuntimeResource(dg.ConfigurableResource):
 
     def settings(self) -> Settings:
         if self._settings is None:
-            self._settings = load_settings(self.sources_file)
+            built = _BUILT_FROM.get(str(self.sources_file))
+            self._settings = built if built is not None else load_settings(self.sources_file)
         return self._settings
 
     def source(

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import dagster as dg
 
+from embedding_assets.config.settings import drift
 from embedding_assets.config.sources import SourceSpec
 from embedding_assets.defs.embedder_resources import embedder_resource_key
 from embedding_assets.defs.resources import GENERATION_TAG
@@ -191,6 +192,11 @@ def build_sensor(spec: SourceSpec, job) -> dg.SensorDefinition:
         ),
     )
     def source_changes(context: dg.SensorEvaluationContext):
+        # A broken or edited sources.yaml: no run until the code location has the new one
+        # (a run would load the file anew, fail, and push the shard into the back-off).
+        problem = drift(context.resources.runtime.settings())
+        if problem is not None:
+            return dg.SkipReason(problem)
         dead = fail_dead_runs(context.instance)
         if dead:
             context.log.warning(f"failed {len(dead)} runs whose process is gone: {dead}")

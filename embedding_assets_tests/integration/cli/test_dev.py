@@ -338,3 +338,86 @@ def test_dev_embeds_the_demo_with_no_click_and_ctrl_c_stops_everything():
     assert_quiet(log)
     assert_stopped_cleanly(dev, home, env)
     shutil.rmtree(home, ignore_errors=True)
+
+
+EDITED_SOURCES = """
+embedders:
+  worker:
+    provider: openai
+    model: all-MiniLM-L6-v2
+    base_urls: ["http://127.0.0.1:${{EMBEDDING_ASSETS_WORKER_PORT}}/v1"]
+sources:
+  - name: edits
+    table: public.edits
+    text: "{{body}}"
+    embedder: worker
+    shards: 2
+    where: "{where}"
+    {extra}
+"""
+
+
+def test_dev_follows_edits_of_sources_yaml_and_survives_a_broken_file():
+    """While `dev` runs: a `where` edit saved to sources.yaml reloads the code location and
+    the sensor moves the store to the new rows with no manual step; a broken file prints one
+    line, starts nothing and deletes nothing; the fixed file converges by itself."""
+    import sqlalchemy as sa
+
+    home = Path(tempfile.mkdtemp(prefix="ea-dev-edits-"))
+    env = dev_env(home)
+    sources = home / "sources.yaml"
+    sources.write_text(EDITED_SOURCES.format(where="id <= 20", extra=""))
+    env["EMBEDDING_ASSETS_SOURCES"] = str(sources)
+    subprocess.run([*CLI, "db", "start"], env=env, check=True, capture_output=True)
+    data_url = subprocess.run(
+        [*CLI, "db", "url"], env=env, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    data = sa.create_engine(data_url)
+    with data.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE edits (id int PRIMARY KEY, body text)"))
+        conn.execute(
+            sa.text("INSERT INTO edits SELECT g, 'edit note ' || g FROM generate_series(1, 40) g")
+        )
+
+    def stored() -> set[int]:
+        with data.connect() as conn:
+            if conn.scalar(sa.text("SELECT to_regclass('public.edits_embeddings')")) is None:
+                return set()
+            return {int(r) for r in conn.scalars(sa.text("SELECT row_id FROM edits_embeddings"))}
+
+    dev, ui_port = start_dev(home, env)
+    timings = {}
+    try:
+        wait_for_webserver(dev, home, ui_port)
+        wait_for(lambda: stored() == set(range(1, 21)), 240, "rows 1-20 embedded by the sensor")
+
+        started = time.monotonic()
+        sources.write_text(EDITED_SOURCES.format(where="id > 20", extra=""))
+        wait_for(lambda: stored() == set(range(21, 41)), 120, "the where edit applied")
+        timings["where edit"] = time.monotonic() - started
+        assert "code location reloaded" in (home / "dev.log").read_text()
+
+        lines_before = len((home / "dev.log").read_text().splitlines())
+        sources.write_text(EDITED_SOURCES.format(where="id > 30", extra="bogus_key: 1"))
+        time.sleep(15)  # several sensor ticks with the broken file
+        log = (home / "dev.log").read_text().splitlines()[lines_before:]
+        assert any("bogus_key" in line for line in log), log
+        assert len(log) <= 3 and not any("Traceback" in line for line in log), log
+        assert stored() == set(range(21, 41))  # nothing started, nothing deleted
+
+        started = time.monotonic()
+        sources.write_text(EDITED_SOURCES.format(where="id > 30", extra=""))
+        wait_for(lambda: stored() == set(range(31, 41)), 120, "the fixed file applied")
+        timings["fixed file"] = time.monotonic() - started
+        print("seconds to converge:", timings)
+    finally:
+        dev.send_signal(signal.SIGINT)
+        try:
+            dev.wait(timeout=90)
+        finally:
+            if dev.poll() is None:
+                os.killpg(dev.pid, signal.SIGKILL)
+            data.dispose()
+            subprocess.run([*CLI, "db", "stop"], env=env, capture_output=True)
+    assert_stopped_cleanly(dev, home, env)
+    shutil.rmtree(home, ignore_errors=True)
