@@ -319,6 +319,12 @@ class SourceDiff:
         ).one()
         return int(found.found)
 
+    def leaving_rows(self) -> tuple[str, dict[str, Any]]:
+        """SQL selecting the ids of rows the ledger holds that are no longer eligible (the
+        rows a full diff would delete), and its parameters."""
+        sql = f"SELECT j.row_id FROM ({self._joined(None, Scope())}) AS j WHERE j.is_delete"
+        return sql, self._params(None, Scope())
+
     def null_id_rows(self) -> int:
         """Eligible source rows whose id is NULL: they cannot be tracked, so they are never
         embedded. Free for a NOT NULL id (the planner drops the scan); an index on the id

@@ -31,6 +31,12 @@ CREATE TABLE IF NOT EXISTS {STATE_SCHEMA}.applied_config (
 );
 """
 
+KEPT_VECTORS_DDL = f"""
+-- NULL: a run's progress, kept until stored. Set: vectors of rows that left the source's
+-- `where` (or query), kept until then so a row that comes back is not embedded again.
+ALTER TABLE {STATE_SCHEMA}.vector_cache ADD COLUMN IF NOT EXISTS kept_until timestamptz;
+"""
+
 VERSION_DDL = f"""
 CREATE TABLE IF NOT EXISTS {STATE_SCHEMA}.schema_version (
     version int PRIMARY KEY,
@@ -56,6 +62,7 @@ MIGRATIONS = (
     Migration(2, "generations registry", GENERATIONS_DDL),
     Migration(3, "staged stage outputs", STAGING_DDL),
     Migration(4, "applied configuration per generation", APPLIED_CONFIG_DDL),
+    Migration(5, "vectors kept for rows that left the eligible set", KEPT_VECTORS_DDL),
 )
 LATEST = MIGRATIONS[-1].version
 

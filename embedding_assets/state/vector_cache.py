@@ -125,12 +125,45 @@ class VectorCache:
                 {**t, "old": old_hashes},
             )
 
+    def keep_leaving(
+        self,
+        conn: sa.Connection,
+        chunk_table: str,
+        leaving_rows_sql: str,
+        params: dict,
+        hours: float,
+    ) -> int:
+        """In the transaction that queues an eligibility edit: the vectors of the rows it
+        removes (`leaving_rows_sql` selects their ids) are kept for `hours`, so a row that
+        comes back (the edit undone) is copied, not embedded."""
+        return conn.execute(
+            sa.text(
+                f"""INSERT INTO {STATE_SCHEMA}.vector_cache
+                    (target, model, chunk_hash, embedding, kept_until)
+                SELECT DISTINCT ON (c.chunk_hash) :cache_target, :cache_model, c.chunk_hash,
+                    c.embedding, now() + make_interval(secs => :keep_seconds)
+                FROM {chunk_table} AS c
+                WHERE c.model = :cache_model AND c.row_id IN ({leaving_rows_sql})
+                ON CONFLICT (target, model, chunk_hash) DO UPDATE
+                    SET kept_until = EXCLUDED.kept_until
+                    WHERE {STATE_SCHEMA}.vector_cache.kept_until IS NOT NULL"""
+            ),
+            {
+                **params,
+                "cache_target": self.target,
+                "cache_model": self.model_id,
+                "keep_seconds": hours * 3600,
+            },
+        ).rowcount
+
     def prune(self) -> int:
-        """Drop entries of other models (after a model change they are never read)."""
+        """Drop entries of other models (after a model change they are never read) and the
+        kept vectors of rows that left, once their time is up."""
         with self.engine.begin() as conn:
             return conn.execute(
                 sa.text(
-                    f"DELETE FROM {STATE_SCHEMA}.vector_cache WHERE target = :t AND model <> :m"
+                    f"DELETE FROM {STATE_SCHEMA}.vector_cache WHERE target = :t "
+                    "AND (model <> :m OR kept_until < now())"
                 ),
                 {"t": self.target, "m": self.model_id},
             ).rowcount

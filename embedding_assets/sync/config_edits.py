@@ -92,9 +92,12 @@ def apply_config(runtime: SourceRuntime) -> ConfigEdit:
         changed = changed_keys(applied or {}, current)
         if applied is not None and "table" in changed and applied.get("table"):
             _drop_triggers_on(conn, runtime, applied["table"])
+        kept = _keep_leaving_vectors(conn, runtime, changed) if applied is not None else 0
         queued = _queue_full_diff(conn, runtime)
         record.record(conn, current)
-    edit = ConfigEdit(changed, applied is None, queued, tuple(_apply_in_place(runtime, changed)))
+    actions = [f"vectors of {kept} chunks of rows that left kept"] if kept else []
+    actions += _apply_in_place(runtime, changed)
+    edit = ConfigEdit(changed, applied is None, queued, tuple(actions))
     if edit.changed:
         log.info("%s: %s", runtime.spec.name, edit.describe())
     runtime.config_applied = True
@@ -111,6 +114,20 @@ def _queue_full_diff(conn: sa.Connection, runtime: SourceRuntime) -> int:
         {"t": runtime.target},
     )
     return runtime.diff.enqueue_pending(conn) if stored else 0
+
+
+def _keep_leaving_vectors(
+    conn: sa.Connection, runtime: SourceRuntime, changed: dict[str, Effect]
+) -> int:
+    """Before an eligibility edit deletes rows, their vectors go to the vector cache for
+    `generations.keep_previous_hours`: undoing the edit within that time embeds nothing."""
+    if Effect.ELIGIBILITY not in changed.values() or not runtime.spec.pgvector.enabled:
+        return 0
+    if not runtime.pgvector.table_exists(conn):
+        return 0
+    leaving, params = runtime.diff.leaving_rows()
+    hours = runtime.spec.generations.keep_previous_hours
+    return runtime.vector_cache.keep_leaving(conn, runtime.pgvector.table, leaving, params, hours)
 
 
 def _drop_triggers_on(conn: sa.Connection, runtime: SourceRuntime, table: str) -> None:

@@ -123,3 +123,20 @@ def test_a_store_of_0f72d97_upgrades_with_nothing_embedded_again(postgres, home,
             conn.scalars(sa.text("SELECT version FROM embedding_assets.schema_version ORDER BY 1"))
         )
     assert versions == list(range(1, LATEST + 1))
+
+
+def test_migrations_are_applied_once_and_a_newer_schema_is_refused(postgres):
+    from embedding_assets.state import migrations
+
+    url = own_database(postgres)
+    engine = engine_for(url)
+    assert migrations.migrate(engine) == list(range(1, LATEST + 1))
+    migrations._MIGRATED.clear()  # as another process would find it
+    assert migrations.migrate(engine) == []
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text("INSERT INTO embedding_assets.schema_version (version, name) VALUES (999, 'x')")
+        )
+    migrations._MIGRATED.clear()
+    with pytest.raises(migrations.SchemaVersionError, match="newer embedding-assets"):
+        migrations.migrate(engine)

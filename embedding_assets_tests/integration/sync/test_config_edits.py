@@ -109,6 +109,12 @@ def test_a_where_edit_moves_the_store_to_the_new_rows_at_the_next_sync(
     assert (after["eligible_rows"], after["embedded_rows"], after["pending_rows"]) == (100, 100, 0)
     assert source.sync(odd, instance) == 0  # applied once
 
+    # The edit widened: the even rows come back. Their vectors were kept when they left.
+    both = source.configure(where="\"category IN ('even', 'odd')\"")
+    assert source.sync(both, instance) == 0
+    assert source.stored_ids() == ids_of("even") | ids_of("odd")
+    assert qdrant_store_from_env().count(source.name) == ROWS
+
 
 def test_in_place_and_operational_edits_embed_nothing(postgres, home, tmp_path, instance, fake):
     source = Source(postgres, tmp_path, fake)
