@@ -38,8 +38,9 @@ def source_names(settings: Settings, name: str | None) -> list[str]:
         raise click.ClickException(str(exc.args[0])) from exc
 
 
-def generation_runtimes(settings: Settings, source: str) -> list:
-    """Runtimes of the source's live and (while one is built) building generation."""
+def generation_runtimes(settings: Settings, source: str, register: bool = True) -> list:
+    """Runtimes of the source's live and (while one is built) building generation. Read-only
+    commands pass `register=False`: an edited pipeline is not registered as a generation."""
     from embedding_assets.embedders.build import make_embedder
     from embedding_assets.ops.environment import database_url, qdrant_store_from_env
     from embedding_assets.sync.generations import all_runtimes
@@ -47,5 +48,10 @@ def generation_runtimes(settings: Settings, source: str) -> list:
     spec = settings.source(source)
     embedder_spec = settings.embedder_for(spec)
     return all_runtimes(
-        spec, embedder_spec, make_embedder(embedder_spec), database_url(), qdrant_store_from_env()
+        spec,
+        embedder_spec,
+        make_embedder(embedder_spec),
+        database_url(),
+        qdrant_store_from_env(),
+        register=register,
     )

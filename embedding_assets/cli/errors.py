@@ -17,7 +17,7 @@ from embedding_assets.config.settings import Settings
 def errors_report(settings: Settings, source: str, dead_only: bool, limit: int) -> list[dict]:
     return [
         error
-        for runtime in generation_runtimes(settings, source)
+        for runtime in generation_runtimes(settings, source, register=False)
         for error in _generation_errors(runtime, source, dead_only, limit)
     ]
 

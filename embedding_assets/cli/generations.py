@@ -24,7 +24,9 @@ def generations_report(
     from embedding_assets.state.db import engine_for
     from embedding_assets.state.generations import Generations
 
-    runtimes = {r.number: r for r in runtimes or generation_runtimes(settings, source)}
+    runtimes = {
+        r.number: r for r in runtimes or generation_runtimes(settings, source, register=False)
+    }
     engine = engine_for(database_url())
     reports = []
     live_rows = None

@@ -45,7 +45,7 @@ def status_report(settings: Settings, source: str, exact: bool = False) -> dict:
 
     if not _registered(source):
         return _never_synced(settings, source)
-    runtimes = generation_runtimes(settings, source)
+    runtimes = generation_runtimes(settings, source, register=False)
     runtime = runtimes[0]  # the live generation
     spec = runtime.spec
     is_exact = exact or runtime.feed.mode == "diff"
@@ -63,6 +63,8 @@ def status_report(settings: Settings, source: str, exact: bool = False) -> dict:
     totals = {f: sum(s[f] for s in shards.values()) for f in STATUS_FIELDS}
     counted = runtime.diff.counted()
     edits = pending_edits(runtime)
+    if edits is not None and _new_pipeline(settings, source, runtimes):
+        edits = {"pipeline": "reembed", **edits}  # the next sync registers a new generation
     return {
         "null_id_rows": runtime.diff.null_id_rows(),
         "duplicate_ids": runtime.errors.ids_of_kind(DUPLICATE_KIND),
@@ -149,6 +151,20 @@ def status(ctx: click.Context, source: str | None, exact: bool, as_json: bool) -
                 f"count: {counted if counted is not None else '-'} eligible rows ({when}). "
                 "`status --exact` scans the source and counts both sinks."
             )
+
+
+def _new_pipeline(settings: Settings, source: str, runtimes: list) -> bool:
+    """Whether the configured model, template or chunking has no generation yet (the next
+    sync registers and builds one)."""
+    from embedding_assets.embedders.build import make_embedder
+    from embedding_assets.state.generations import KEPT_STATES, Generations
+    from embedding_assets.sync.generations import config_key
+
+    spec = settings.source(source)
+    embedder_spec = settings.embedder_for(spec)
+    key = config_key(spec, embedder_spec, make_embedder(embedder_spec).model_id)
+    registry = Generations(runtimes[0].engine, source).all()
+    return not any(g.pipeline_key == key and g.state in KEPT_STATES for g in registry)
 
 
 def _registered(source: str) -> bool:

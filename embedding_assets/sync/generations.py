@@ -316,10 +316,15 @@ def all_runtimes(
     database_url: str,
     store: QdrantStore,
     states: tuple[str, ...] = ("live", "building"),
+    register: bool = True,
 ) -> list[SourceRuntime]:
-    """Runtimes of the source's generations in `states`, live first."""
+    """Runtimes of the source's generations in `states`, live first; without `register`
+    (read-only callers) the configured pipeline is not registered if it is new."""
     engine = engine_for(database_url)
-    generations = ensure_generation(spec, embedder_spec, configured.model_id, engine, store)
+    if register:
+        generations = ensure_generation(spec, embedder_spec, configured.model_id, engine, store)
+    else:
+        generations = Generations(engine, spec.name).all()
     chosen = sorted((g for g in generations if g.state in states), key=lambda g: g.state != "live")
     return [
         runtime_of_generation(spec, embedder_spec, configured, database_url, store, generations, g)

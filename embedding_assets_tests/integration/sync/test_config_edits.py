@@ -211,3 +211,25 @@ def test_status_of_a_renamed_source_writes_nothing_and_leftovers_are_pruned_on_r
     result = CliRunner().invoke(main, ["--sources", str(settings.path), "status"])
     assert f"source '{source.name}x'" not in result.output
     assert source.sync(settings, instance) == 10  # the configured source saw both updates
+
+
+def test_a_reembed_edit_is_reported_by_status_and_built_only_by_a_sync(
+    postgres, home, tmp_path, instance, fake
+):
+    from embedding_assets.cli.generations import generations_report
+
+    source = Source(postgres, tmp_path, fake)
+    first = source.configure()
+    assert source.sync(first, instance) == ROWS
+    rechunked = source.configure(chunking="{max_tokens: 32, overlap: 4}")
+    before = database_snapshot(postgres, source.name)
+    report = status_report(rechunked, source.name)
+    assert report["config_changes"] == {"pipeline": "reembed"}
+    assert [g["state"] for g in generations_report(rechunked, source.name)] == ["live"]
+    assert database_snapshot(postgres, source.name) == before  # nothing registered
+    source.sync(rechunked, instance)  # builds generation 2 and promotes it
+    assert [g["state"] for g in generations_report(rechunked, source.name)] == [
+        "previous",
+        "live",
+    ]
+    assert status_report(rechunked, source.name)["config_changes"] == {}
