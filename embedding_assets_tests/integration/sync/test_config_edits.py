@@ -233,3 +233,25 @@ def test_a_reembed_edit_is_reported_by_status_and_built_only_by_a_sync(
         "live",
     ]
     assert status_report(rechunked, source.name)["config_changes"] == {}
+
+
+def test_a_run_uses_the_configuration_it_started_with_even_if_the_file_breaks(
+    postgres, home, tmp_path, instance, fake
+):
+    """Every step, IO managers included, reads the settings the definitions were built
+    from: a file broken (or edited) mid-run changes nothing in the run, and the sensor of
+    those definitions asks for nothing until the code location has a valid file again."""
+    from embedding_assets.config.settings import drift
+    from embedding_assets.definitions import build_definitions
+
+    source = Source(postgres, tmp_path, fake)
+    settings = source.configure()
+    job = build_definitions(settings).resolve_job_def(f"{source.name}_sync")
+    settings.path.write_text(settings.path.read_text() + "    bogus_key: 1\n")
+    problem = drift(settings)
+    assert problem is not None and "bogus_key" in problem and "Nothing is asked for" in problem
+    for key in settings.source(source.name).shard_keys:
+        assert job.execute_in_process(partition_key=key, instance=instance).success
+    assert source.stored_ids() == set(range(1, ROWS + 1))
+    settings.path.write_text(settings.path.read_text().replace("    bogus_key: 1\n", ""))
+    assert drift(settings) is None
