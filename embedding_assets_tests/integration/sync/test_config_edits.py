@@ -255,3 +255,94 @@ def test_a_run_uses_the_configuration_it_started_with_even_if_the_file_breaks(
     assert source.stored_ids() == set(range(1, ROWS + 1))
     settings.path.write_text(settings.path.read_text().replace("    bogus_key: 1\n", ""))
     assert drift(settings) is None
+
+
+def test_a_shards_edit_reshards_without_embedding(postgres, home, tmp_path, instance, fake):
+    source = Source(postgres, tmp_path, fake)
+    two = source.configure()
+    assert source.sync(two, instance) == ROWS
+    three = source.configure(shards="3")
+    assert source.sync(three, instance) == 0
+    report = status_report(three, source.name, exact=True)
+    assert set(report["shards"]) == {"0", "1", "2"} or len(report["shards"]) == 3
+    assert (report["eligible_rows"], report["embedded_rows"], report["pending_rows"]) == (
+        ROWS,
+        ROWS,
+        0,
+    )
+    assert report["pgvector_chunks"] == report["qdrant_points"] == ROWS
+    per_shard = [s["qdrant_points"] for s in report["shards"].values()]
+    assert per_shard == [s["pgvector_chunks"] for s in report["shards"].values()]
+    with engine_for(postgres).begin() as conn:
+        conn.execute(sa.text(f"UPDATE {source.name} SET body = 'moved' WHERE id = 7"))
+    assert source.sync(three, instance) == 1
+
+
+def hnsw_definition(url: str, table: str) -> str | None:
+    with engine_for(url).connect() as conn:
+        return conn.scalar(
+            sa.text(
+                "SELECT indexdef FROM pg_indexes WHERE tablename = :t AND indexdef LIKE '%hnsw%'"
+            ),
+            {"t": table},
+        )
+
+
+def test_index_edits_are_applied_in_place(postgres, home, tmp_path, instance, fake, monkeypatch):
+    """pgvector's HNSW m / ef_construction: the index is rebuilt; a Qdrant server's HNSW and
+    quantization: the collection's config is updated. 0 embedder calls. No Qdrant server
+    runs here and qdrant-client's in-process mode keeps no index config, so the update is
+    checked at the client call (recorded, then passed through): the only stand-in."""
+    monkeypatch.setenv("QDRANT_URL", ":memory:")
+    source = Source(postgres, tmp_path, fake)
+    first = source.configure()
+    assert source.sync(first, instance) == ROWS
+    table = f"{source.name}_embeddings__g1"
+    assert "m='16'" in hnsw_definition(postgres, table)
+    edited = source.configure(
+        pgvector="{hnsw: {m: 8, ef_construction: 32}}",
+        qdrant="{hnsw: {m: 8, ef_construct: 50}, quantization: scalar}",
+    )
+    assert status_report(edited, source.name)["config_changes"] == {
+        "pgvector.hnsw.m": "in_place",
+        "pgvector.hnsw.ef_construction": "in_place",
+        "qdrant.hnsw.m": "in_place",
+        "qdrant.hnsw.ef_construct": "in_place",
+        "qdrant.quantization": "in_place",
+    }
+    client = qdrant_store_from_env()._client
+    updates = []
+    passed_through = client.update_collection
+    monkeypatch.setattr(
+        client,
+        "update_collection",
+        lambda name, **kw: updates.append((name, kw)) or passed_through(name, **kw),
+    )
+    assert source.sync(edited, instance) == 0
+    definition = hnsw_definition(postgres, table)
+    assert "m='8'" in definition and "ef_construction='32'" in definition
+    [(name, change)] = updates
+    assert name == f"{source.name}__g1"
+    assert (change["hnsw_config"].m, change["hnsw_config"].ef_construct) == (8, 50)
+    assert change["quantization_config"].scalar.type == "int8"
+
+
+def test_a_write_back_column_added_later_is_filled_by_the_next_sync(
+    postgres, home, tmp_path, instance, fake
+):
+    source = Source(postgres, tmp_path, fake)
+    assert source.sync(source.configure(), instance) == ROWS
+    with_column = source.configure(write_back="{column: vec, embedded_at_column: vec_at}")
+    changes = status_report(with_column, source.name)["config_changes"]
+    assert changes["write_back.column"] == "in_place"
+    assert source.sync(with_column, instance) == 0
+    with engine_for(postgres).connect() as conn:
+        filled = sa.text(f"SELECT count(*) FROM {source.name} WHERE vec IS NOT NULL")
+        assert conn.scalar(filled) == ROWS
+    first_chunk = source.configure(
+        write_back="{column: vec, embedded_at_column: vec_at, row_vector: first_chunk}"
+    )
+    assert source.sync(first_chunk, instance) == 0
+    with engine_for(postgres).connect() as conn:
+        assert conn.scalar(filled) == ROWS
+    assert status_report(first_chunk, source.name)["config_changes"] == {}
