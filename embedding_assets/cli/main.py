@@ -10,6 +10,7 @@ import click
 
 from embedding_assets.cli.db import db
 from embedding_assets.cli.dev import dev
+from embedding_assets.cli.doctor import doctor
 from embedding_assets.cli.errors import errors
 from embedding_assets.cli.generations import generations
 from embedding_assets.cli.plan import plan
@@ -20,6 +21,7 @@ from embedding_assets.cli.serve import serve
 from embedding_assets.cli.status import status
 from embedding_assets.cli.sync import sync
 from embedding_assets.cli.triggers import triggers
+from embedding_assets.state.privileges import INSUFFICIENT_PRIVILEGE, privilege_fix
 
 # Hints for database errors, by SQLSTATE class or code.
 SQLSTATE_HINTS = {
@@ -33,11 +35,28 @@ SQLSTATE_HINTS = {
 }
 
 
+def _role_of(exc: Exception) -> str:
+    """The role the failed connection logged in as (DATABASE_URL's user)."""
+    from sqlalchemy.engine import make_url
+
+    from embedding_assets.ops.environment import database_url
+
+    try:
+        return make_url(database_url()).username or "current_user"
+    except Exception:
+        return "current_user"
+
+
 def database_error_message(exc: Exception) -> str:
     """One line naming the cause and the fix, for a SQLAlchemy/driver error."""
     orig = getattr(exc, "orig", None) or exc
-    sqlstate = getattr(orig, "sqlstate", None) or ""
+    # psycopg 3 names it sqlstate, psycopg2 pgcode.
+    sqlstate = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None) or ""
     first = (str(orig).strip().splitlines() or [type(orig).__name__])[0]
+    if sqlstate == INSUFFICIENT_PRIVILEGE:
+        fix = privilege_fix(first, _role_of(exc))
+        if fix is not None:
+            return f"database error: {first}. As a DBA, run: {fix}"
     hint = SQLSTATE_HINTS.get(sqlstate) or SQLSTATE_HINTS.get(sqlstate[:2])
     if hint is None and not sqlstate:
         hint = (
@@ -56,6 +75,7 @@ class _Commands(click.Group):
 
         from embedding_assets.state.diff import SourceColumnsError
         from embedding_assets.state.ledger import ModelMismatchError
+        from embedding_assets.state.privileges import PrivilegeError
         from embedding_assets.state.triggers import TriggerPrivilegeError
 
         try:
@@ -68,7 +88,14 @@ class _Commands(click.Group):
             if isinstance(exc, sqlalchemy.exc.DBAPIError):
                 message = database_error_message(exc)
             elif isinstance(
-                exc, (LookupError, SourceColumnsError, ModelMismatchError, TriggerPrivilegeError)
+                exc,
+                (
+                    LookupError,
+                    SourceColumnsError,
+                    ModelMismatchError,
+                    TriggerPrivilegeError,
+                    PrivilegeError,
+                ),
             ):
                 message = str(exc.args[0] if exc.args else exc)
             else:
@@ -95,6 +122,7 @@ def main(ctx: click.Context, sources: Path | None, debug: bool) -> None:
 for command in (
     db,
     dev,
+    doctor,
     errors,
     generations,
     plan,

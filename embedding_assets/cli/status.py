@@ -41,6 +41,7 @@ def status_report(settings: Settings, source: str, exact: bool = False) -> dict:
     from embedding_assets.cli.generations import generations_report
     from embedding_assets.destinations.audit import audit_destinations, without_store_lock
     from embedding_assets.state.diff import DUPLICATE_KIND
+    from embedding_assets.state.privileges import row_security
     from embedding_assets.sync.config_edits import pending_edits
 
     if not _registered(source):
@@ -63,6 +64,8 @@ def status_report(settings: Settings, source: str, exact: bool = False) -> dict:
     totals = {f: sum(s[f] for s in shards.values()) for f in STATUS_FIELDS}
     counted = runtime.diff.counted()
     edits = pending_edits(runtime)
+    with runtime.engine.connect() as conn:
+        security = row_security(conn, spec)
     if edits is not None and _new_pipeline(settings, source, runtimes):
         edits = {"pipeline": "reembed", **edits}  # the next sync registers a new generation
     return {
@@ -82,6 +85,9 @@ def status_report(settings: Settings, source: str, exact: bool = False) -> dict:
         # Keys edited in sources.yaml since the store was last brought in line (applied by
         # the next sync, sensor tick or run), with their effect; None: nothing recorded yet.
         "config_changes": {k: str(v) for k, v in edits.items()} if edits is not None else None,
+        # Row-level security on the source or write-back table, and whether this role
+        # bypasses it ([] when off).
+        "row_level_security": security,
         "exact": is_exact,
         "eligible_rows_counted": counted[0],
         "counted_at": counted[1],
@@ -102,9 +108,10 @@ def status_report(settings: Settings, source: str, exact: bool = False) -> dict:
 def status(ctx: click.Context, source: str | None, exact: bool, as_json: bool) -> None:
     """Per source and shard: eligible, embedded and pending rows, chunks and points."""
     from embedding_assets.cli.output import generation_line
+    from embedding_assets.state.privileges import describe_row_security
 
+    settings = settings_from(ctx)  # a bad sources file fails before a database is started
     ensure_database()
-    settings = settings_from(ctx)
     reports = [status_report(settings, name, exact) for name in source_names(settings, source)]
     if as_json:
         click.echo(json.dumps(reports, default=str))
@@ -131,6 +138,8 @@ def status(ctx: click.Context, source: str | None, exact: bool, as_json: bool) -
                 f"  PENDING EDIT: {edited} changed in sources.yaml; the next sync (or sensor "
                 "tick) applies it: the counts above are from before it"
             )
+        for entry in report["row_level_security"]:
+            click.echo(f"  NOTE: {describe_row_security(entry, settings.source(report['source']))}")
         for warning in id_warnings(report, settings.source(report["source"]).id_column):
             click.echo(f"  WARNING: {warning}")
         for generation in report["generations"]:

@@ -152,7 +152,9 @@ def _run_shard(job, source: str, key: str, instance, generation=None) -> tuple[S
             report.chunks = meta["chunks"]
             report.embedded_chunks = meta["embedded_chunks"]
             report.reused_chunks = meta["reused_chunks"]
-            report.failed_rows = meta.get("failed_rows", 0)
+            report.failed_rows = meta.get("failed_rows", 0) + meta.get(
+                "rows_refused_by_destinations", 0
+            )
             report.index_build_seconds = meta.get("index_build_duration_seconds", 0.0)
             report.rows_waiting_for_budget = meta.get("rows_waiting_for_token_budget", 0)
             # The day's token budget is spent: running again would take nothing.
@@ -166,6 +168,18 @@ def _run_shard(job, source: str, key: str, instance, generation=None) -> tuple[S
     if not result.success:
         report.error = failure_cause(result.all_events)
     return report, backlog and not waiting_for_budget
+
+
+def require_source_privileges(settings: Settings, names: list[str]) -> None:
+    """Every privilege the sources need, checked before anything is embedded: a missing
+    one stops the sync with the SQL that grants it (`embedding-assets doctor` lists all)."""
+    from embedding_assets.ops.environment import database_url, instance_storage_shared
+    from embedding_assets.state.db import engine_for
+    from embedding_assets.state.privileges import require_privileges
+
+    shared = instance_storage_shared()
+    for name in names:
+        require_privileges(engine_for(database_url()), settings.source(name), shared)
 
 
 def failure_cause(events) -> str:
@@ -211,6 +225,7 @@ def sync(
     names = source_names(settings, source)
     preload_local_models(settings, names)  # overlaps the start-up below
     ensure_database()
+    require_source_privileges(settings, names)  # before any embedder call
     require_reachable_embedders(settings, names)
     prepare_dagster_home()
     reports: list[ShardReport] = []

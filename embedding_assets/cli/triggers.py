@@ -2,6 +2,7 @@
 install, drop."""
 
 import click
+import sqlalchemy as sa
 
 from embedding_assets.cli.common import ensure_database, settings_from, source_names
 
@@ -30,11 +31,26 @@ def _trigger_feed(ctx: click.Context, source: str):
 @click.option("--source", required=True)
 @click.pass_context
 def triggers_sql(ctx: click.Context, source: str) -> None:
-    """Print the SQL that installs the triggers, for a DBA to run."""
+    """Print the SQL that installs the triggers, for a DBA to run: our schema owned by this
+    tool's role (DATABASE_URL's), the triggers, and the function owned by the role and
+    callable by nobody else. Reads only: works for a role that may create nothing."""
+    from embedding_assets.ops.environment import database_url
+    from embedding_assets.state.db import engine_for
+    from embedding_assets.state.generations import kept_template_columns
+    from embedding_assets.state.triggers import CaptureTriggers, table_columns
+
     ensure_database()
-    feed = _trigger_feed(ctx, source)
-    with feed.engine.connect() as conn:
-        click.echo(feed.triggers(conn).dba_sql())
+    settings = settings_from(ctx)
+    spec = settings.source(source_names(settings, source)[0])
+    if spec.table is None:
+        raise click.ClickException(f"source {spec.name!r} is a `query:` source: no triggers")
+    with engine_for(database_url()).connect() as conn:
+        columns = table_columns(conn, spec)
+        if not columns:
+            raise click.ClickException(f"table {spec.table} does not exist (or is not visible)")
+        role = conn.scalar(sa.text("SELECT current_user"))
+        extra = kept_template_columns(conn, spec.name)
+        click.echo(CaptureTriggers(spec, columns, extra).dba_sql(role))
 
 
 @triggers.command("install")

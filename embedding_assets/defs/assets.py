@@ -49,6 +49,7 @@ def build_pending_rows(spec: SourceSpec, shards: dg.PartitionsDefinition) -> dg.
         matching `where`). At most `max_rows_per_run`; the sensor asks again for the rest."""
         started = time.perf_counter()
         runtime = runtime_of(context, spec)
+        runtime.require_privileges()  # a missing grant stops the run before any embedding
         edit = apply_config(runtime)  # an edit of sources.yaml, whoever runs first
         if edit.changed:
             context.log.info(f"{spec.name}: {edit.describe()}")

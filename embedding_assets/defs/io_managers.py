@@ -50,6 +50,7 @@ class PgVectorIOManager(dg.ConfigurableIOManager):
                 "chunks_written": stats.chunks_written,
                 "rows_deleted": stats.rows_deleted,
                 "rows_skipped_newer_write": stats.rows_skipped_stale,
+                "rows_refused_by_destinations": stats.rows_refused,
                 "write_duration_seconds": round(seconds, 3),
             }
         )

@@ -15,6 +15,7 @@ from embedding_assets.defs.resources import GENERATION_TAG
 from embedding_assets.destinations.audit import audit_destinations, without_store_lock
 from embedding_assets.ops.run_health import WORKER_LOST_TAG, fail_dead_runs
 from embedding_assets.state.diff import ShardWork
+from embedding_assets.state.privileges import PrivilegeError
 from embedding_assets.sync.config_edits import apply_config
 from embedding_assets.sync.promotion import converge_readers, finish_build
 
@@ -100,6 +101,29 @@ def _repair_destinations(log, source: str, runtime) -> None:
     for audit in audit_destinations(runtime, qdrant=mode):
         if audit.repaired:
             log.warning(f"destinations of {source} disagree with the ledger: {audit}")
+
+
+def tick_cursor(audited_at: float, requests: list, waiting: int) -> str:
+    """The sensor's cursor: when it last audited, and what this tick asked for."""
+    return json.dumps(
+        {
+            "audited_at": audited_at,
+            "asked": len(requests),
+            "waiting": waiting,
+            "pending_rows": sum(int(r.tags["embedding_assets/pending_rows"]) for r in requests),
+            "at": time.time(),
+        }
+    )
+
+
+def _lacking_privileges(runtime) -> str | None:
+    """Why no run may start (the role lacks a privilege: every run would fail after paying
+    for nothing), or None; checked until it passes once in this process."""
+    try:
+        runtime.require_privileges()
+    except PrivilegeError as exc:
+        return str(exc)
+    return None
 
 
 @dataclass(frozen=True)
@@ -203,6 +227,8 @@ def build_sensor(spec: SourceSpec, job) -> dg.SensorDefinition:
         embedder = getattr(context.resources, embedder_key).embedder()
         # The live generation and, while one is built, the new one: each follows the feed.
         runtimes = context.resources.runtime.generations(spec.name, embedder)
+        if lacking := _lacking_privileges(runtimes[0]):
+            return dg.SkipReason(lacking)
         live = next((r for r in runtimes if r.generation.state == "live"), runtimes[0])
         moved = converge_readers(
             live.engine,
@@ -253,17 +279,7 @@ def build_sensor(spec: SourceSpec, job) -> dg.SensorDefinition:
         for reason in waiting:
             context.log.debug(f"not asked: {reason}")  # every tick while runs are in flight
         context.update_cursor(
-            json.dumps(
-                {
-                    "audited_at": time.time() if audit_due else audited_at,
-                    "asked": len(requests),
-                    "waiting": len(waiting),
-                    "pending_rows": sum(
-                        int(r.tags["embedding_assets/pending_rows"]) for r in requests
-                    ),
-                    "at": time.time(),
-                }
-            )
+            tick_cursor(time.time() if audit_due else audited_at, requests, len(waiting))
         )
         if not requests:
             parts = [f"shards with work are waiting: {', '.join(waiting)}"] if waiting else []

@@ -87,6 +87,12 @@ class TransactionalDestination(Destination, Protocol):
         transaction of its own before the write, and again inside the write's."""
         ...
 
+    def refusals(self, conn: sa.Connection, rows: RowsToWrite) -> dict[str, RowFailure]:
+        """Before any destination writes: the rows this one will not be allowed to store
+        (row-level security), so no destination stores them and the ledger keeps them
+        pending, each recorded as a failure. Changes nothing."""
+        ...
+
     def write(self, conn: sa.Connection, rows: RowsToWrite) -> DestinationWrite:
         """Store the written rows' vectors and clear the removed rows', in `conn`'s
         transaction (the ledger's)."""

@@ -23,6 +23,7 @@ import sqlalchemy as sa
 
 from embedding_assets.config.destinations import WriteBackSpec
 from embedding_assets.config.sources import SourceSpec
+from embedding_assets.core.delta import RowFailure
 from embedding_assets.core.row_vectors import row_vectors
 from embedding_assets.destinations.base import DestinationWrite, Repair, RowsToWrite
 from embedding_assets.destinations.column_schema import ColumnSchema, generation_column
@@ -171,6 +172,60 @@ class ColumnDestination(ColumnSchema, ColumnReads):
                 "write_back_rows_written": done,
                 "write_back_rows_changed_since_read": len(written) - done,
             }
+        )
+
+    def refusals(self, conn: sa.Connection, rows: RowsToWrite) -> dict[str, RowFailure]:
+        """Rows of the source table this role sees but may not update (row-level security
+        without an UPDATE policy for it): found by the same UPDATE, rolled back at once,
+        only where security applies. Each becomes a failure in the error table, never a
+        silently stale vector."""
+        if self.side_table or not rows.written or not self._row_security_applies(conn):
+            return {}
+        id_type = self.id_type(conn)
+        first = quote_ident(self.columns(rows.live)[0])
+        given = "unnest(CAST(:ids AS text[]), CAST(:hashes AS text[])) AS v(row_id, h)"
+        match = f"{self._id('s')} = CAST(v.row_id AS {id_type}) AND {self._content_hash()} = v.h"
+        params = {"ids": rows.written, "hashes": [rows.hashes[r] for r in rows.written]}
+        probe = conn.begin_nested()
+        updatable = set(
+            conn.scalars(
+                sa.text(
+                    f"UPDATE {self.relation} AS s SET {first} = s.{first} FROM {given} "
+                    f"WHERE {match} RETURNING v.row_id"
+                ),
+                params,
+            )
+        )
+        probe.rollback()
+        visible = conn.scalars(
+            sa.text(f"SELECT v.row_id FROM {self.relation} AS s, {given} WHERE {match}"), params
+        )
+        role = conn.scalar(sa.text("SELECT current_user"))
+        return {
+            row: RowFailure(
+                rows.hashes[row],
+                "refused",
+                f"row-level security on {self.relation} lets role {role!r} read this row but "
+                "not update it, so its write-back vector cannot be stored. Add an UPDATE "
+                f"policy for the role (CREATE POLICY ... ON {self.relation} FOR UPDATE TO "
+                f"{quote_ident(role)} USING (...)), or write to a side table (write_back.table)",
+            )
+            for row in visible
+            if row not in updatable
+        }
+
+    def _row_security_applies(self, conn: sa.Connection) -> bool:
+        return bool(
+            conn.scalar(
+                sa.text(
+                    """SELECT c.relrowsecurity AND NOT (r.rolsuper OR r.rolbypassrls
+                        OR (pg_get_userbyid(c.relowner) = current_user
+                            AND NOT c.relforcerowsecurity))
+                    FROM pg_class AS c, pg_roles AS r
+                    WHERE c.oid = to_regclass(:t) AND r.rolname = current_user"""
+                ),
+                {"t": self.relation},
+            )
         )
 
     def _set(self, conn, ids, hashes, texts, model_id, columns) -> int:

@@ -83,8 +83,13 @@ class ColumnSchema:
             types[at] = "timestamptz"
         statements = []
         if self.side_table:
-            schema = quote_ident(self.qualified[0])
-            statements.append(f"CREATE SCHEMA IF NOT EXISTS {schema}")
+            schema = self.qualified[0]
+            has_schema = conn.scalar(
+                sa.text("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = :s)"),
+                {"s": schema},
+            )
+            if not has_schema:  # only when missing: IF NOT EXISTS still needs database CREATE
+                statements.append(f"CREATE SCHEMA {quote_ident(schema)}")
             statements.append(
                 f"CREATE TABLE IF NOT EXISTS {self.relation} ("
                 f"{quote_ident(self.spec.id_column)} {self.id_type(conn)} PRIMARY KEY)"

@@ -5,6 +5,7 @@ import hashlib
 
 import sqlalchemy as sa
 
+from embedding_assets.state.privileges import ensure_schema
 from embedding_assets.state.source_sql import (
     quote_ident,
     quote_table,
@@ -63,7 +64,7 @@ def publish_view(conn: sa.Connection, stable: tuple[str, str], table: tuple[str,
         )
     select = f"SELECT * FROM {quote_table(table)}"
     target = quote_table(stable)
-    conn.execute(sa.text(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(schema)}"))
+    ensure_schema(conn, schema)
     if kind == "v":
         try:
             with conn.begin_nested():

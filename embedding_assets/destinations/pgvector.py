@@ -27,6 +27,7 @@ from embedding_assets.destinations.pgvector_reads import ChunkTableReads
 from embedding_assets.state.ddl import STATE_SCHEMA, shard_lock
 from embedding_assets.state.ledger import LOST_VERSION, Ledger
 from embedding_assets.state.pg_values import is_native, needs_text_copy
+from embedding_assets.state.privileges import ensure_schema
 from embedding_assets.state.queue import ChangeQueue
 from embedding_assets.state.source_sql import (
     SourceSql,
@@ -72,7 +73,7 @@ class PgVectorDestination(ChunkTableIndex, ChunkTableReads):
         if self.table_exists(conn):
             return False
         schema, _ = self.spec.pg_table
-        conn.execute(sa.text(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(schema)}"))
+        ensure_schema(conn, schema)
         types = (
             column_types(conn, SourceSql(self.spec).metadata_probe()) if self.spec.metadata else []
         )
@@ -127,6 +128,9 @@ class PgVectorDestination(ChunkTableIndex, ChunkTableReads):
     def prepare(self, conn: sa.Connection, dimension: int, live: bool, enqueue: bool) -> None:
         """Nothing per write: the chunk table is made with the target's record, under the DDL
         lock (`SourceRuntime.ensure_target`), before any write."""
+
+    def refusals(self, conn: sa.Connection, rows: RowsToWrite) -> dict[str, RowFailure]:
+        return {}  # a value Postgres refuses is found by the write itself
 
     def write(self, conn: sa.Connection, rows: RowsToWrite) -> DestinationWrite:
         """Replace the rows' chunks; a write that rewrites most of the table drops the HNSW

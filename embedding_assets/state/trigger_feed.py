@@ -71,7 +71,8 @@ class TriggerFeed(QueueFeed):
                 f"{self.spec.table}, which change_capture: trigger needs. Ask a DBA to run "
                 "the SQL below (also printed by `embedding-assets triggers sql --source "
                 f"{self.spec.name}`), or set change_capture: watermark (with an indexed "
-                "watermark_column) or diff.\n\n" + triggers.dba_sql()
+                "watermark_column) or diff.\n\n"
+                + triggers.dba_sql(conn.scalar(sa.text("SELECT current_user")))
             )
         ddl_lock(conn)
         execute_script(conn, triggers.install_sql())

@@ -153,6 +153,9 @@ $capture$;"""
             self.function_sql(),
             f"COMMENT ON FUNCTION {self.function}() IS "
             f"{quote_literal(SIGNATURE_PREFIX + self.body_signature)};",
+            # SECURITY DEFINER: nobody but the triggers may call it (PUBLIC could queue
+            # made-up ids through a trigger of its own).
+            f"REVOKE EXECUTE ON FUNCTION {self.function}() FROM PUBLIC;",
         ]
         for op in OPERATIONS:
             statements.append(f"DROP TRIGGER IF EXISTS {self.trigger_name(op)} ON {self.table};")
@@ -177,12 +180,17 @@ $capture$;"""
     def signature(self) -> str:
         return hashlib.md5(self.install_sql().encode()).hexdigest()
 
-    def dba_sql(self) -> str:
-        """What a DBA runs for a role that may not create triggers: our schema first (the
-        trigger writes into it), then the triggers."""
-        from embedding_assets.state.migrations import all_ddl
+    def dba_sql(self, role: str) -> str:
+        """What a DBA runs for `role` (the tool's), which may not create triggers: our
+        schema and tables with the role's grants (the trigger writes into them from the
+        first statement on), then the triggers, the function owned by the role and
+        callable by nobody else."""
+        from embedding_assets.state.migrations import dba_sql
 
-        return all_ddl() + "\n\n" + self.install_sql()
+        return (
+            f"{dba_sql(role)}\n\n{self.install_sql()}\n"
+            f"ALTER FUNCTION {self.function}() OWNER TO {quote_ident(role)};"
+        )
 
 
 def installed_signature(conn: sa.Connection, triggers: CaptureTriggers) -> str | None:
@@ -214,6 +222,35 @@ def installed_triggers(conn: sa.Connection, triggers: CaptureTriggers) -> int:
             },
         )
     )
+
+
+def function_warnings(conn: sa.Connection, triggers: CaptureTriggers) -> list[str]:
+    """What is wrong with an installed capture function: another owner than this role (it
+    runs as its owner), or EXECUTE left to PUBLIC."""
+    row = conn.execute(
+        sa.text(
+            """SELECT pg_get_userbyid(p.proowner) AS owner, current_user AS me,
+                has_function_privilege('public', p.oid, 'EXECUTE') AS public
+            FROM pg_proc AS p WHERE p.oid = to_regprocedure(:f)"""
+        ),
+        {"f": f"{triggers.function}()"},
+    ).one_or_none()
+    if row is None:
+        return []
+    found = []
+    if row.owner != row.me:
+        found.append(
+            f"capture function {triggers.function}() is owned by {row.owner!r}, not by this "
+            f"role {row.me!r}: it runs with {row.owner!r}'s rights. As a DBA, run: ALTER "
+            f"FUNCTION {triggers.function}() OWNER TO {quote_ident(row.me)};"
+        )
+    if row.public:
+        found.append(
+            f"capture function {triggers.function}() may be called by PUBLIC (any role could "
+            f"queue made-up rows). Run: REVOKE EXECUTE ON FUNCTION {triggers.function}() "
+            "FROM PUBLIC;"
+        )
+    return found
 
 
 def may_create_triggers(conn: sa.Connection, table: str) -> bool:

@@ -89,7 +89,7 @@ def apply_config(runtime: SourceRuntime) -> ConfigEdit:
         if applied == current:  # another process did it meanwhile
             runtime.config_applied = True
             return ConfigEdit()
-        changed = changed_keys(applied or {}, current)
+        changed = changed_keys(applied, current) if applied is not None else {}
         if applied is not None and "table" in changed and applied.get("table"):
             _drop_triggers_on(conn, runtime, applied["table"])
         kept = _keep_leaving_vectors(conn, runtime, changed) if applied is not None else 0

@@ -33,6 +33,7 @@ from embedding_assets.state.errors import RowErrors
 from embedding_assets.state.feeds import ChangeFeed
 from embedding_assets.state.generations import Generation, GenerationError
 from embedding_assets.state.ledger import Ledger, pipeline_version
+from embedding_assets.state.privileges import require_privileges
 from embedding_assets.state.queue import ChangeQueue
 from embedding_assets.state.vector_cache import VectorCache
 
@@ -67,6 +68,8 @@ class SourceRuntime:
     target_ready: bool = False
     # sources.yaml's edits are brought into this generation's store (`sync.config_edits`).
     config_applied: bool = False
+    # The role's privileges were found sufficient (`state.privileges`), once per process.
+    privileges_checked: bool = False
     # The write-back column (write_back: in sources.yaml), None without one.
     column: ColumnDestination | None = None
     _claims: dict[int, sa.Connection] = field(default_factory=dict, repr=False)
@@ -149,6 +152,13 @@ class SourceRuntime:
                 ChangeQueue(self.engine, self.target).reshard(conn, self.spec.shards)
         self.vector_cache.prune()
         self.target_ready = True
+
+    def require_privileges(self) -> None:
+        """Before the first embedder call: what the role lacks stops the run with the SQL
+        that grants it (checked once per runtime and process)."""
+        if not self.privileges_checked:
+            require_privileges(self.engine, self.spec)
+            self.privileges_checked = True
 
     def require_kept(self, conn: sa.Connection) -> str:
         """Refuse to write a generation that was dropped after this runtime was built.

@@ -24,6 +24,9 @@ class WriteStats:
     rows_deleted: int
     rows_skipped_stale: int
     metadata: dict[str, object]
+    # Rows a destination refused (a value Postgres rejects, row-level security): in the
+    # error table, as failed rows.
+    rows_refused: int = 0
 
 
 def store_embeddings(runtime: SourceRuntime, batch: EmbeddedRows) -> WriteStats:
@@ -72,11 +75,7 @@ def store_embeddings(runtime: SourceRuntime, batch: EmbeddedRows) -> WriteStats:
             model_id=runtime.model_id,
             live=live,
         )
-        refused: dict[str, RowFailure] = {}
-        for destination in destinations:
-            done = destination.write(conn, rows.without(refused))
-            metadata.update(done.metadata)
-            refused.update(done.refused)
+        refused = _write_destinations(conn, destinations, rows, metadata)
         written = [r for r in rows.written if r not in refused]
         counts = chunks.groupby("row_id").size().to_dict() if len(chunks) else {}
         runtime.ledger.record_written(
@@ -103,7 +102,27 @@ def store_embeddings(runtime: SourceRuntime, batch: EmbeddedRows) -> WriteStats:
         len(rows.removed),
         len(stale),
         metadata,
+        len(refused),
     )
+
+
+def _write_destinations(
+    conn: sa.Connection,
+    destinations: list,
+    rows: RowsToWrite,
+    metadata: dict[str, object],
+) -> dict[str, RowFailure]:
+    """Every destination's write, in order, of the rows none of them refuses (asked before
+    any writes, then what a write itself refuses is left out of the ones after it); their
+    figures go to `metadata`. Returns the refused rows."""
+    refused: dict[str, RowFailure] = {}
+    for destination in destinations:
+        refused.update(destination.refusals(conn, rows))
+    for destination in destinations:
+        done = destination.write(conn, rows.without(refused))
+        metadata.update(done.metadata)
+        refused.update(done.refused)
+    return refused
 
 
 def _keep_chunk_vectors(

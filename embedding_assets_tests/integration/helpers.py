@@ -122,3 +122,12 @@ def dagster_database(url: str) -> str:
         .set(drivername="postgresql+psycopg2", database=database)
         .render_as_string(hide_password=False)
     )
+
+
+def create_login_role(url: str, role: str) -> str:
+    """CREATE ROLE for a login over TCP, which needs a password: the one `url` carries, so
+    the URL with only its user changed logs in as the role."""
+    from sqlalchemy.engine import make_url
+
+    password = (make_url(url).password or "").replace("'", "''")
+    return f"CREATE ROLE {role} LOGIN PASSWORD '{password}'"

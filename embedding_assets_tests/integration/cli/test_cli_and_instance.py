@@ -12,6 +12,7 @@ from embedding_assets.cli.main import main
 from embedding_assets.state.db import PgvectorMissingError, engine_for
 from embedding_assets_tests.integration.helpers import (
     create_docs_table,
+    create_login_role,
     unique_name,
     write_settings,
 )
@@ -108,7 +109,7 @@ def test_database_without_pgvector_gets_a_clear_error(postgres):
         conn.execution_options(isolation_level="AUTOCOMMIT")
         conn.execute(sa.text(f"CREATE DATABASE {db}"))
         conn.execute(sa.text(f"DROP ROLE IF EXISTS {db}"))
-        conn.execute(sa.text(f"CREATE ROLE {db} LOGIN"))
+        conn.execute(sa.text(create_login_role(postgres, db)))
         conn.execute(sa.text(f"ALTER DATABASE {db} OWNER TO {db}"))
     url = sa.make_url(postgres).set(username=db, database=db).render_as_string(False)
     with pytest.raises(PgvectorMissingError, match="no pgvector extension.*DATABASE_URL"):

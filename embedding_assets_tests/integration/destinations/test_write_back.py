@@ -30,6 +30,7 @@ from embedding_assets.sync.store import store_embeddings
 from embedding_assets_tests.fakes.provider_server import ProviderServer
 from embedding_assets_tests.integration.helpers import (
     create_docs_table,
+    create_login_role,
     dagster_database,
     fake_embedder_settings,
     materialization_metadata,
@@ -248,7 +249,7 @@ def test_a_role_that_may_not_alter_the_table_gets_the_sql_for_a_dba(postgres, ho
     # The role uses our schema and may update the source table, but may not alter it.
     execute(
         postgres,
-        f"CREATE ROLE {role} LOGIN",
+        create_login_role(postgres, role),
         f"GRANT SELECT, UPDATE ON {name} TO {role}",
         f"GRANT USAGE ON SCHEMA embedding_assets TO {role}",
         f"GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA embedding_assets TO {role}",

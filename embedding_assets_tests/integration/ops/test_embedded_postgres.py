@@ -61,11 +61,13 @@ def test_start_is_idempotent(pg: EmbeddedPostgres) -> None:
     assert status["port"] == pg.port
     assert status["data_dir"] == str(pg.home / "postgres" / "data")
     assert status["socket_dir"] == str(pg.home / "postgres" / "run")
-    assert status["url"] == f"postgresql://postgres@127.0.0.1:{pg.port}/{DATA_DATABASE}"
+    assert status["url"] == (
+        f"postgresql://postgres:{pg.password}@127.0.0.1:{pg.port}/{DATA_DATABASE}"
+    )
 
 
 def test_urls(pg: EmbeddedPostgres) -> None:
-    base = f"postgres@127.0.0.1:{pg.port}"
+    base = f"postgres:{pg.password}@127.0.0.1:{pg.port}"
     assert pg.url() == f"postgresql://{base}/embedding_assets"
     assert pg.url(DAGSTER_DATABASE, driver="psycopg2") == f"postgresql+psycopg2://{base}/dagster"
     assert pg.url(driver="psycopg") == f"postgresql+psycopg://{base}/embedding_assets"
@@ -96,6 +98,24 @@ def test_tcp_sqlalchemy_and_unix_socket(pg: EmbeddedPostgres) -> None:
         check=True,
     )
     assert out.stdout.strip() == "t|[3,4]"  # inet_server_addr() is NULL over a unix socket
+
+
+def test_tcp_needs_the_password_and_only_this_user_reaches_the_socket(
+    pg: EmbeddedPostgres,
+) -> None:
+    """A local login over TCP without the password is refused (it used to be trusted); the
+    password file is 0600 and the socket's directory 0700 (the socket itself trusts)."""
+    import psycopg
+
+    assert pg.password_file.stat().st_mode & 0o777 == 0o600
+    assert (pg.home / "postgres" / "run").stat().st_mode & 0o777 == 0o700
+    without = f"postgresql://postgres@127.0.0.1:{pg.port}/{DATA_DATABASE}"
+    with pytest.raises(psycopg.OperationalError, match="password"):
+        psycopg.connect(without, connect_timeout=5).close()
+    wrong = f"postgresql://postgres:nope@127.0.0.1:{pg.port}/{DATA_DATABASE}"
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        psycopg.connect(wrong, connect_timeout=5).close()
+    assert _scalar(pg.url(), "SELECT 1") == 1
 
 
 def test_another_process_does_not_stop_the_server(pg: EmbeddedPostgres) -> None:

@@ -16,6 +16,7 @@ from embedding_assets.sync.generations import runtime_for
 from embedding_assets.sync.store import store_embeddings
 from embedding_assets_tests.integration.helpers import (
     create_docs_table,
+    create_login_role,
     sync_shards,
     unique_name,
     write_settings,
@@ -291,7 +292,7 @@ def test_a_role_without_trigger_privilege_gets_the_sql_and_a_dba_install_works(
     migrate(engine_for(postgres))
     execute(
         postgres,
-        f"CREATE ROLE {role} LOGIN",
+        create_login_role(postgres, role),
         f"GRANT SELECT, INSERT ON {name} TO {role}",
         f"GRANT USAGE ON SCHEMA embedding_assets TO {role}",
     )
@@ -314,7 +315,7 @@ def test_a_role_without_trigger_privilege_gets_the_sql_and_a_dba_install_works(
         from embedding_assets.state.ddl import execute_script
 
         with as_app.connect() as app_conn:
-            dba_sql = feed.triggers(app_conn).dba_sql()
+            dba_sql = feed.triggers(app_conn).dba_sql(role)
         execute_script(conn, dba_sql)
     assert resolve_mode(as_app, spec.model_copy(update={"change_capture": "auto"})) == "trigger"
     # The trigger fills the queue of each registered generation: register the first.
