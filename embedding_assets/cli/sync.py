@@ -62,7 +62,8 @@ def _sync_generation(
 
     spec = runtime.spec
     keys = [shard] if shard else spec.shard_keys
-    edit = apply_config(runtime)  # an edit of sources.yaml becomes work before the runs
+    # An edit of sources.yaml (or of the table's row-level security) becomes work first.
+    edit = apply_config(runtime, force=True)
     if edit.changed:
         click.echo(f"{source} g{runtime.number}: {edit.describe()}", err=True)
     # A destination that lost data (TRUNCATE, a removed Qdrant store) becomes work here.

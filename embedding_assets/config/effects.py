@@ -128,6 +128,11 @@ EMBEDDER_KEYS: dict[str, Effect] = {
     "concurrency": OPERATIONAL,
 }
 
+# Not keys of sources.yaml but of the database, recorded and compared the same way: a change
+# of row-level security (on, off, a policy) on the source table changes the rows the tool's
+# role sees, so it is an eligibility edit.
+DATABASE_KEYS: dict[str, Effect] = {"database.row_level_security": ELIGIBILITY}
+
 RECORDED = (Effect.ELIGIBILITY, Effect.IN_PLACE)
 # An edit of these changes which rows the ledger must hold, or what they hold beside their
 # vectors: both are brought in line by one full diff.
@@ -178,15 +183,12 @@ def recorded_config(spec: BaseModel) -> dict[str, Any]:
 
 def fingerprint(config: dict[str, Any], effect: Effect) -> str:
     """A stable hash of the recorded values of one effect's keys."""
-    picked = {k: v for k, v in config.items() if SOURCE_KEYS.get(k) == effect}
+    picked = {k: v for k, v in config.items() if {**SOURCE_KEYS, **DATABASE_KEYS}.get(k) == effect}
     return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def changed_keys(applied: dict[str, Any], current: dict[str, Any]) -> dict[str, Effect]:
     """Keys whose value differs between the applied and the current configuration, with
     their effect, in the table's order."""
-    return {
-        key: SOURCE_KEYS[key]
-        for key in SOURCE_KEYS
-        if key in current and applied.get(key) != current[key]
-    }
+    every = {**SOURCE_KEYS, **DATABASE_KEYS}
+    return {key: every[key] for key in every if key in current and applied.get(key) != current[key]}

@@ -344,3 +344,30 @@ def describe_row_security(entry: dict, spec: SourceSpec) -> str:
         f"as an error per row); `embedding-assets reconcile --source {spec.name}` after a "
         "policy change"
     )
+
+
+def row_security_fingerprint(conn: sa.Connection, spec: SourceSpec) -> str:
+    """What decides which source rows this role sees under row-level security: whether it is
+    on (and forced), whether the role bypasses it, and every policy of the table. "none"
+    for a `query:` source or a table without it."""
+    if spec.table is None:
+        return "none"
+    row = conn.execute(
+        sa.text(
+            """SELECT c.relrowsecurity AS enabled, c.relforcerowsecurity AS forced,
+                r.rolsuper OR r.rolbypassrls OR pg_get_userbyid(c.relowner) = current_user
+                    AS privileged,
+                (SELECT md5(string_agg(concat_ws('|', p.polname, p.polcmd, p.polpermissive,
+                        CAST(p.polroles AS text), pg_get_expr(p.polqual, p.polrelid),
+                        pg_get_expr(p.polwithcheck, p.polrelid)), ',' ORDER BY p.polname))
+                 FROM pg_policy AS p WHERE p.polrelid = c.oid) AS policies
+            FROM pg_class AS c, pg_roles AS r
+            WHERE c.oid = to_regclass(:t) AND r.rolname = current_user"""
+        ),
+        {"t": quote_table(split_qualified(spec.table))},
+    ).one_or_none()
+    if row is None or not row.enabled:
+        return "none"
+    if row.privileged and not row.forced:
+        return "bypassed"
+    return f"applies:{row.policies or 'no policy'}"

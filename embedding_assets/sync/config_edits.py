@@ -19,6 +19,7 @@ before its first record, so nothing an old edit left behind survives an upgrade.
 """
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,11 +29,14 @@ from embedding_assets.config.base import split_qualified
 from embedding_assets.config.effects import Effect, changed_keys, recorded_config
 from embedding_assets.state.applied_config import AppliedConfig
 from embedding_assets.state.ddl import STATE_SCHEMA, ddl_lock, execute_script
+from embedding_assets.state.privileges import row_security_fingerprint
 from embedding_assets.state.source_sql import quote_ident, quote_table
 from embedding_assets.state.triggers import OPERATIONS
 from embedding_assets.sync.runtime import SourceRuntime
 
 log = logging.getLogger(__name__)
+
+RECHECK_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,8 @@ def current_config(runtime: SourceRuntime) -> dict[str, Any]:
     config = recorded_config(runtime.spec)
     config["pgvector.table"] = ".".join(runtime.stable_table)
     config["qdrant.collection"] = runtime.stable_collection
+    with runtime.engine.connect() as conn:
+        config["database.row_level_security"] = row_security_fingerprint(conn, runtime.spec)
     return config
 
 
@@ -72,22 +78,23 @@ def pending_edits(runtime: SourceRuntime) -> dict[str, Effect] | None:
     return changed_keys(applied, current_config(runtime))
 
 
-def apply_config(runtime: SourceRuntime) -> ConfigEdit:
-    """Bring the runtime's store in line with sources.yaml; once per runtime and process
-    when nothing changed (one indexed read)."""
-    if runtime.config_applied:
+def apply_config(runtime: SourceRuntime, force: bool = False) -> ConfigEdit:
+    """Bring the runtime's store in line with sources.yaml (and the source table's row-level
+    security); when nothing changed, checked again at most every RECHECK_SECONDS per runtime
+    (a sensor's runtime lives as long as the code location); `force`: check now."""
+    if not force and time.monotonic() - runtime.config_checked_at < RECHECK_SECONDS:
         return ConfigEdit()
     record = AppliedConfig(runtime.engine, runtime.target)
     current = current_config(runtime)
     if record.read() == current:
-        runtime.config_applied = True
+        runtime.config_checked_at = time.monotonic()
         return ConfigEdit()
     runtime.feed.ensure()  # triggers re-installed for the columns the edit watches
     with runtime.engine.begin() as conn:
         record.lock(conn)
         applied = record.read(conn)
         if applied == current:  # another process did it meanwhile
-            runtime.config_applied = True
+            runtime.config_checked_at = time.monotonic()
             return ConfigEdit()
         changed = changed_keys(applied, current) if applied is not None else {}
         if applied is not None and "table" in changed and applied.get("table"):
@@ -100,7 +107,7 @@ def apply_config(runtime: SourceRuntime) -> ConfigEdit:
     edit = ConfigEdit(changed, applied is None, queued, tuple(actions))
     if edit.changed:
         log.info("%s: %s", runtime.spec.name, edit.describe())
-    runtime.config_applied = True
+    runtime.config_checked_at = time.monotonic()
     return edit
 
 

@@ -66,8 +66,9 @@ class SourceRuntime:
     embedder_name: str = ""
     tokens_per_day: int | None = None
     target_ready: bool = False
-    # sources.yaml's edits are brought into this generation's store (`sync.config_edits`).
-    config_applied: bool = False
+    # When this runtime last found its store in line with sources.yaml (`sync.config_edits`;
+    # time.monotonic(), -inf: never).
+    config_checked_at: float = float("-inf")
     # The role's privileges were found sufficient (`state.privileges`), once per process.
     privileges_checked: bool = False
     # The write-back column (write_back: in sources.yaml), None without one.

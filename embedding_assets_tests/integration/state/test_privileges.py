@@ -216,3 +216,35 @@ def test_a_psycopg2_privilege_error_is_one_line_with_the_grant(deployment):
     assert "permission denied for table docs" in message
     assert f'GRANT SELECT ON docs TO "{d.role}"' in message
     assert "DATABASE_URL" not in message and "\n" not in message
+
+
+def test_row_level_security_turned_on_takes_effect_at_the_next_sync(deployment):
+    """A policy that hides rows from the tool's role is noticed like a `where` edit: the
+    next sync removes the hidden rows' vectors; lifted, they come back with nothing embedded
+    (their vectors were kept). Trigger capture, which alone would never see it."""
+    d = deployment
+    execute(
+        d.dba,
+        f"GRANT SELECT, TRIGGER ON docs TO {d.role}",
+        f"CREATE SCHEMA embedding_assets AUTHORIZATION {d.role}",
+        f"CREATE SCHEMA vec AUTHORIZATION {d.role}",
+    )
+    path = d.sources(change_capture="trigger")
+    assert d.cli(path, "sync").exit_code == 0
+    assert d.embedded() == ROWS
+    execute(
+        d.dba,
+        "ALTER TABLE docs ENABLE ROW LEVEL SECURITY",
+        f"CREATE POLICY first_half ON docs FOR SELECT TO {d.role} USING (id <= {ROWS // 2})",
+    )
+    status = json.loads(d.cli(path, "status", "--json").output)[0]
+    assert status["config_changes"] == {"database.row_level_security": "eligibility"}
+    assert d.cli(path, "sync").exit_code == 0
+    with engine_for(d.dba).connect() as conn:
+        stored = sa.text("SELECT count(DISTINCT row_id) FROM vec.docs_embeddings")
+        assert conn.scalar(stored) == ROWS // 2
+    execute(d.dba, "ALTER TABLE docs DISABLE ROW LEVEL SECURITY")
+    assert d.cli(path, "sync").exit_code == 0
+    with engine_for(d.dba).connect() as conn:
+        assert conn.scalar(stored) == ROWS
+    assert d.embedded() == ROWS  # the rows that came back were not embedded again
