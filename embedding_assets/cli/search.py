@@ -16,9 +16,16 @@ def search_source(
     sources.yaml says now): row id, score (cosine similarity), chunk text. With the
     `column` backend, nearest rows by their write-back vector, with the row's text."""
     from embedding_assets.ops.environment import database_url
+    from embedding_assets.state.db import engine_for
+    from embedding_assets.state.generations import Generations
     from embedding_assets.sync.generations import runtime_for
 
-    runtime = runtime_for(settings, source, database_url(), "live")
+    if not any(g.state == "live" for g in Generations(engine_for(database_url()), source).all()):
+        raise click.ClickException(
+            f"source {source!r} has no embeddings yet: run `embedding-assets sync` first"
+        )
+    # Read only: the live generation as it is, whatever pipeline sources.yaml asks for now.
+    runtime = runtime_for(settings, source, database_url(), "live", register=False)
     if backend == "column":
         if runtime.column is None:
             raise click.ClickException(

@@ -262,10 +262,15 @@ def generation_runtime(
     database_url: str,
     store: QdrantStore,
     which: int | str | None = None,
+    register: bool = True,
 ) -> SourceRuntime:
-    """The runtime of one generation of a configured source (see `pick`)."""
+    """The runtime of one generation of a configured source (see `pick`); without
+    `register` (read-only callers) an edited pipeline is not registered."""
     engine = engine_for(database_url)
-    generations = ensure_generation(spec, embedder_spec, configured.model_id, engine, store)
+    if register:
+        generations = ensure_generation(spec, embedder_spec, configured.model_id, engine, store)
+    else:
+        generations = Generations(engine, spec.name).all()
     return runtime_of_generation(
         spec, embedder_spec, configured, database_url, store, generations, pick(generations, which)
     )
@@ -341,7 +346,11 @@ def describe_pipeline(pipeline: dict[str, Any]) -> str:
 
 
 def runtime_for(
-    settings: Settings, source: str, database_url: str, generation: int | str | None = None
+    settings: Settings,
+    source: str,
+    database_url: str,
+    generation: int | str | None = None,
+    register: bool = True,
 ) -> SourceRuntime:
     """A source's runtime outside Dagster (CLI, tests, benchmarks): of `generation` (a
     number, or "live"), by default the one being built, else the live one."""
@@ -356,4 +365,5 @@ def runtime_for(
         database_url,
         qdrant_store_from_env(),
         generation,
+        register,
     )

@@ -248,3 +248,28 @@ def test_row_level_security_turned_on_takes_effect_at_the_next_sync(deployment):
     with engine_for(d.dba).connect() as conn:
         assert conn.scalar(stored) == ROWS
     assert d.embedded() == ROWS  # the rows that came back were not embedded again
+
+
+def test_write_back_grant_sets_side_table_and_a_missing_column_grant(deployment):
+    d = deployment
+    execute(
+        d.dba,
+        f"GRANT SELECT ON docs TO {d.role}",
+        f"CREATE SCHEMA embedding_assets AUTHORIZATION {d.role}",
+        f"CREATE SCHEMA vec AUTHORIZATION {d.role}",
+        "ALTER TABLE docs ADD COLUMN vec vector(8)",
+    )
+    # Into the source: the owner added the column, but UPDATE on it was not granted.
+    into_source = d.sources(change_capture="diff", write_back="{column: vec}")
+    doctor = d.cli(into_source, "doctor", "--json")
+    [missing] = json.loads(doctor.output)[0]["missing"]
+    assert missing["fix"] == f'GRANT UPDATE ("vec") ON "public"."docs" TO "{d.role}";'
+    synced = d.cli(into_source, "sync")
+    assert synced.exit_code == 1 and "GRANT UPDATE" in synced.output
+    assert d.embedded() == 0
+    # A side table in a schema the role owns: nothing more to grant.
+    side = d.sources(change_capture="diff", write_back="{column: vector, table: vec.docs_vectors}")
+    assert d.cli(side, "doctor").exit_code == 0
+    assert d.cli(side, "sync").exit_code == 0
+    with engine_for(d.dba).connect() as conn:
+        assert conn.scalar(sa.text("SELECT count(vector) FROM vec.docs_vectors")) == ROWS
