@@ -172,6 +172,21 @@ def dev_env(home: Path) -> dict[str, str]:
     return env
 
 
+def dev_with_sources(home: Path, sources: str):
+    """The environment of a `dev` on `sources` (written to home/sources.yaml), with its
+    embedded Postgres started, and an engine on its data database."""
+    import sqlalchemy as sa
+
+    env = dev_env(home)
+    (home / "sources.yaml").write_text(sources)
+    env["EMBEDDING_ASSETS_SOURCES"] = str(home / "sources.yaml")
+    subprocess.run([*CLI, "db", "start"], env=env, check=True, capture_output=True)
+    data_url = subprocess.run(
+        [*CLI, "db", "url"], env=env, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    return env, sa.create_engine(data_url)
+
+
 def start_dev(home: Path, env: dict[str, str], ignore_sigint: bool = False):
     ui_port = free_port()
 
@@ -242,14 +257,7 @@ def test_dev_ui_shows_late_shards_materializes_one_and_stops_on_sigterm():
     import sqlalchemy as sa
 
     home = Path(tempfile.mkdtemp(prefix="ea-dev-ui-"))
-    env = dev_env(home)
-    (home / "sources.yaml").write_text(NOTES_SOURCES)
-    env["EMBEDDING_ASSETS_SOURCES"] = str(home / "sources.yaml")
-    subprocess.run([*CLI, "db", "start"], env=env, check=True, capture_output=True)
-    data_url = subprocess.run(
-        [*CLI, "db", "url"], env=env, capture_output=True, text=True, check=True
-    ).stdout.strip()
-    data = sa.create_engine(data_url)
+    env, data = dev_with_sources(home, NOTES_SOURCES)
     with data.begin() as conn:
         conn.execute(sa.text("CREATE TABLE notes (id int PRIMARY KEY, body text)"))
         conn.execute(
@@ -364,15 +372,8 @@ def test_dev_follows_edits_of_sources_yaml_and_survives_a_broken_file():
     import sqlalchemy as sa
 
     home = Path(tempfile.mkdtemp(prefix="ea-dev-edits-"))
-    env = dev_env(home)
     sources = home / "sources.yaml"
-    sources.write_text(EDITED_SOURCES.format(where="id <= 20", extra=""))
-    env["EMBEDDING_ASSETS_SOURCES"] = str(sources)
-    subprocess.run([*CLI, "db", "start"], env=env, check=True, capture_output=True)
-    data_url = subprocess.run(
-        [*CLI, "db", "url"], env=env, capture_output=True, text=True, check=True
-    ).stdout.strip()
-    data = sa.create_engine(data_url)
+    env, data = dev_with_sources(home, EDITED_SOURCES.format(where="id <= 20", extra=""))
     with data.begin() as conn:
         conn.execute(sa.text("CREATE TABLE edits (id int PRIMARY KEY, body text)"))
         conn.execute(

@@ -56,6 +56,16 @@ class Deployment:
         path = fake_embedder_settings(self.tmp_path, "docs", self.fake.base_url, {}, options)
         return str(path)
 
+    def grant_basics(self, *more: str) -> None:
+        """SELECT on the source and both schemas made by the DBA for the role, then `more`."""
+        execute(
+            self.dba,
+            f"GRANT SELECT ON docs TO {self.role}",
+            f"CREATE SCHEMA embedding_assets AUTHORIZATION {self.role}",
+            f"CREATE SCHEMA vec AUTHORIZATION {self.role}",
+            *more,
+        )
+
     def cli(self, path: str, *args: str):
         return CliRunner().invoke(main, ["--sources", path, *args])
 
@@ -76,12 +86,7 @@ def deployment(postgres, home, tmp_path, monkeypatch, fake):
 
 def test_diff_grant_set_schemas_made_by_the_dba_and_select_on_the_source(deployment, home):
     d = deployment
-    execute(
-        d.dba,
-        f"GRANT SELECT ON docs TO {d.role}",
-        f"CREATE SCHEMA embedding_assets AUTHORIZATION {d.role}",
-        f"CREATE SCHEMA vec AUTHORIZATION {d.role}",
-    )
+    d.grant_basics()
     path = d.sources(change_capture="diff")
     doctor = d.cli(path, "doctor")
     assert doctor.exit_code == 0, doctor.output
@@ -169,11 +174,7 @@ def test_triggers_installed_by_a_dba_for_a_role_without_trigger_privilege(deploy
 
 def test_write_back_under_row_level_security_records_the_rows_it_could_not_update(deployment):
     d = deployment
-    execute(
-        d.dba,
-        f"GRANT SELECT ON docs TO {d.role}",
-        f"CREATE SCHEMA embedding_assets AUTHORIZATION {d.role}",
-        f"CREATE SCHEMA vec AUTHORIZATION {d.role}",
+    d.grant_basics(
         "ALTER TABLE docs ADD COLUMN vec vector(8)",
         f"GRANT UPDATE (vec) ON docs TO {d.role}",
         "ALTER TABLE docs ENABLE ROW LEVEL SECURITY",
@@ -252,11 +253,7 @@ def test_row_level_security_turned_on_takes_effect_at_the_next_sync(deployment):
 
 def test_write_back_grant_sets_side_table_and_a_missing_column_grant(deployment):
     d = deployment
-    execute(
-        d.dba,
-        f"GRANT SELECT ON docs TO {d.role}",
-        f"CREATE SCHEMA embedding_assets AUTHORIZATION {d.role}",
-        f"CREATE SCHEMA vec AUTHORIZATION {d.role}",
+    d.grant_basics(
         "ALTER TABLE docs ADD COLUMN vec vector(8)",
     )
     # Into the source: the owner added the column, but UPDATE on it was not granted.
