@@ -706,3 +706,32 @@ def test_a_rollback_with_nothing_changed_goes_live_at_the_next_sync(
     assert sync_source(second, name, None, instance, every_shard=False) == []
     assert states(postgres, name) == {1: "live", 2: "previous"}
     assert server_qdrant.alias_target(name) == f"{name}__g1"
+
+
+def test_the_sensor_promotes_a_finished_build_with_no_work_left(
+    postgres, server_qdrant, tmp_path, instance
+):
+    """A rollback target already current (nothing queued): no shard has work, so no run
+    would ever promote it; the sensor's next tick checks and promotes it."""
+    from click.testing import CliRunner
+
+    from embedding_assets.cli.main import main
+    from embedding_assets.definitions import build_definitions
+
+    name = unique_name()
+    create_docs_table(postgres, name, docs(8))
+    sync_ok(settings_for(tmp_path, name, "a"), name, instance)
+    second = settings_for(tmp_path, name, "b", chunking="{max_tokens: 32, overlap: 4}")
+    sync_ok(second, name, instance)
+    args = ["--sources", str(second.path), "generations", "rollback", "--source", name]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    assert states(postgres, name) == {1: "building", 2: "live"}
+    defs = build_definitions(second)
+    sensor = defs.resolve_sensor_def(f"{name}_changes")
+    with dg.build_sensor_context(
+        instance=instance, resources=defs.resources, definitions=defs
+    ) as context:
+        result = sensor.evaluate_tick(context)
+    assert not result.run_requests
+    assert states(postgres, name) == {1: "live", 2: "previous"}
+    assert server_qdrant.alias_target(name) == f"{name}__g1"
