@@ -1,9 +1,6 @@
 """The four assets of a source, one builder each: pending rows, chunks, embeddings (written to
 pgvector and the write-back column by their IO manager), vector index (Qdrant)."""
 
-import time
-from dataclasses import replace
-
 import dagster as dg
 
 from embedding_assets.config.embedders import EmbedderSpec
@@ -13,15 +10,19 @@ from embedding_assets.core.sharding import shard_index
 from embedding_assets.defs.embedder_resources import embedder_resource_key
 from embedding_assets.defs.metadata import (
     common_attributes,
+    dagster_metadata,
     embedder_kind,
     source_key,
     staging_tags,
 )
 from embedding_assets.defs.resources import runtime_of
 from embedding_assets.ops.pools import EMBEDDED_QDRANT_POOL, embedder_pool
-from embedding_assets.sync.chunk import chunk_rows, effective_max_tokens
-from embedding_assets.sync.config_edits import apply_config
-from embedding_assets.sync.embed import embed_chunks, fit_token_budget, reusable_vectors
+from embedding_assets.sync.shard_steps import (
+    chunk_pending,
+    embed_pending,
+    plan_index,
+    read_pending,
+)
 
 
 def source_resources(spec: SourceSpec) -> set[str]:
@@ -47,36 +48,11 @@ def build_pending_rows(spec: SourceSpec, shards: dg.PartitionsDefinition) -> dg.
         """Rows of this shard that need work now: new or changed rows (their text, metadata
         or the model differs from what is stored) and rows to remove (deleted, or no longer
         matching `where`). At most `max_rows_per_run`; the sensor asks again for the rest."""
-        started = time.perf_counter()
         runtime = runtime_of(context, spec)
-        runtime.require_privileges()  # a missing grant stops the run before any embedding
-        edit = apply_config(runtime)  # an edit of sources.yaml, whoever runs first
-        if edit.changed:
-            context.log.info(f"{spec.name}: {edit.describe()}")
-        shard = shard_index(context.partition_key)
-        runtime.claim_shard(
-            shard,
-            on_wait=lambda: context.log.info(
-                f"shard {context.partition_key} is being synced by another run; waiting for "
-                "its write, so no row is embedded twice"
-            ),
+        pending, figures = read_pending(
+            runtime, shard_index(context.partition_key), context.log, context.partition_key
         )
-        pending = replace(
-            runtime.feed.pending(shard, spec.max_rows_per_run), generation=runtime.number
-        )
-        seconds = time.perf_counter() - started
-        context.add_output_metadata(
-            {
-                "rows": len(pending.rows),
-                "rows_to_delete": len(pending.deleted),
-                "empty_text_rows": pending.empty_rows,
-                "backlog": pending.backlog,
-                "change_capture": runtime.feed.mode,
-                **generation_metadata(runtime),
-                "feed_entries": len(pending.consumed),
-                "duration_seconds": round(seconds, 3),
-            }
-        )
+        context.add_output_metadata(dagster_metadata(figures))
         return pending
 
     return pending_rows
@@ -101,22 +77,9 @@ def build_chunks(
         """Each pending row's text split into chunks of at most `max_tokens` tokens of the
         embedder's own tokenizer, overlapping by `overlap` tokens, with a content hash per
         chunk. Rows with NULL or blank text get no chunk."""
-        started = time.perf_counter()
         runtime = runtime_of(context, spec, pending_rows.generation)
-        embedder = runtime.embedder
-        chunked = chunk_rows(pending_rows, runtime.spec, embedder)
-        seconds = time.perf_counter() - started
-        context.add_output_metadata(
-            {
-                "rows": len(pending_rows.rows),
-                "chunks": len(chunked.chunks),
-                "tokens": chunked.tokens,
-                "max_tokens": effective_max_tokens(runtime.spec, embedder),
-                "empty_text_rows": pending_rows.empty_rows,
-                "duration_seconds": round(seconds, 3),
-                "rows_per_second": _per_second(len(pending_rows.rows), seconds),
-            }
-        )
+        chunked, figures = chunk_pending(runtime, pending_rows)
+        context.add_output_metadata(dagster_metadata(figures))
         return chunked
 
     return chunks
@@ -145,57 +108,9 @@ def build_embeddings(
         """One vector per chunk, stored in the source's pgvector table. A chunk whose text
         already has a vector for this model is copied, not re-embedded: only changed
         chunks cost compute."""
-        started = time.perf_counter()
         runtime = runtime_of(context, spec, chunks.pending.generation)
-        embedder = runtime.embedder
-        reusable = reusable_vectors(runtime, chunks)
-        calls_before = embedder_stats(embedder)
-        tokens_left = runtime.budget.left()
-        deferred: list[str] = []
-        if tokens_left is not None:
-            chunks, deferred = fit_token_budget(chunks, reusable, embedder.dimension, tokens_left)
-            if deferred:
-                context.log.warning(
-                    f"{len(deferred)} rows wait for tomorrow's token budget of embedder "
-                    f"{runtime.budget.embedder!r} ({runtime.budget.per_day:,} tokens per UTC "
-                    f"day, {tokens_left:,} left): they stay pending, nothing fails"
-                )
-
-        def keep_progress(hashes: list[str], vectors, done: int, total: int) -> None:
-            # Committed at once: a run interrupted after this keeps these vectors.
-            runtime.vector_cache.save(hashes, vectors)
-            context.log.info(f"embedded {done:,} of {total:,} new chunks (progress kept)")
-
-        embedded = embed_chunks(chunks, embedder, reusable, keep_progress)
-        runtime.budget.spend(embedded.embedded_tokens)
-        seconds = time.perf_counter() - started
-        rows = len(chunks.pending.rows)
-        reasons = {
-            row: f"{failure.kind}: {failure.message}" for row, failure in embedded.failures.items()
-        }
-        if reasons:
-            context.log.warning(
-                f"{len(reasons)} rows failed and are recorded in the error table (retried "
-                f"later; `embedding-assets errors --source {name}` lists them): "
-                + "; ".join(f"{row}: {why}" for row, why in list(reasons.items())[:5])
-            )
-        context.add_output_metadata(
-            {
-                **stats_delta(calls_before, embedder_stats(embedder)),
-                "failed_rows": len(embedded.failures),
-                "failed_row_reasons": dg.MetadataValue.json(dict(list(reasons.items())[:50])),
-                **generation_metadata(runtime),
-                "rows": rows,
-                "chunks": len(chunks.chunks),
-                "tokens": chunks.tokens,
-                "embedded_chunks": embedded.embedded_chunks,
-                "embedded_tokens": embedded.embedded_tokens,
-                "reused_chunks": embedded.reused_chunks,
-                "rows_waiting_for_token_budget": len(deferred),
-                "duration_seconds": round(seconds, 3),
-                "rows_per_second": _per_second(rows, seconds),
-            }
-        )
+        embedded, figures = embed_pending(runtime, chunks, context.log)
+        context.add_output_metadata(dagster_metadata(figures))
         return embedded
 
     return embeddings
@@ -226,57 +141,9 @@ def build_vector_index(
         """The shard's chunks as points in the source's Qdrant collection (payload: row id,
         chunk index, text, metadata columns). Planned from what pgvector and the ledger
         hold, not from this run's output, so a crash between the two writes converges."""
-        started = time.perf_counter()
         runtime = runtime_of(context, spec)
-        update, stats = runtime.qdrant.plan(
-            shard_index(context.partition_key),
-            runtime.embedder.dimension,
-            spec.max_rows_per_run,
-            runtime.model_id,
-        )
-        update.generation = runtime.number
-        seconds = time.perf_counter() - started
-        context.add_output_metadata(
-            {
-                "rows": stats.lag_rows,
-                "reconciled_shard": stats.reconciled,
-                "created_collection": stats.created_collection,
-                "backlog": update.backlog,
-                **generation_metadata(runtime),
-                "planning_duration_seconds": round(seconds, 3),
-            }
-        )
+        update, figures = plan_index(runtime, shard_index(context.partition_key))
+        context.add_output_metadata(dagster_metadata(figures))
         return update
 
     return vector_index
-
-
-def embedder_stats(embedder) -> dict[str, float]:
-    """Cumulative request counters of a remote embedder ({} for a local model)."""
-    stats = getattr(embedder, "stats", None)
-    return dict(stats()) if stats else {}
-
-
-def stats_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-    """This run's share: requests, retries, throttled seconds, tokens, provider usage."""
-    delta = {k: v - before.get(k, 0) for k, v in after.items()}
-    # Counters stay integers (the UI plots 3.0 requests otherwise); waits keep decimals.
-    return {
-        f"embedder_{k}": int(v) if float(v).is_integer() else round(v, 3) for k, v in delta.items()
-    }
-
-
-def generation_metadata(runtime) -> dict[str, object]:
-    """Which generation a step worked on: the UI shows a build's progress by it."""
-    generation = runtime.generation
-    if generation is None:
-        return {}
-    # Text, not numbers: a constant is not a series to plot.
-    return {
-        "generation": dg.MetadataValue.text(str(generation.number)),
-        "generation_state": generation.state,
-    }
-
-
-def _per_second(count: int, seconds: float) -> float:
-    return round(count / seconds, 1) if seconds > 0 else 0.0

@@ -114,3 +114,20 @@ def common_attributes(spec: SourceSpec) -> dict:
 
 def staging_tags(spec: SourceSpec) -> dict[str, str]:
     return {**spec.tags, STAGE_TAG: "staging"}
+
+
+# Figures of the plain steps (`sync.shard_steps`) that the UI shows typed.
+_JSON_FIGURES = ("failed_row_reasons",)
+_TEXT_FIGURES = ("generation",)  # a constant, not a series to plot
+
+
+def dagster_metadata(figures: dict) -> dict:
+    """A step's plain figures as Dagster metadata: dicts as JSON, the generation as text."""
+    typed = dict(figures)
+    for key in _JSON_FIGURES:
+        if key in typed:
+            typed[key] = dg.MetadataValue.json(typed[key])
+    for key in _TEXT_FIGURES:
+        if key in typed:
+            typed[key] = dg.MetadataValue.text(str(typed[key]))
+    return typed
