@@ -1,26 +1,36 @@
 """Asset checks of a source, per shard: vector validity, coverage, dead rows, parity with the
 ledger, self-retrieval, search recall."""
 
-import time
-
 import dagster as dg
 
 from embedding_assets.config.sources import SourceSpec
 from embedding_assets.core.sharding import shard_index
 from embedding_assets.defs.assets import source_resources
 from embedding_assets.defs.resources import runtime_of
-from embedding_assets.destinations.audit import audit_destinations
 from embedding_assets.destinations.recall import (
     RECALL_EVERY_SECONDS,
     RECALL_K,
     RECALL_SAMPLE,
     RECALL_TARGET,
-    measured_recall,
 )
-from embedding_assets.sync.lag import shard_lags
+from embedding_assets.sync import shard_checks
+from embedding_assets.sync.shard_checks import SELF_RETRIEVAL_K, SELF_RETRIEVAL_SAMPLE, CheckOutcome
 
-SELF_RETRIEVAL_SAMPLE = 10
-SELF_RETRIEVAL_K = 5
+
+def check_result(outcome: CheckOutcome) -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(
+        passed=outcome.passed,
+        severity=dg.AssetCheckSeverity.WARN if outcome.warn_only else dg.AssetCheckSeverity.ERROR,
+        metadata=check_metadata(outcome),
+    )
+
+
+def check_metadata(outcome: CheckOutcome) -> dict:
+    """Lists and dicts (missed rows) shown as JSON."""
+    return {
+        k: dg.MetadataValue.json(v) if isinstance(v, list | dict) else v
+        for k, v in outcome.metadata.items()
+    }
 
 
 def build_checks(
@@ -57,16 +67,8 @@ def build_vectors_valid(
     )
     def vectors_valid(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
         runtime = runtime_of(context, spec)
-        embedder = runtime.embedder
         shard = shard_index(context.partition_key)
-        if spec.pgvector.enabled:
-            found = runtime.pgvector.invalid_vectors(shard, embedder.dimension)
-        else:  # the column's type fixes the dimension; a held row must have its vector
-            found = runtime.column.invalid_vectors(shard, runtime.is_live)
-        passed = not any(found.get(k) for k in ("wrong_dimension", "zero_norm", "missing_vectors"))
-        return dg.AssetCheckResult(
-            passed=passed, metadata={**found, "dimension": embedder.dimension}
-        )
+        return check_result(shard_checks.vectors_valid(runtime, shard))
 
     return vectors_valid
 
@@ -87,27 +89,7 @@ def build_coverage(
     def coverage(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
         runtime = runtime_of(context, spec)
         shard = shard_index(context.partition_key)
-        if runtime.feed.mode == "diff":
-            work = runtime.exact_work(shard)[shard]
-            embedded, eligible, pending = work.embedded_rows, work.eligible_rows, work.pending_rows
-        else:
-            embedded = runtime.ledger.current_rows_by_shard(shard).get(shard, 0)
-            pending = runtime.work()[shard].pending_rows
-            failed = sum(runtime.errors.counts_by_shard().get(shard, (0, 0)))
-            # Queued rows may be updates of embedded ones: a lower bound.
-            eligible = embedded + pending + failed
-        ratio = embedded / eligible if eligible else 1.0
-        return dg.AssetCheckResult(
-            passed=ratio >= 1.0,
-            severity=dg.AssetCheckSeverity.WARN,
-            metadata={
-                "coverage": round(min(ratio, 1.0), 4),
-                "eligible_rows": eligible,
-                "embedded_rows": embedded,
-                "pending_rows": pending,
-                "exact": runtime.feed.mode == "diff",
-            },
-        )
+        return check_result(shard_checks.coverage(runtime, shard))
 
     return coverage
 
@@ -128,22 +110,7 @@ def build_parity(
     def parity(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
         runtime = runtime_of(context, spec)
         shard = shard_index(context.partition_key)
-        found = audit_destinations(runtime, qdrant="count", shard=shard, deep=True)
-        if not found:
-            return dg.AssetCheckResult(passed=True, metadata={"ledger_chunks": 0})
-        audit = found[0]
-        return dg.AssetCheckResult(
-            passed=audit.consistent,
-            metadata={
-                "ledger_chunks": audit.ledger_chunks,
-                "pgvector_chunks": audit.pgvector_chunks,
-                "ledger_points": audit.ledger_points,
-                "qdrant_points": audit.qdrant_points or 0,
-                "rows_marked_for_restore": audit.rows_marked_lost,
-                "stray_chunks_removed": audit.orphan_chunks_removed,
-                "qdrant_shard_resent": audit.qdrant_forgotten,
-            },
-        )
+        return check_result(shard_checks.parity(runtime, shard))
 
     return parity
 
@@ -163,12 +130,7 @@ def build_no_dead_rows(
     def no_dead_rows(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
         runtime = runtime_of(context, spec)
         shard = shard_index(context.partition_key)
-        failed, dead = runtime.errors.counts_by_shard().get(shard, (0, 0))
-        return dg.AssetCheckResult(
-            passed=dead == 0,
-            severity=dg.AssetCheckSeverity.WARN,
-            metadata={"dead_rows": dead, "rows_waiting_for_retry": failed},
-        )
+        return check_result(shard_checks.no_dead_rows(runtime, shard))
 
     return no_dead_rows
 
@@ -188,37 +150,8 @@ def build_self_retrieval(
     )
     def self_retrieval(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
         runtime = runtime_of(context, spec)
-        shard = shard_index(context.partition_key)
-        if not spec.pgvector.enabled:
-            misses = runtime.column.self_retrieval_misses(
-                shard, SELF_RETRIEVAL_SAMPLE, SELF_RETRIEVAL_K, runtime.is_live
-            )
-            return dg.AssetCheckResult(
-                passed=not misses,
-                metadata={"missed_rows": dg.MetadataValue.json(misses), "k": SELF_RETRIEVAL_K},
-            )
-        sample = runtime.pgvector.sample_chunks(shard, SELF_RETRIEVAL_SAMPLE)
-        # Until the HNSW index exists (a bulk load defers it) a search is an exact scan:
-        # search the shard only, so the check does not scan the whole table per sample.
-        # Qdrant's embedded engine always scans: the shard filter uses its payload index.
-        record = runtime.ledger.record()
-        pg_shard = shard if record is None or record.vector_index != "built" else None
-        found = {"pgvector": 0, "qdrant": 0}
-        for row in sample.itertuples(index=False):
-            pg_hits = runtime.pgvector.search(row.embedding, SELF_RETRIEVAL_K, pg_shard)
-            if any(h.point_id == row.point_id or h.text == row.chunk_text for h in pg_hits):
-                found["pgvector"] += 1
-            if not spec.qdrant.enabled:
-                continue
-            q_hits = runtime.qdrant.search(row.embedding, SELF_RETRIEVAL_K, shard)
-            if any(h.id == row.point_id or h.payload.get("text") == row.chunk_text for h in q_hits):
-                found["qdrant"] += 1
-        sampled = len(sample)
-        if not spec.qdrant.enabled:
-            found.pop("qdrant")
-        return dg.AssetCheckResult(
-            passed=all(count == sampled for count in found.values()),
-            metadata={"sampled": sampled, **{f"found_{k}": v for k, v in found.items()}},
+        return check_result(
+            shard_checks.self_retrieval(runtime, shard_index(context.partition_key))
         )
 
     return self_retrieval
@@ -243,17 +176,8 @@ def build_search_recall(
     )
     def search_recall(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
         runtime = runtime_of(context, spec)
-        figures, measured_at = measured_recall(runtime, shard_index(context.partition_key))
-        recalls = [v for k, v in figures.items() if k.endswith("_recall") and v is not None]
-        return dg.AssetCheckResult(
-            passed=all(r >= RECALL_TARGET for r in recalls),
-            severity=dg.AssetCheckSeverity.WARN,
-            metadata={
-                **{k: v for k, v in figures.items() if v is not None},
-                "k": RECALL_K,
-                "measured_at": measured_at or "now",
-            },
-        )
+        shard = shard_index(context.partition_key)
+        return check_result(shard_checks.search_recall(runtime, shard))
 
     return search_recall
 
@@ -273,14 +197,9 @@ def build_freshness(
     )
     def freshness(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
         runtime = runtime_of(context, spec)
-        shard = shard_index(context.partition_key)
-        # A run of the lag sensor says since when the shard is behind (diff capture has
-        # no queue to date it).
+        # A run of the lag sensor says since when the shard is behind.
         since = context.run.tags.get("embedding_assets/behind_since")
-        behind = {shard: float(since)} if since else None
-        lag = shard_lags(runtime, behind, time.time())[shard]
-        return dg.AssetCheckResult(
-            passed=not lag.late, severity=dg.AssetCheckSeverity.WARN, metadata=lag.metadata()
-        )
+        shard = shard_index(context.partition_key)
+        return check_result(shard_checks.freshness(runtime, shard, float(since) if since else None))
 
     return freshness
