@@ -1,5 +1,6 @@
 """`embedding-assets sync`: every shard with work (or all) materialized in this process, recorded
-in the UI's instance, with a line per shard run."""
+in the UI's instance, with a line per shard: one run (the `<source>_sync_shards` job) per
+generation covers every shard with work."""
 
 import json
 import os
@@ -24,13 +25,15 @@ def sync_source(
     settings: Settings, source: str, shard: str | None, instance, every_shard: bool = True
 ) -> list[ShardReport]:
     """Materialize every shard (or one) of a source in this process, recorded in `instance`:
-    of its live generation and, while one is built, of the new one.
+    of its live generation and, while one is built, of the new one; one run per generation
+    covers all its shards (each shard has its own events and checks).
 
-    A shard with a backlog (more than `max_rows_per_run` rows of work) runs again until it
-    is done or a run makes no progress. Without `every_shard`, shards whose change feed and
-    Qdrant lag show no work are skipped (the feed makes asking cheap).
+    Shards with a backlog (more than `max_rows_per_run` rows of work) run again, in one more
+    run, until they are done or make no progress. Without `every_shard`, shards whose change
+    feed and Qdrant lag show no work are skipped (the feed makes asking cheap).
     """
     from embedding_assets.definitions import build_definitions
+    from embedding_assets.defs.shards_job import shards_job_name
     from embedding_assets.embedders.build import make_embedder
     from embedding_assets.ops.environment import database_url, qdrant_store_from_env
     from embedding_assets.sync.generations import all_runtimes
@@ -46,7 +49,7 @@ def sync_source(
         database_url(),
         qdrant_store_from_env(),
     )
-    job = build_definitions(settings).resolve_job_def(f"{source}_sync")
+    job = build_definitions(settings).resolve_job_def(shards_job_name(source))
     reports = []
     for runtime in runtimes:
         reports.extend(_sync_generation(runtime, job, source, shard, instance, every_shard))
@@ -81,13 +84,17 @@ def _sync_generation(
     reports = []
     # Every run of this sync shares one opening of an embedded Qdrant collection.
     with qdrant_store_from_env().keep_open():
-        for key in keys:
-            while True:
-                report, backlog = _run_shard(job, source, key, instance, generation)
-                reports.append(report)
-                progress = report.rows or report.rows_deleted or report.points_upserted
-                if not (report.success and backlog and progress):
-                    break
+        # One run for every shard with work; again for the shards a backlog remains in.
+        while keys:
+            done = _run_shards(job, source, keys, instance, generation)
+            reports.extend(report for report, _ in done)
+            keys = [
+                report.shard
+                for report, backlog in done
+                if report.success
+                and backlog
+                and (report.rows or report.rows_deleted or report.points_upserted)
+            ]
         _finish_build(runtime, source)
     return reports
 
@@ -116,9 +123,14 @@ def _finish_build(runtime, source: str) -> None:
         )
 
 
-def _run_shard(job, source: str, key: str, instance, generation=None) -> tuple[ShardReport, bool]:
+def _run_shards(
+    job, source: str, keys: list[str], instance, generation=None
+) -> list[tuple[ShardReport, bool]]:
+    """One run of the source's shards job over `keys`; per shard its report (from that
+    shard's events) and whether a backlog remains."""
     import uuid
 
+    from embedding_assets.defs.lag_sensor import SHARDS_TAG
     from embedding_assets.defs.resources import GENERATION_TAG
     from embedding_assets.ops.run_health import worker_tag
 
@@ -126,49 +138,70 @@ def _run_shard(job, source: str, key: str, instance, generation=None) -> tuple[S
     run_id = str(uuid.uuid4())
     RUN_IN_PROGRESS["id"] = run_id
     result = job.execute_in_process(
-        partition_key=key,
         instance=instance,
         raise_on_error=False,
         run_id=run_id,
         # A later sync fails this run if this process dies.
         tags={
             **worker_tag(run_id),
+            SHARDS_TAG: ",".join(keys),
             **({GENERATION_TAG: str(generation.number)} if generation is not None else {}),
         },
     )
-    report = ShardReport(
-        source, key, result.success, seconds=round(time.perf_counter() - started, 2)
-    )
-    if generation is not None:
-        report.generation, report.generation_state = generation.number, generation.state
-    backlog = waiting_for_budget = False
+    by_shard: dict[str, dict[str, dict]] = {key: {} for key in keys}
     for event in result.get_asset_materialization_events():
         mat = event.event_specific_data.materialization
-        meta = {k: v.value for k, v in mat.metadata.items()}
-        stage = mat.asset_key.path[-1]
-        if stage == "pending_rows":
-            report.rows, report.rows_deleted = meta["rows"], meta["rows_to_delete"]
-            backlog = backlog or bool(meta.get("backlog"))
-        elif stage == "embeddings":
-            report.chunks = meta["chunks"]
-            report.embedded_chunks = meta["embedded_chunks"]
-            report.reused_chunks = meta["reused_chunks"]
-            report.failed_rows = meta.get("failed_rows", 0) + meta.get(
-                "rows_refused_by_destinations", 0
-            )
-            report.index_build_seconds = meta.get("index_build_duration_seconds", 0.0)
-            report.rows_waiting_for_budget = meta.get("rows_waiting_for_token_budget", 0)
-            # The day's token budget is spent: running again would take nothing.
-            waiting_for_budget = bool(report.rows_waiting_for_budget)
-        if stage == "vector_index":
-            report.points_upserted = meta.get("points_upserted", 0)
-            backlog = backlog or bool(meta.get("backlog"))
-        if stage in ("embeddings", "vector_index"):  # the last step promotes (no Qdrant: this)
-            report.promoted_generation = meta.get("promoted_generation")
-            report.promotion_blocked = meta.get("promotion_blocked")
-    if not result.success:
-        report.error = failure_cause(result.all_events)
-    return report, backlog and not waiting_for_budget
+        if mat.partition in by_shard:
+            meta = {k: v.value for k, v in mat.metadata.items()}
+            by_shard[mat.partition][mat.asset_key.path[-1]] = meta
+    failed = failed_shards(result.all_events) if not result.success else {}
+    seconds = round((time.perf_counter() - started) / max(len(keys), 1), 2)
+    done = []
+    for key in keys:
+        report, backlog = shard_report(source, key, by_shard[key], generation, seconds)
+        if not result.success and (key in failed or not failed):
+            report.success = False
+            report.error = failed.get(key) or failure_cause(result.all_events)
+        done.append((report, backlog))
+    return done
+
+
+def shard_report(
+    source: str, key: str, stages: dict[str, dict], generation, seconds: float
+) -> tuple[ShardReport, bool]:
+    """A shard's report from the figures of its stages' events; and whether a backlog
+    remains (not when the day's token budget is spent: running again would take nothing)."""
+    report = ShardReport(source, key, True, seconds=seconds)
+    if generation is not None:
+        report.generation, report.generation_state = generation.number, generation.state
+    pending, embeddings = stages.get("pending_rows", {}), stages.get("embeddings", {})
+    index = stages.get("vector_index", {})
+    report.rows, report.rows_deleted = pending.get("rows", 0), pending.get("rows_to_delete", 0)
+    report.chunks = embeddings.get("chunks", 0)
+    report.embedded_chunks = embeddings.get("embedded_chunks", 0)
+    report.reused_chunks = embeddings.get("reused_chunks", 0)
+    report.failed_rows = embeddings.get("failed_rows", 0) + embeddings.get(
+        "rows_refused_by_destinations", 0
+    )
+    report.index_build_seconds = embeddings.get("index_build_duration_seconds", 0.0)
+    report.rows_waiting_for_budget = embeddings.get("rows_waiting_for_token_budget", 0)
+    report.points_upserted = index.get("points_upserted", 0)
+    last = index or embeddings  # the last step promotes (no Qdrant: embeddings)
+    report.promoted_generation = last.get("promoted_generation")
+    report.promotion_blocked = last.get("promotion_blocked")
+    backlog = bool(pending.get("backlog")) or bool(index.get("backlog"))
+    return report, backlog and not report.rows_waiting_for_budget
+
+
+def failed_shards(events) -> dict[str, str]:
+    """{shard key: cause} of a shards run's failure (its failure metadata), {} if none."""
+    from embedding_assets.defs.shards_job import FAILED_SHARDS
+
+    for event in events:
+        data = getattr(event.event_specific_data, "user_failure_data", None)
+        if event.is_failure and data is not None and FAILED_SHARDS in (data.metadata or {}):
+            return dict(data.metadata[FAILED_SHARDS].value)
+    return {}
 
 
 def require_source_privileges(settings: Settings, names: list[str]) -> None:
@@ -214,7 +247,7 @@ def sync(
     ctx: click.Context, source: str | None, shard: str | None, all_shards: bool, as_json: bool
 ) -> None:
     """Bring sources up to date now, in this process, recorded in the UI's instance: one run
-    per shard with work (again while a backlog remains)."""
+    covering every shard with work (again for the shards a backlog remains in)."""
     import dagster as dg
 
     from embedding_assets.ops.environment import prepare_dagster_home

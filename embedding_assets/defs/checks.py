@@ -19,10 +19,12 @@ from embedding_assets.sync.shard_checks import SELF_RETRIEVAL_K, SELF_RETRIEVAL_
 
 def check_result(outcome: CheckOutcome) -> dg.AssetCheckResult:
     return dg.AssetCheckResult(
-        passed=outcome.passed,
-        severity=dg.AssetCheckSeverity.WARN if outcome.warn_only else dg.AssetCheckSeverity.ERROR,
-        metadata=check_metadata(outcome),
+        passed=outcome.passed, severity=check_severity(outcome), metadata=check_metadata(outcome)
     )
+
+
+def check_severity(outcome: CheckOutcome) -> dg.AssetCheckSeverity:
+    return dg.AssetCheckSeverity.WARN if outcome.warn_only else dg.AssetCheckSeverity.ERROR
 
 
 def check_metadata(outcome: CheckOutcome) -> dict:

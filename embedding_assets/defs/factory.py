@@ -18,6 +18,7 @@ from embedding_assets.defs.jobs import build_freshness_job, build_reconcile_job
 from embedding_assets.defs.lag_sensor import build_lag_sensor
 from embedding_assets.defs.metadata import sink_metadata, source_asset
 from embedding_assets.defs.sensors import build_sensor
+from embedding_assets.defs.shards_job import build_shards_job
 from embedding_assets.ops.run_health import IN_PROCESS_JOB_TAG
 
 
@@ -88,7 +89,7 @@ def build_source_defs(
     return SourceDefs(
         assets,
         checks,
-        [job, freshness_job],
+        [job, build_shards_job(spec, qdrant_url), freshness_job],
         sensor,
         build_lag_sensor(spec, freshness_job),
         reconcile_job,

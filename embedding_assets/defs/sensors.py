@@ -52,9 +52,24 @@ def runs_on_source(instance: dg.DagsterInstance, job_name: str, source: str) -> 
     for record in records:
         run = record.dagster_run
         selection = run.asset_selection or set()
-        if run.job_name == job_name or any(key.path[0] == source for key in selection):
+        ours = run.job_name in (job_name, f"{source}_sync_shards")  # one shard, or many
+        if ours or any(key.path[0] == source for key in selection):
             found.append(record)
     return found
+
+
+def busy_shards(records: list) -> set[tuple[str | None, str | None]]:
+    """(generation, shard) of every shard the runs in flight work on: a per-shard run's
+    partition, each shard a many-shards run names."""
+    busy = set()
+    for record in records:
+        tags = record.dagster_run.tags
+        generation = tags.get(GENERATION_TAG)
+        if tags.get("dagster/partition"):
+            busy.add((generation, tags["dagster/partition"]))
+        for key in filter(None, tags.get("embedding_assets/shards", "").split(",")):
+            busy.add((generation, key))
+    return busy
 
 
 def retry_wait(failures: int) -> float:
@@ -241,10 +256,7 @@ def build_sensor(spec: SourceSpec, job) -> dg.SensorDefinition:
         if moved:
             context.log.warning(f"readers of {spec.name} moved to the live generation: {moved}")
         runs = recent_runs(context.instance, job.name)
-        busy = {
-            (r.dagster_run.tags.get(GENERATION_TAG), r.dagster_run.tags.get("dagster/partition"))
-            for r in runs_on_source(context.instance, job.name, spec.name)
-        }
+        busy = busy_shards(runs_on_source(context.instance, job.name, spec.name))
         state = read_cursor(context.cursor)
         audited_at = float(state.get("audited_at", 0))
         audit_due = not busy and time.time() - audited_at >= AUDIT_INTERVAL_SECONDS

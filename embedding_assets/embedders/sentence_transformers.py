@@ -278,8 +278,12 @@ class SentenceTransformerEmbedder:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         import torch
+        import transformers
         from sentence_transformers import SentenceTransformer
 
+        # A "Loading weights" bar on stderr of every command that loads the model (and in the
+        # middle of `sync --json`'s output when it loads in the background): quiet.
+        transformers.utils.logging.disable_progress_bar()
         # torch sizes its pool by the machine's cores; a process limited to fewer (taskset,
         # a container's cpuset) then runs more threads than cores, which collapses under load.
         cores = len(os.sched_getaffinity(0))

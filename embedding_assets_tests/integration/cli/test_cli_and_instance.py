@@ -85,7 +85,8 @@ def test_sync_status_search_through_the_cli(source, home):
         assert type(instance.run_storage).__name__ == "PostgresRunStorage"
         assert type(instance.event_log_storage).__name__ == "PostgresEventLogStorage"
         assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
-        assert instance.get_runs_count(dg.RunsFilter(job_name=f"{name}_sync")) == 4
+        # One run for the three shards of the first sync, one for `--shard 01`.
+        assert instance.get_runs_count(dg.RunsFilter(job_name=f"{name}_sync_shards")) == 2
     finally:
         instance.dispose()
 

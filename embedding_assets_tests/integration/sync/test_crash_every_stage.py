@@ -386,7 +386,7 @@ def test_a_sync_waiting_for_a_live_runs_slot_stops_on_a_signal(
         info = instance.event_log_storage.get_concurrency_info("qdrant_embedded")
         assert [s.run_id for s in info.claimed_slots] == [holder_id]  # only the live one
         assert all(step.run_id == holder_id for step in info.pending_steps)
-        runs = instance.get_runs(dg.RunsFilter(job_name=f"{name}_sync"))
+        runs = instance.get_runs(dg.RunsFilter(job_name=f"{name}_sync_shards"))
         assert [r.status for r in runs] == [dg.DagsterRunStatus.FAILURE]
 
 

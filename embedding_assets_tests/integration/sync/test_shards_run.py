@@ -1,0 +1,127 @@
+"""One run for every shard with work (`<source>_sync_shards`): each shard still gets its own
+materializations and check results, and the stored state equals what per-shard runs leave.
+Real Postgres + pgvector, Qdrant's embedded engine, an OpenAI-compatible server on 127.0.0.1.
+(kill -9 of a many-shards run at every stage: test_crash_every_stage, whose `sync` is one.)"""
+
+import dagster as dg
+import pytest
+import sqlalchemy as sa
+
+from embedding_assets.cli.sync import sync_source
+from embedding_assets.config.settings import load_settings
+from embedding_assets.defs.shards_job import shards_job_name
+from embedding_assets.ops.environment import qdrant_store_from_env
+from embedding_assets.state.db import engine_for
+from embedding_assets_tests.fakes.provider_server import ProviderServer
+from embedding_assets_tests.integration.helpers import (
+    create_docs_table,
+    fake_embedder_settings,
+    sync_shards,
+    unique_name,
+)
+
+ROWS = 60
+STAGES = ("pending_rows", "chunks", "embeddings", "vector_index")
+
+
+@pytest.fixture
+def instance():
+    with dg.DagsterInstance.ephemeral() as inst:
+        yield inst
+
+
+@pytest.fixture
+def fake():
+    with ProviderServer("openai", dim=8) as server:
+        yield server
+
+
+def source(postgres, tmp_path, fake) -> tuple[str, object]:
+    name = unique_name()
+    rows = [{"id": i, "title": f"Doc {i}", "body": f"body {i} " * (i % 7)} for i in range(1, 61)]
+    create_docs_table(postgres, name, rows)
+    path = fake_embedder_settings(
+        tmp_path, name, fake.base_url, {}, {"shards": "4", "metadata": "[category]"}
+    )
+    return name, load_settings(path)
+
+
+def test_one_run_syncs_every_shard_with_per_shard_events(postgres, home, tmp_path, instance, fake):
+    name, settings = source(postgres, tmp_path, fake)
+    reports = sync_source(settings, name, None, instance, every_shard=False)
+    assert [r.shard for r in reports] == ["00", "01", "02", "03"]
+    assert all(r.success for r in reports) and sum(r.rows for r in reports) == ROWS
+    runs = instance.get_runs()
+    assert [r.job_name for r in runs] == [shards_job_name(name)]  # one run, four shards
+
+    def latest(stage: str, key: str):
+        records = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey([name, stage]), asset_partitions=[key]),
+            limit=1,
+        ).records
+        return records[0].asset_materialization if records else None
+
+    for key in ("00", "01", "02", "03"):
+        for stage in STAGES:
+            assert latest(stage, key) is not None, (stage, key)
+        rows = latest("pending_rows", key).metadata["rows"].value
+        assert rows == next(r.rows for r in reports if r.shard == key)
+    checks = instance.get_event_records(
+        dg.EventRecordsFilter(event_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION)
+    )
+    evaluated = {
+        (r.event_log_entry.dagster_event.event_specific_data.check_name,
+         r.event_log_entry.dagster_event.event_specific_data.partition)
+        for r in checks
+    }  # fmt: skip
+    for check in ("vectors_valid", "coverage", "no_dead_rows", "freshness",
+                  "self_retrieval", "pgvector_qdrant_parity", "search_recall"):  # fmt: skip
+        assert {(check, key) for key in ("00", "01", "02", "03")} <= evaluated, check
+    assert sync_source(settings, name, None, instance, every_shard=False) == []
+
+
+def stored(url: str, table: str) -> list[tuple]:
+    with engine_for(url).connect() as conn:
+        return [
+            tuple(r)
+            for r in conn.execute(
+                sa.text(
+                    f"SELECT row_id, chunk_index, shard, chunk_text, chunk_hash, model, "
+                    f"CAST(embedding AS text), category FROM {table} ORDER BY row_id, chunk_index"
+                )
+            )
+        ]
+
+
+def ledger(url: str, target: str) -> list[tuple]:
+    with engine_for(url).connect() as conn:
+        return [
+            tuple(r)
+            for r in conn.execute(
+                sa.text(
+                    "SELECT row_id, shard, content_hash, version, chunk_count, deleted, "
+                    "qdrant_hash, qdrant_chunk_count FROM embedding_assets.row_state "
+                    "WHERE target = :t ORDER BY row_id"
+                ),
+                {"t": target},
+            )
+        ]
+
+
+def test_the_stored_state_equals_what_per_shard_runs_leave(
+    postgres, home, tmp_path, instance, fake
+):
+    many_name, many = source(postgres, tmp_path, fake)
+    one_name, one = source(postgres, tmp_path, fake)
+    sync_source(many, many_name, None, instance, every_shard=False)
+    sync_shards(one, one_name, instance)  # the per-shard asset job, one run per shard
+    assert stored(postgres, f"{many_name}_embeddings") == stored(postgres, f"{one_name}_embeddings")
+    many_ledger = ledger(postgres, f"public.{many_name}_embeddings")
+    assert many_ledger == ledger(postgres, f"public.{one_name}_embeddings")
+    assert len(many_ledger) == ROWS
+    store = qdrant_store_from_env()
+    assert (
+        store.count(many_name)
+        == store.count(one_name)
+        == len(stored(postgres, f"{many_name}_embeddings"))
+    )
