@@ -130,8 +130,7 @@ def _run_shards(
     shard's events) and whether a backlog remains."""
     import uuid
 
-    from embedding_assets.defs.lag_sensor import SHARDS_TAG
-    from embedding_assets.defs.resources import GENERATION_TAG
+    from embedding_assets.defs.resources import GENERATION_TAG, SHARDS_TAG
     from embedding_assets.ops.run_health import worker_tag
 
     started = time.perf_counter()

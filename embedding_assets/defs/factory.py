@@ -70,7 +70,8 @@ def build_source_defs(
         description=f"Bring one shard of source {name!r} up to date in {sinks_named}.",
         tags={IN_PROCESS_JOB_TAG: name},
     )
-    sensor = build_sensor(spec, job)
+    shards_job = build_shards_job(spec, qdrant_url)
+    sensor = build_sensor(spec, job, shards_job)
     freshness_job = build_freshness_job(spec)
     reconcile_job = build_reconcile_job(spec)
     schedules = []
@@ -89,7 +90,7 @@ def build_source_defs(
     return SourceDefs(
         assets,
         checks,
-        [job, build_shards_job(spec, qdrant_url), freshness_job],
+        [job, shards_job, freshness_job],
         sensor,
         build_lag_sensor(spec, freshness_job),
         reconcile_job,

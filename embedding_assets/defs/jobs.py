@@ -9,7 +9,8 @@ import dagster as dg
 from embedding_assets.config.sources import SourceSpec
 from embedding_assets.core.sharding import shard_index
 from embedding_assets.defs.embedder_resources import embedder_resource_key
-from embedding_assets.defs.lag_sensor import BEHIND_SINCE_TAG, SHARDS_TAG
+from embedding_assets.defs.lag_sensor import BEHIND_SINCE_TAG
+from embedding_assets.defs.resources import SHARDS_TAG
 from embedding_assets.ops.run_health import IN_PROCESS_JOB_TAG
 from embedding_assets.sync.lag import shard_lags
 

@@ -8,6 +8,7 @@ import dagster as dg
 
 from embedding_assets.config.sources import SourceSpec
 from embedding_assets.defs.embedder_resources import embedder_resource_key
+from embedding_assets.defs.resources import SHARDS_TAG
 from embedding_assets.defs.sensors import read_cursor
 from embedding_assets.sync.lag import shard_lags
 
@@ -24,9 +25,6 @@ LAG_REPORT_EVERY_SECONDS = 300
 
 
 BEHIND_SINCE_TAG = "embedding_assets/behind_since"  # {shard: epoch seconds}, JSON
-
-
-SHARDS_TAG = "embedding_assets/shards"  # shard keys, comma-separated
 
 
 def build_lag_sensor(spec: SourceSpec, freshness_job) -> dg.SensorDefinition:

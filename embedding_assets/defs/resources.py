@@ -113,6 +113,7 @@ class RuntimeResource(dg.ConfigurableResource):
 
 
 GENERATION_TAG = "embedding_assets/generation"
+SHARDS_TAG = "embedding_assets/shards"  # shard keys, comma-separated
 
 
 def run_generation(tags: dict[str, str]) -> int | None:

@@ -11,7 +11,8 @@ import dagster as dg
 from embedding_assets.config.settings import drift
 from embedding_assets.config.sources import SourceSpec
 from embedding_assets.defs.embedder_resources import embedder_resource_key
-from embedding_assets.defs.resources import GENERATION_TAG
+from embedding_assets.defs.resources import GENERATION_TAG, SHARDS_TAG
+from embedding_assets.defs.shards_job import shards_job_name
 from embedding_assets.destinations.audit import audit_destinations, without_store_lock
 from embedding_assets.ops.run_health import WORKER_LOST_TAG, fail_dead_runs
 from embedding_assets.state.diff import ShardWork
@@ -67,9 +68,45 @@ def busy_shards(records: list) -> set[tuple[str | None, str | None]]:
         generation = tags.get(GENERATION_TAG)
         if tags.get("dagster/partition"):
             busy.add((generation, tags["dagster/partition"]))
-        for key in filter(None, tags.get("embedding_assets/shards", "").split(",")):
+        for key in filter(None, tags.get(SHARDS_TAG, "").split(",")):
             busy.add((generation, key))
     return busy
+
+
+def shard_work_tag(key: str) -> str:
+    """The tag a many-shards run carries per shard: the work it was asked for."""
+    return f"{WORK_TAG}_{key}"
+
+
+def worked_on(tags: dict, key: str, work_id: str) -> bool:
+    """Whether a run (of one shard, or of many) was asked for this work of this shard."""
+    return tags.get(WORK_TAG) == work_id or tags.get(shard_work_tag(key)) == work_id
+
+
+def one_run_for(source: str, generation, requests: list[dg.RunRequest]) -> dg.RunRequest:
+    """The shards' requests of one generation as one run of the many-shards job: its key
+    new whenever any shard's work is, each shard's work in a tag of its own (a failure or a
+    lost worker counts for the work of every shard it held)."""
+    import hashlib
+
+    keys = [r.partition_key for r in requests]
+    run_key = hashlib.md5("|".join(r.run_key for r in requests).encode()).hexdigest()
+    return dg.RunRequest(
+        job_name=shards_job_name(source),
+        run_key=f"{source}:g{generation.number}:{run_key}",
+        tags={
+            SHARDS_TAG: ",".join(keys),
+            GENERATION_TAG: str(generation.number),
+            "embedding_assets/generation_state": generation.state,
+            **{shard_work_tag(r.partition_key): r.tags[WORK_TAG] for r in requests},
+            "embedding_assets/pending_rows": str(
+                sum(int(r.tags["embedding_assets/pending_rows"]) for r in requests)
+            ),
+            "embedding_assets/qdrant_lag_rows": str(
+                sum(int(r.tags["embedding_assets/qdrant_lag_rows"]) for r in requests)
+            ),
+        },
+    )
 
 
 def retry_wait(failures: int) -> float:
@@ -179,7 +216,7 @@ def shard_decision(
     failed = [
         r
         for r in runs
-        if r.dagster_run.tags.get(WORK_TAG) == work_id
+        if worked_on(r.dagster_run.tags, key, work_id)
         and r.dagster_run.status in FAILED
         # A run whose process died says nothing about the work: no wait for it.
         and r.dagster_run.tags.get(WORKER_LOST_TAG) != "true"
@@ -187,7 +224,7 @@ def shard_decision(
     lost = sum(
         1
         for r in runs
-        if r.dagster_run.tags.get(WORK_TAG) == work_id
+        if worked_on(r.dagster_run.tags, key, work_id)
         and r.dagster_run.tags.get(WORKER_LOST_TAG) == "true"
     )
     if failed:
@@ -215,19 +252,19 @@ def shard_decision(
     )
 
 
-def build_sensor(spec: SourceSpec, job) -> dg.SensorDefinition:
+def build_sensor(spec: SourceSpec, job, shards_job) -> dg.SensorDefinition:
     embedder_key = embedder_resource_key(spec.embedder)
     keys = spec.shard_keys
 
     @dg.sensor(
         name=f"{spec.name}_changes",
-        job=job,
+        jobs=[job, shards_job],
         minimum_interval_seconds=spec.sensor_interval_seconds,
         default_status=dg.DefaultSensorStatus(spec.sensor_status.upper()),
         required_resource_keys={"runtime", embedder_key},
         description=(
-            f"Reads {spec.name!r}'s change feed and requests one run per shard with new, "
-            "changed or deleted rows (or points Qdrant lacks)."
+            f"Reads {spec.name!r}'s change feed and requests one run covering every shard "
+            "with new, changed or deleted rows (or points Qdrant lacks), per generation."
         ),
     )
     def source_changes(context: dg.SensorEvaluationContext):
@@ -255,7 +292,9 @@ def build_sensor(spec: SourceSpec, job) -> dg.SensorDefinition:
         )
         if moved:
             context.log.warning(f"readers of {spec.name} moved to the live generation: {moved}")
-        runs = recent_runs(context.instance, job.name)
+        runs = recent_runs(context.instance, job.name) + recent_runs(
+            context.instance, shards_job.name
+        )
         busy = busy_shards(runs_on_source(context.instance, job.name, spec.name))
         state = read_cursor(context.cursor)
         audited_at = float(state.get("audited_at", 0))
@@ -274,6 +313,7 @@ def build_sensor(spec: SourceSpec, job) -> dg.SensorDefinition:
                     continue  # live now; the next tick follows it as the live generation
                 notes.append(_finished_build_note(spec.name, runtime.generation))
             budget_embedder = runtime.budget.embedder if runtime.budget.left() == 0 else None
+            shard_requests = []
             for shard, shard_work in sorted(work.items()):
                 if not shard_work.has_work:
                     continue
@@ -285,7 +325,9 @@ def build_sensor(spec: SourceSpec, job) -> dg.SensorDefinition:
                     waiting.append(decision.line)
                 else:
                     asked.append(decision.line)
-                    requests.append(decision.request)
+                    shard_requests.append(decision.request)
+            if shard_requests:
+                requests.append(one_run_for(spec.name, generation, shard_requests))
         for line in asked:
             context.log.info(f"asked for {line}")
         for reason in waiting:

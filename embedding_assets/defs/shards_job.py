@@ -17,9 +17,8 @@ from embedding_assets.config.sources import SourceSpec
 from embedding_assets.core.sharding import shard_index
 from embedding_assets.defs.checks import check_metadata
 from embedding_assets.defs.embedder_resources import embedder_resource_key
-from embedding_assets.defs.lag_sensor import SHARDS_TAG
 from embedding_assets.defs.metadata import dagster_metadata
-from embedding_assets.defs.resources import run_generation
+from embedding_assets.defs.resources import SHARDS_TAG, run_generation
 from embedding_assets.ops.pools import EMBEDDED_QDRANT_POOL, embedder_pool
 from embedding_assets.ops.run_health import IN_PROCESS_JOB_TAG
 from embedding_assets.sync import shard_checks, shard_steps

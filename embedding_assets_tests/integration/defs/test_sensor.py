@@ -9,6 +9,7 @@ import sqlalchemy as sa
 
 from embedding_assets.core.sharding import shard_of
 from embedding_assets.definitions import build_definitions
+from embedding_assets.defs.resources import SHARDS_TAG
 from embedding_assets.state.db import engine_for
 from embedding_assets_tests.integration.helpers import (
     create_docs_table,
@@ -18,6 +19,11 @@ from embedding_assets_tests.integration.helpers import (
 )
 
 pytestmark = pytest.mark.integration
+
+
+def shards_of(request: dg.RunRequest) -> list[str]:
+    """The shards a many-shards run is asked to sync."""
+    return request.tags[SHARDS_TAG].split(",")
 
 
 def evaluate(defs: dg.Definitions, name: str, instance: dg.DagsterInstance):
@@ -40,34 +46,32 @@ def test_sensor_requests_only_shards_with_work_and_never_twice(postgres, home, t
     with dg.DagsterInstance.ephemeral() as instance:
         first = evaluate(defs, name, instance)
         expected = sorted({keys[shard_of(str(i), 8)] for i in range(1, 21)})
-        assert sorted(r.partition_key for r in first.run_requests) == expected
-        assert len({r.run_key for r in first.run_requests}) == len(expected)
+        # One run covers every shard with work.
+        (request,) = first.run_requests
+        assert request.job_name == f"{name}_sync_shards" and shards_of(request) == expected
 
-        # Same outstanding work: the same run keys, which Dagster never launches twice.
-        again = evaluate(defs, name, instance)
-        assert {r.run_key for r in again.run_requests} == {r.run_key for r in first.run_requests}
+        # Same outstanding work: the same run key, which Dagster never launches twice.
+        (again,) = evaluate(defs, name, instance).run_requests
+        assert again.run_key == request.run_key
 
         sync_shards(settings, name, instance)
         idle = evaluate(defs, name, instance)
         assert not idle.run_requests
         assert "nothing pending" in idle.skip_message
 
-        # One changed row: one run for its shard, under a new run key.
+        # One changed row: a run of its shard alone, under a new run key.
         with engine_for(postgres).begin() as conn:
             conn.execute(sa.text(f"UPDATE {name} SET body = 'changed' WHERE id = 4"))
-        changed = evaluate(defs, name, instance)
-        assert [r.partition_key for r in changed.run_requests] == [keys[shard_of("4", 8)]]
-        assert changed.run_requests[0].run_key not in {r.run_key for r in first.run_requests}
+        (changed,) = evaluate(defs, name, instance).run_requests
+        assert shards_of(changed) == [keys[shard_of("4", 8)]]
+        assert changed.run_key != request.run_key
 
         # The row changes back to an earlier text: still new work, still a new key.
         sync_shards(settings, name, instance, [keys[shard_of("4", 8)]])
         with engine_for(postgres).begin() as conn:
             conn.execute(sa.text(f"UPDATE {name} SET body = 'text' WHERE id = 4"))
-        reverted = evaluate(defs, name, instance)
-        assert len(reverted.run_requests) == 1
-        assert reverted.run_requests[0].run_key not in {
-            r.run_key for r in [*first.run_requests, *changed.run_requests]
-        }
+        (reverted,) = evaluate(defs, name, instance).run_requests
+        assert reverted.run_key not in {request.run_key, changed.run_key}
 
 
 def test_sensor_skips_a_shard_whose_run_is_in_flight(postgres, home, tmp_path):
@@ -95,21 +99,19 @@ def test_failed_work_is_asked_for_again_after_a_growing_wait(postgres, home, tmp
     create_docs_table(postgres, name, [{"id": 1, "title": "one", "body": "text"}])
     settings = write_settings(tmp_path, name, name, shards="1")
     defs = build_definitions(settings)
-    job = defs.resolve_job_def(f"{name}_sync")
+    job = defs.resolve_job_def(f"{name}_sync_shards")
     with dg.DagsterInstance.ephemeral() as instance:
         first = evaluate(defs, name, instance).run_requests[0]
         # Its run failed (say the embedder was down): same work, so the same fingerprint.
         instance.create_run_for_job(
-            job_def=job,
-            status=dg.DagsterRunStatus.FAILURE,
-            tags={**first.tags, "dagster/partition": first.partition_key},
+            job_def=job, status=dg.DagsterRunStatus.FAILURE, tags=first.tags
         )
         held = evaluate(defs, name, instance)
         assert not held.run_requests
         assert "failed 1x, retry in" in held.skip_message
         monkeypatch.setattr(sensors, "RETRY_BASE_SECONDS", 0)
-        retried = evaluate(defs, name, instance).run_requests
-        assert [r.run_key for r in retried] == [f"{first.run_key}:1"]
+        (retried,) = evaluate(defs, name, instance).run_requests
+        assert shards_of(retried) == shards_of(first) and retried.run_key != first.run_key
 
 
 def test_a_run_whose_process_died_is_failed_its_slots_freed_and_its_work_asked_again(
@@ -121,15 +123,13 @@ def test_a_run_whose_process_died_is_failed_its_slots_freed_and_its_work_asked_a
     create_docs_table(postgres, name, [{"id": 1, "title": "one", "body": "text"}])
     settings = write_settings(tmp_path, name, name, shards="1")
     defs = build_definitions(settings)
-    job = defs.resolve_job_def(f"{name}_sync")
+    job = defs.resolve_job_def(f"{name}_sync_shards")
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     with dg.DagsterInstance.ephemeral() as instance:
         first = evaluate(defs, name, instance).run_requests[0]
         run = instance.create_run_for_job(
-            job_def=job,
-            status=dg.DagsterRunStatus.STARTED,
-            tags={**first.tags, "dagster/partition": first.partition_key},
+            job_def=job, status=dg.DagsterRunStatus.STARTED, tags=first.tags
         )
         # The run's worker was a process that is gone now (killed with -9, say).
         host, _, started, run_id = worker_tag(run.run_id)[WORKER_TAG].split("|")
@@ -142,8 +142,8 @@ def test_a_run_whose_process_died_is_failed_its_slots_freed_and_its_work_asked_a
         assert record.dagster_run.tags[WORKER_LOST_TAG] == "true"
         assert not instance.event_log_storage.get_concurrency_info("qdrant_embedded").claimed_slots
         # Asked again at once: a dead worker says nothing about the work, so no backoff.
-        assert [r.partition_key for r in result.run_requests] == [first.partition_key]
-        assert result.run_requests[0].run_key == f"{first.run_key}:lost1"
+        (again,) = result.run_requests
+        assert shards_of(again) == shards_of(first) and again.run_key != first.run_key
 
 
 def test_a_live_run_is_left_alone(postgres, home, tmp_path):

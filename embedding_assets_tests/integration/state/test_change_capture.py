@@ -356,7 +356,9 @@ def sensor_tick_statements(url: str, tmp_path, instance, size: int) -> list[str]
         result = tick(cursor)
     finally:
         sa.event.remove(engine, "before_cursor_execute", record)
-    assert [r.partition_key for r in result.run_requests] == [f"{shard_of('3', 8):02d}"]
+    assert [r.tags["embedding_assets/shards"] for r in result.run_requests] == [
+        f"{shard_of('3', 8):02d}"
+    ]
     # The tick reads the queue, the error table's due rows and the ledger's lag index,
     # never the source table.
     assert not [s for s in statements if f"public.{name}" in s or f'"{name}"' in s]

@@ -600,7 +600,7 @@ def test_the_sensor_asks_for_runs_of_both_generations_tagged_with_each(
     postgres, home, tmp_path, instance
 ):
     from embedding_assets.definitions import build_definitions
-    from embedding_assets.defs.resources import GENERATION_TAG
+    from embedding_assets.defs.resources import GENERATION_TAG, SHARDS_TAG
 
     def tick(settings: Settings):
         defs = build_definitions(settings)
@@ -615,15 +615,15 @@ def test_the_sensor_asks_for_runs_of_both_generations_tagged_with_each(
     sync_ok(settings_for(tmp_path, name, "a"), name, instance)
     chunking = "{max_tokens: 32, overlap: 4}"
     manual = settings_for(tmp_path, name, "b", chunking=chunking, generations="{promote: manual}")
-    first = tick(manual)  # registers generation 2 and asks for its build
-    assert sorted(
-        (r.tags[GENERATION_TAG], r.tags["embedding_assets/generation_state"], r.partition_key)
+    first = tick(manual)  # registers generation 2 and asks for its build: one run, both shards
+    assert [
+        (r.tags[GENERATION_TAG], r.tags["embedding_assets/generation_state"], r.tags[SHARDS_TAG])
         for r in first.run_requests
-    ) == [("2", "building", "00"), ("2", "building", "01")]
+    ] == [("2", "building", "00,01")]
     execute(postgres, f"UPDATE {name} SET title = 'Moved 3' WHERE id = 3")
-    both = {(r.tags[GENERATION_TAG], r.partition_key) for r in tick(manual).run_requests}
-    assert ("1", "00") in both or ("1", "01") in both  # the live one follows the change too
-    assert {g for g, _ in both} == {"1", "2"}
+    both = {r.tags[GENERATION_TAG]: r.tags[SHARDS_TAG] for r in tick(manual).run_requests}
+    assert set(both) == {"1", "2"}  # one run per generation; the live one follows the change
+    assert both["1"] in ("00", "01")
     sync_ok(manual, name, instance)
     idle = tick(manual)
     assert not idle.run_requests
