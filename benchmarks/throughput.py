@@ -168,7 +168,7 @@ def main() -> None:
                 f"({seconds:.1f} s)"
             )
             breakdown, per_run = step_breakdown(
-                prepare_dagster_home(), f"{table}_sync", began, began + seconds
+                prepare_dagster_home(), f"{table}_sync_shards", began, began + seconds
             )
             runs = int(breakdown.pop("runs", 0))
             print(f"[{path}] where the {runs} runs' seconds went (summed over runs):")
