@@ -11,6 +11,8 @@ The shards are named by the run's tag `embedding_assets/shards`, the generation 
 `embedding_assets/generation`.
 """
 
+import math
+
 import dagster as dg
 
 from embedding_assets.config.sources import SourceSpec
@@ -52,10 +54,13 @@ def build_shards_job(spec: SourceSpec, qdrant_url: str | None) -> dg.JobDefiniti
         embedder = getattr(context.resources, embedder_key).embedder()
         generation = run_generation(context.run.tags)
         failed: dict[str, str] = {}
-        for key in keys or spec.shard_keys:
+        keys = keys or spec.shard_keys
+        # Self-retrieval searches bounded per run: the per-shard sample shared out.
+        sample = max(2, math.ceil(shard_checks.SELF_RETRIEVAL_SAMPLE / len(keys)))
+        for key in keys:
             runtime = context.resources.runtime.source(name, embedder, generation)
             try:
-                _sync_shard(context, spec, runtime, key)
+                _sync_shard(context, spec, runtime, key, sample)
             except Exception as exc:  # the other shards go on; the run fails at the end
                 cause = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
                 context.log.error(f"shard {key} of {name} failed: {cause}")
@@ -82,7 +87,9 @@ def build_shards_job(spec: SourceSpec, qdrant_url: str | None) -> dg.JobDefiniti
     return shards_job
 
 
-def _sync_shard(context: dg.OpExecutionContext, spec: SourceSpec, runtime, key: str) -> None:
+def _sync_shard(
+    context: dg.OpExecutionContext, spec: SourceSpec, runtime, key: str, sample: int
+) -> None:
     shard = shard_index(key)
     log = context.log
     pending, figures = shard_steps.read_pending(runtime, shard, log, key)
@@ -111,7 +118,11 @@ def _sync_shard(context: dg.OpExecutionContext, spec: SourceSpec, runtime, key: 
     for check, evaluate in shard_checks.ON_INDEX.items():
         if check in shard_checks.QDRANT_ONLY and not spec.qdrant.enabled:
             continue
-        _evaluated(context, spec, index_asset, check, key, evaluate(runtime, shard))
+        if check == "self_retrieval":
+            outcome = shard_checks.self_retrieval(runtime, shard, sample)
+        else:
+            outcome = evaluate(runtime, shard)
+        _evaluated(context, spec, index_asset, check, key, outcome)
 
 
 def _materialized(context, spec: SourceSpec, stage: str, key: str, figures: dict) -> None:

@@ -233,10 +233,11 @@ class Ledger:
 
     # -- reads --------------------------------------------------------------------------
 
-    def holdings_by_shard(self) -> dict[int, tuple[int, int, int]]:
-        """Per shard, what the ledger records: rows current with this pipeline version, the
-        chunks pgvector holds, and the points Qdrant was last recorded to hold. One pass over
-        the target's ledger rows; no destination is read."""
+    def holdings_by_shard(self, shard: int | None = None) -> dict[int, tuple[int, int, int]]:
+        """Per shard (or of one, through the shard index), what the ledger records: rows
+        current with this pipeline version, the chunks pgvector holds, and the points Qdrant
+        was last recorded to hold. No destination is read."""
+        only = "AND shard = :s" if shard is not None else ""
         with self.engine.connect() as conn:
             rows = conn.execute(
                 sa.text(
@@ -246,9 +247,9 @@ class Ledger:
                         coalesce(sum(qdrant_chunk_count)
                             FILTER (WHERE qdrant_hash IS NOT DISTINCT FROM content_hash), 0)
                             AS points
-                    FROM {STATE_SCHEMA}.row_state WHERE target = :t GROUP BY shard"""
+                    FROM {STATE_SCHEMA}.row_state WHERE target = :t {only} GROUP BY shard"""
                 ),
-                {"t": self.target, "v": self.version},
+                {"t": self.target, "v": self.version, "s": shard},
             ).fetchall()
         return {r.shard: (r.current, int(r.chunks), int(r.points)) for r in rows}
 

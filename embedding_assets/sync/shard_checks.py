@@ -80,15 +80,18 @@ def no_dead_rows(runtime: SourceRuntime, shard: int) -> CheckOutcome:
     )
 
 
-def self_retrieval(runtime: SourceRuntime, shard: int) -> CheckOutcome:
-    """`missed_rows` is a list (the wrapper shows it as JSON)."""
+def self_retrieval(
+    runtime: SourceRuntime, shard: int, sample_size: int = SELF_RETRIEVAL_SAMPLE
+) -> CheckOutcome:
+    """`missed_rows` is a list (the wrapper shows it as JSON). A run of many shards samples
+    fewer chunks per shard (`sample_size`), so the run's searches stay bounded."""
     spec = runtime.spec
     if not spec.pgvector.enabled:
         misses = runtime.column.self_retrieval_misses(
-            shard, SELF_RETRIEVAL_SAMPLE, SELF_RETRIEVAL_K, runtime.is_live
+            shard, sample_size, SELF_RETRIEVAL_K, runtime.is_live
         )
         return CheckOutcome(not misses, {"missed_rows": misses, "k": SELF_RETRIEVAL_K})
-    sample = runtime.pgvector.sample_chunks(shard, SELF_RETRIEVAL_SAMPLE)
+    sample = runtime.pgvector.sample_chunks(shard, sample_size)
     # Until the HNSW index exists (a bulk load defers it) a search is an exact scan: search
     # the shard only, so the check does not scan the whole table per sample. Qdrant's
     # embedded engine always scans: the shard filter uses its payload index.

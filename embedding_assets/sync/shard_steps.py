@@ -177,7 +177,7 @@ def store(runtime: SourceRuntime, embedded: EmbeddedRows, log: Log) -> Metadata:
     seconds = time.perf_counter() - started
     shard = embedded.pending.shard
     waiting, dead = runtime.errors.counts_by_shard().get(shard, (0, 0))
-    _, chunks, _ = runtime.ledger.holdings_by_shard().get(shard, (0, 0, 0))
+    _, chunks, _ = runtime.ledger.holdings_by_shard(shard).get(shard, (0, 0, 0))
     figures = {
         "dagster/row_count": chunks,  # the shard's chunks in the table now
         "rows_waiting_for_retry": waiting,
@@ -220,7 +220,7 @@ def apply_index(runtime: SourceRuntime, update: IndexUpdate, log: Log, server: b
     runtime.qdrant.apply(update)
     seconds = time.perf_counter() - started
     outcome = after_index_write(runtime, log)
-    _, _, points = runtime.ledger.holdings_by_shard().get(update.shard, (0, 0, 0))
+    _, _, points = runtime.ledger.holdings_by_shard(update.shard).get(update.shard, (0, 0, 0))
     return {
         "dagster/row_count": points,  # the shard's points in the collection now
         "qdrant_collection": runtime.qdrant.collection,
