@@ -12,6 +12,7 @@ import sqlalchemy as sa
 
 from embedding_assets.state.ddl import STATE_SCHEMA, ddl_lock
 from embedding_assets.state.source_sql import quote_ident
+from embedding_assets.state.triggers import OPERATIONS, capture_function, trigger_name
 
 # A staged output's asset key starts with its source's name (no LIKE: `_` is a wildcard).
 _OF_SOURCE = "left(asset_key, length(:k)) = :k"
@@ -68,11 +69,11 @@ def find(conn: sa.Connection, source: str) -> Leftover:
             JOIN pg_class AS c ON c.oid = t.tgrelid JOIN pg_namespace AS n ON n.oid = c.relnamespace
             WHERE t.tgname = ANY(:names)"""
         ),
-        {"names": [f"ea_{source}_{op}" for op in ("insert", "update", "delete", "truncate")]},
+        {"names": [trigger_name(source, op) for op in OPERATIONS]},
     )
     function = conn.scalar(
         sa.text("SELECT to_regprocedure(:f) IS NOT NULL"),
-        {"f": f"{STATE_SCHEMA}.{quote_ident('capture_' + source)}()"},
+        {"f": f"{capture_function(source)}()"},
     )
     queued = conn.scalar(
         sa.text(
@@ -112,9 +113,7 @@ def prune(engine: sa.Engine, source: str) -> Leftover:
                     f"ON {quote_ident(schema)}.{quote_ident(table)}"
                 )
             )
-        conn.execute(
-            sa.text(f"DROP FUNCTION IF EXISTS {STATE_SCHEMA}.{quote_ident('capture_' + source)}()")
-        )
+        conn.execute(sa.text(f"DROP FUNCTION IF EXISTS {capture_function(source)}()"))
         conn.execute(
             sa.text(
                 f"""DELETE FROM {STATE_SCHEMA}.change_queue WHERE target IN (

@@ -38,6 +38,24 @@ SIGNATURE_PREFIX = "embedding_assets capture "
 _IDENTIFIER = re.compile(r'"((?:[^"]|"")+)"|([A-Za-z_][A-Za-z0-9_$]*)')
 
 
+def trigger_name(source: str, operation: str) -> str:
+    """A capture trigger's name (unquoted): one per source and operation."""
+    return f"ea_{source}_{operation}"
+
+
+def capture_function(source: str) -> str:
+    """The source's capture function, qualified and quoted (without its `()`)."""
+    return f"{STATE_SCHEMA}.{quote_ident('capture_' + source)}"
+
+
+def drop_triggers_sql(source: str, table: str) -> str:
+    """Statements dropping the source's capture triggers from `table` (quoted)."""
+    return "\n".join(
+        f"DROP TRIGGER IF EXISTS {quote_ident(trigger_name(source, op))} ON {table};"
+        for op in OPERATIONS
+    )
+
+
 class TriggerPrivilegeError(RuntimeError):
     """This role may not create the capture triggers; the message carries the SQL."""
 
@@ -68,10 +86,10 @@ class CaptureTriggers:
 
     @property
     def function(self) -> str:
-        return f"{STATE_SCHEMA}.{quote_ident('capture_' + self.spec.name)}"
+        return capture_function(self.spec.name)
 
     def trigger_name(self, operation: str) -> str:
-        return quote_ident(f"ea_{self.spec.name}_{operation}")
+        return quote_ident(trigger_name(self.spec.name, operation))
 
     @property
     def watched_columns(self) -> list[str]:
@@ -166,11 +184,10 @@ $capture$;"""
         return "\n".join(statements)
 
     def drop_sql(self) -> str:
-        statements = [
-            f"DROP TRIGGER IF EXISTS {self.trigger_name(op)} ON {self.table};" for op in OPERATIONS
-        ]
-        statements.append(f"DROP FUNCTION IF EXISTS {self.function}();")
-        return "\n".join(statements)
+        return (
+            drop_triggers_sql(self.spec.name, self.table)
+            + f"\nDROP FUNCTION IF EXISTS {self.function}();"
+        )
 
     @property
     def body_signature(self) -> str:
@@ -218,7 +235,7 @@ def installed_triggers(conn: sa.Connection, triggers: CaptureTriggers) -> int:
             ),
             {
                 "rel": triggers.table,
-                "names": [f"ea_{triggers.spec.name}_{op}" for op in OPERATIONS],
+                "names": [trigger_name(triggers.spec.name, op) for op in OPERATIONS],
             },
         )
     )

@@ -31,7 +31,7 @@ from embedding_assets.state.applied_config import AppliedConfig
 from embedding_assets.state.ddl import STATE_SCHEMA, ddl_lock, execute_script
 from embedding_assets.state.privileges import row_security_fingerprint
 from embedding_assets.state.source_sql import quote_ident, quote_table
-from embedding_assets.state.triggers import OPERATIONS
+from embedding_assets.state.triggers import drop_triggers_sql
 from embedding_assets.sync.runtime import SourceRuntime
 
 log = logging.getLogger(__name__)
@@ -143,13 +143,7 @@ def _drop_triggers_on(conn: sa.Connection, runtime: SourceRuntime, table: str) -
     if not conn.scalar(sa.text("SELECT to_regclass(:t) IS NOT NULL"), {"t": relation}):
         return
     ddl_lock(conn)
-    execute_script(
-        conn,
-        "\n".join(
-            f"DROP TRIGGER IF EXISTS {quote_ident(f'ea_{runtime.spec.name}_{op}')} ON {relation};"
-            for op in OPERATIONS
-        ),
-    )
+    execute_script(conn, drop_triggers_sql(runtime.spec.name, relation))
 
 
 def _apply_in_place(runtime: SourceRuntime, changed: dict[str, Effect]) -> list[str]:
