@@ -53,7 +53,7 @@ def runs_on_source(instance: dg.DagsterInstance, job_name: str, source: str) -> 
     for record in records:
         run = record.dagster_run
         selection = run.asset_selection or set()
-        ours = run.job_name in (job_name, f"{source}_sync_shards")  # one shard, or many
+        ours = run.job_name in (job_name, shards_job_name(source))  # one shard, or many
         if ours or any(key.path[0] == source for key in selection):
             found.append(record)
     return found

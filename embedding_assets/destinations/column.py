@@ -33,6 +33,7 @@ from embedding_assets.destinations.pg_vectors import vector_text
 from embedding_assets.destinations.pgvector_index import INDEX_BUILD_MEMORY
 from embedding_assets.state.ddl import STATE_SCHEMA
 from embedding_assets.state.ledger import LOST_VERSION
+from embedding_assets.state.privileges import row_security_applies
 from embedding_assets.state.queue import ChangeQueue
 from embedding_assets.state.source_sql import (
     SourceSql,
@@ -179,7 +180,7 @@ class ColumnDestination(ColumnSchema, ColumnReads):
         without an UPDATE policy for it): found by the same UPDATE, rolled back at once,
         only where security applies. Each becomes a failure in the error table, never a
         silently stale vector."""
-        if self.side_table or not rows.written or not self._row_security_applies(conn):
+        if self.side_table or not rows.written or not row_security_applies(conn, self.relation):
             return {}
         id_type = self.id_type(conn)
         first = quote_ident(self.columns(rows.live)[0])
@@ -213,20 +214,6 @@ class ColumnDestination(ColumnSchema, ColumnReads):
             for row in visible
             if row not in updatable
         }
-
-    def _row_security_applies(self, conn: sa.Connection) -> bool:
-        return bool(
-            conn.scalar(
-                sa.text(
-                    """SELECT c.relrowsecurity AND NOT (r.rolsuper OR r.rolbypassrls
-                        OR (pg_get_userbyid(c.relowner) = current_user
-                            AND NOT c.relforcerowsecurity))
-                    FROM pg_class AS c, pg_roles AS r
-                    WHERE c.oid = to_regclass(:t) AND r.rolname = current_user"""
-                ),
-                {"t": self.relation},
-            )
-        )
 
     def _set(self, conn, ids, hashes, texts, model_id, columns) -> int:
         id_type = self.id_type(conn)

@@ -4,6 +4,7 @@ short transaction or handed to a DBA as SQL, and renamed with the readers' switc
 import sqlalchemy as sa
 
 from embedding_assets.config.sources import SourceSpec
+from embedding_assets.state.ddl import schema_exists
 from embedding_assets.state.source_sql import (
     catalog_columns,
     quote_ident,
@@ -84,11 +85,7 @@ class ColumnSchema:
         statements = []
         if self.side_table:
             schema = self.qualified[0]
-            has_schema = conn.scalar(
-                sa.text("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = :s)"),
-                {"s": schema},
-            )
-            if not has_schema:  # only when missing: IF NOT EXISTS still needs database CREATE
+            if not schema_exists(conn, schema):  # IF NOT EXISTS still needs database CREATE
                 statements.append(f"CREATE SCHEMA {quote_ident(schema)}")
             statements.append(
                 f"CREATE TABLE IF NOT EXISTS {self.relation} ("

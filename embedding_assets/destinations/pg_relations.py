@@ -5,7 +5,7 @@ import hashlib
 
 import sqlalchemy as sa
 
-from embedding_assets.state.privileges import ensure_schema
+from embedding_assets.state.ddl import ensure_schema
 from embedding_assets.state.source_sql import (
     quote_ident,
     quote_table,

@@ -24,10 +24,9 @@ from embedding_assets.destinations.pg_relations import relation_name
 from embedding_assets.destinations.pg_vectors import vector_text
 from embedding_assets.destinations.pgvector_index import ChunkTableIndex
 from embedding_assets.destinations.pgvector_reads import ChunkTableReads
-from embedding_assets.state.ddl import STATE_SCHEMA, shard_lock
+from embedding_assets.state.ddl import STATE_SCHEMA, ensure_schema, shard_lock
 from embedding_assets.state.ledger import LOST_VERSION, Ledger
 from embedding_assets.state.pg_values import is_native, needs_text_copy
-from embedding_assets.state.privileges import ensure_schema
 from embedding_assets.state.queue import ChangeQueue
 from embedding_assets.state.source_sql import (
     SourceSql,

@@ -25,6 +25,8 @@
 
 import sqlalchemy as sa
 
+from embedding_assets.state.source_sql import quote_ident
+
 STATE_SCHEMA = "embedding_assets"
 DDL_LOCK = "embedding_assets.ddl"
 
@@ -171,6 +173,22 @@ CREATE TABLE IF NOT EXISTS {STATE_SCHEMA}.staged_outputs (
     stored_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (asset_key, partition_key)
 )"""
+
+
+def schema_exists(conn: sa.Connection, schema: str) -> bool:
+    return bool(
+        conn.scalar(
+            sa.text("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = :s)"),
+            {"s": schema},
+        )
+    )
+
+
+def ensure_schema(conn: sa.Connection, schema: str) -> None:
+    """Create a schema only when it does not exist: `CREATE SCHEMA IF NOT EXISTS` needs
+    CREATE on the database even for a schema a DBA already made for this role."""
+    if not schema_exists(conn, schema):
+        conn.execute(sa.text(f"CREATE SCHEMA {quote_ident(schema)}"))
 
 
 def execute_script(conn: sa.Connection, sql: str) -> None:

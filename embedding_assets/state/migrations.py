@@ -19,6 +19,7 @@ from embedding_assets.state.ddl import (
     STATE_DDL,
     STATE_SCHEMA,
     ddl_lock,
+    ensure_schema,
     execute_script,
 )
 
@@ -106,12 +107,8 @@ def _refuse_newer(version: int | None) -> None:
 
 
 def _apply_missing(conn: sa.Connection) -> list[int]:
-    has_schema = conn.scalar(
-        sa.text("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = :s)"),
-        {"s": STATE_SCHEMA},
-    )
-    if not has_schema:  # only when missing: a DBA may have created it for a role without CREATE
-        conn.execute(sa.text(f"CREATE SCHEMA {STATE_SCHEMA}"))
+    # Only when missing: a DBA may have created it for a role without CREATE.
+    ensure_schema(conn, STATE_SCHEMA)
     execute_script(conn, VERSION_DDL)
     done = set(conn.scalars(sa.text(f"SELECT version FROM {STATE_SCHEMA}.schema_version")))
     _refuse_newer(max(done, default=None))

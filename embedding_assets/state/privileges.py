@@ -22,7 +22,7 @@ import sqlalchemy as sa
 
 from embedding_assets.config.base import split_qualified
 from embedding_assets.config.sources import SourceSpec
-from embedding_assets.state.ddl import STATE_SCHEMA
+from embedding_assets.state.ddl import STATE_SCHEMA, schema_exists
 from embedding_assets.state.source_sql import quote_ident, quote_table
 
 INSUFFICIENT_PRIVILEGE = "42501"
@@ -40,16 +40,6 @@ class Missing:
         return f"{self.privilege} on {self.object} is missing: {self.fix}"
 
 
-def ensure_schema(conn: sa.Connection, schema: str) -> None:
-    """Create a schema only when it does not exist: `CREATE SCHEMA IF NOT EXISTS` needs
-    CREATE on the database even for a schema a DBA already made for this role."""
-    exists = conn.scalar(
-        sa.text("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = :s)"), {"s": schema}
-    )
-    if not exists:
-        conn.execute(sa.text(f"CREATE SCHEMA {quote_ident(schema)}"))
-
-
 def _role(conn: sa.Connection) -> str:
     return conn.scalar(sa.text("SELECT current_user"))
 
@@ -59,10 +49,7 @@ def _schema_needs(
 ) -> list[Missing]:
     """A schema the role uses (USAGE) and creates objects in (CREATE, unless `create` is
     False): it exists with those, or the role may create it (CREATE on the database)."""
-    exists = conn.scalar(
-        sa.text("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = :s)"), {"s": schema}
-    )
-    if not exists:
+    if not schema_exists(conn, schema):
         if conn.scalar(sa.text("SELECT has_database_privilege(current_database(), 'CREATE')")):
             return []
         return [
@@ -93,10 +80,7 @@ def _state_schema(conn: sa.Connection, role: str) -> list[Missing]:
     """Our schema: CREATE in it only while a migration is still to be applied."""
     from embedding_assets.state.migrations import LATEST, schema_version
 
-    exists = conn.scalar(
-        sa.text("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = :s)"),
-        {"s": STATE_SCHEMA},
-    )
+    exists = schema_exists(conn, STATE_SCHEMA)
     current = (
         exists
         and conn.scalar(sa.text("SELECT has_schema_privilege(:s, 'USAGE')"), {"s": STATE_SCHEMA})
@@ -315,21 +299,29 @@ def row_security(conn: sa.Connection, spec: SourceSpec) -> list[dict]:
         tables.append(".".join(spec.write_back_table))
     found = []
     for table in dict.fromkeys(tables):
-        row = conn.execute(
-            sa.text(
-                """SELECT c.relrowsecurity AS enabled, c.relforcerowsecurity AS forced,
-                    pg_get_userbyid(c.relowner) = current_user AS owner,
-                    r.rolsuper OR r.rolbypassrls AS bypass_role
-                FROM pg_class AS c, pg_roles AS r
-                WHERE c.oid = to_regclass(:t) AND r.rolname = current_user"""
-            ),
-            {"t": quote_table(split_qualified(table))},
-        ).one_or_none()
-        if row is None or not row.enabled:
-            continue
-        bypassed = bool(row.bypass_role or (row.owner and not row.forced))
-        found.append({"table": table, "row_level_security": True, "bypassed": bypassed})
+        applies = row_security_applies(conn, quote_table(split_qualified(table)))
+        if applies is not None:
+            found.append({"table": table, "row_level_security": True, "bypassed": not applies})
     return found
+
+
+def row_security_applies(conn: sa.Connection, relation: str) -> bool | None:
+    """Whether row-level security on `relation` (quoted) applies to this role: None when it
+    is off (or there is no such table), False when the role bypasses it (superuser,
+    BYPASSRLS, or the owner unless FORCE), True otherwise."""
+    row = conn.execute(
+        sa.text(
+            """SELECT c.relrowsecurity AS enabled, c.relforcerowsecurity AS forced,
+                pg_get_userbyid(c.relowner) = current_user AS owner,
+                r.rolsuper OR r.rolbypassrls AS bypass_role
+            FROM pg_class AS c, pg_roles AS r
+            WHERE c.oid = to_regclass(:t) AND r.rolname = current_user"""
+        ),
+        {"t": relation},
+    ).one_or_none()
+    if row is None or not row.enabled:
+        return None
+    return not (row.bypass_role or (row.owner and not row.forced))
 
 
 def describe_row_security(entry: dict, spec: SourceSpec) -> str:
