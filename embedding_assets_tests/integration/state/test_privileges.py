@@ -74,12 +74,6 @@ class Deployment:
 
 
 @pytest.fixture
-def fake():
-    with ProviderServer("openai", dim=8) as server:
-        yield server
-
-
-@pytest.fixture
 def deployment(postgres, home, tmp_path, monkeypatch, fake):
     return Deployment(postgres, tmp_path, monkeypatch, fake)
 

@@ -4,8 +4,6 @@ that counts what it embeds, trigger capture."""
 
 from pathlib import Path
 
-import dagster as dg
-import pytest
 import sqlalchemy as sa
 
 from embedding_assets.cli.plan import plan_report
@@ -22,18 +20,6 @@ from embedding_assets_tests.integration.helpers import (
 )
 
 ROWS = 200
-
-
-@pytest.fixture
-def instance():
-    with dg.DagsterInstance.ephemeral() as inst:
-        yield inst
-
-
-@pytest.fixture
-def fake():
-    with ProviderServer("openai", dim=8) as server:
-        yield server
 
 
 def embedded_inputs(server: ProviderServer) -> int:

@@ -4,7 +4,6 @@ Real Postgres + pgvector, Qdrant's embedded engine, an OpenAI-compatible server 
 (kill -9 of a many-shards run at every stage: test_crash_every_stage, whose `sync` is one.)"""
 
 import dagster as dg
-import pytest
 import sqlalchemy as sa
 
 from embedding_assets.cli.sync import sync_source
@@ -12,7 +11,6 @@ from embedding_assets.config.settings import load_settings
 from embedding_assets.defs.shards_job import shards_job_name
 from embedding_assets.ops.environment import qdrant_store_from_env
 from embedding_assets.state.db import engine_for
-from embedding_assets_tests.fakes.provider_server import ProviderServer
 from embedding_assets_tests.integration.helpers import (
     create_docs_table,
     fake_embedder_settings,
@@ -22,18 +20,6 @@ from embedding_assets_tests.integration.helpers import (
 
 ROWS = 60
 STAGES = ("pending_rows", "chunks", "embeddings", "vector_index")
-
-
-@pytest.fixture
-def instance():
-    with dg.DagsterInstance.ephemeral() as inst:
-        yield inst
-
-
-@pytest.fixture
-def fake():
-    with ProviderServer("openai", dim=8) as server:
-        yield server
 
 
 def source(postgres, tmp_path, fake) -> tuple[str, object]:
