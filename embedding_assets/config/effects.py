@@ -133,10 +133,9 @@ EMBEDDER_KEYS: dict[str, Effect] = {
 # role sees, so it is an eligibility edit.
 DATABASE_KEYS: dict[str, Effect] = {"database.row_level_security": ELIGIBILITY}
 
-RECORDED = (Effect.ELIGIBILITY, Effect.IN_PLACE)
 # An edit of these changes which rows the ledger must hold, or what they hold beside their
-# vectors: both are brought in line by one full diff.
-NEEDS_FULL_DIFF = (Effect.ELIGIBILITY, Effect.IN_PLACE)
+# vectors: both are recorded, and brought in line by one full diff.
+RECORDED = (Effect.ELIGIBILITY, Effect.IN_PLACE)
 
 
 def model_keys(model: type[BaseModel], prefix: str = "") -> list[str]:

@@ -44,13 +44,8 @@ class ConfigEdit:
     """What bringing a store in line found and did."""
 
     changed: dict[str, Effect] = field(default_factory=dict)
-    first_record: bool = False  # no configuration was recorded before
     rows_queued: int = 0
     applied: tuple[str, ...] = ()  # in-place actions taken
-
-    @property
-    def any(self) -> bool:
-        return bool(self.changed) or self.first_record
 
     def describe(self) -> str:
         keys = ", ".join(f"{k} ({v})" for k, v in self.changed.items()) or "none recorded yet"
@@ -96,15 +91,16 @@ def apply_config(runtime: SourceRuntime, force: bool = False) -> ConfigEdit:
         if applied == current:  # another process did it meanwhile
             runtime.config_checked_at = time.monotonic()
             return ConfigEdit()
+        # Nothing recorded yet: no edit to name, but one full diff all the same.
         changed = changed_keys(applied, current) if applied is not None else {}
-        if applied is not None and "table" in changed and applied.get("table"):
+        if "table" in changed and applied.get("table"):
             _drop_triggers_on(conn, runtime, applied["table"])
-        kept = _keep_leaving_vectors(conn, runtime, changed) if applied is not None else 0
+        kept = _keep_leaving_vectors(conn, runtime, changed)
         queued = _queue_full_diff(conn, runtime)
         record.record(conn, current)
     actions = [f"vectors of {kept} chunks of rows that left kept"] if kept else []
     actions += _apply_in_place(runtime, changed)
-    edit = ConfigEdit(changed, applied is None, queued, tuple(actions))
+    edit = ConfigEdit(changed, queued, tuple(actions))
     if edit.changed:
         log.info("%s: %s", runtime.spec.name, edit.describe())
     runtime.config_checked_at = time.monotonic()
