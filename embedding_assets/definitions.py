@@ -18,12 +18,13 @@ from embedding_assets.defs.resources import (
 )
 from embedding_assets.ops.environment import database_url, qdrant_path
 
-# Quiet by default. Partitioned asset checks are "preview" and code references "beta" in
-# Dagster 1.13: a warning per check and process (22 in 15 minutes of `dev`) that says
-# nothing a user can act on.
+# Quiet by default. Partitioned asset checks are "preview", code references and backfill
+# policies "beta" in Dagster 1.13: a warning per check and process (22 in 15 minutes of
+# `dev`) that says nothing a user can act on.
 warnings.filterwarnings("ignore", "Specifying a partitions_def", dg.PreviewWarning)
 warnings.filterwarnings("ignore", ".*(source_code_references|CodeReference)", dg.BetaWarning)
 warnings.filterwarnings("ignore", "Parameter `owners` of initializer", dg.BetaWarning)
+warnings.filterwarnings("ignore", "Parameter `backfill_policy`", dg.BetaWarning)
 
 
 def _env_or(name: str, default: str | None):

@@ -5,7 +5,7 @@ import dagster as dg
 
 from embedding_assets.config.embedders import EmbedderSpec
 from embedding_assets.config.sources import SourceSpec
-from embedding_assets.core.delta import ChunkedRows, EmbeddedRows, IndexUpdate, PendingRows
+from embedding_assets.core.delta import ChunkedRows, EmbeddedRows, PendingRows
 from embedding_assets.core.sharding import shard_index
 from embedding_assets.defs.embedder_resources import embedder_resource_key
 from embedding_assets.defs.metadata import (
@@ -16,6 +16,7 @@ from embedding_assets.defs.metadata import (
     staging_tags,
 )
 from embedding_assets.defs.resources import runtime_of
+from embedding_assets.defs.shard_ranges import ShardStream, range_keys
 from embedding_assets.ops.pools import EMBEDDED_QDRANT_POOL, embedder_pool
 from embedding_assets.sync.shard_steps import (
     chunk_pending,
@@ -23,6 +24,9 @@ from embedding_assets.sync.shard_steps import (
     plan_index,
     read_pending,
 )
+
+# A backfill of many shards is one run: each step goes shard after shard (defs/shard_ranges).
+ONE_RUN = dg.BackfillPolicy.single_run()
 
 
 def source_resources(spec: SourceSpec) -> set[str]:
@@ -38,20 +42,26 @@ def build_pending_rows(spec: SourceSpec, shards: dg.PartitionsDefinition) -> dg.
         group_name=name,
         kinds={"postgres", "pandas"},
         partitions_def=shards,
+        backfill_policy=ONE_RUN,
         io_manager_key="staging_io_manager",
         required_resource_keys=source_resources(spec),
         deps=[source_key(spec)],
         owners=spec.owners,
         tags=staging_tags(spec),
     )
-    def pending_rows(context: dg.AssetExecutionContext) -> PendingRows:
+    def pending_rows(context: dg.AssetExecutionContext):
         """Rows of this shard that need work now: new or changed rows (their text, metadata
         or the model differs from what is stored) and rows to remove (deleted, or no longer
         matching `where`). At most `max_rows_per_run`; the sensor asks again for the rest."""
         runtime = runtime_of(context, spec)
-        pending, figures = read_pending(
-            runtime, shard_index(context.partition_key), context.log, context.partition_key
-        )
+
+        def read(key: str) -> tuple[PendingRows, dict]:
+            return read_pending(runtime, shard_index(key), context.log, key)
+
+        keys = range_keys(context)
+        if keys:
+            return ShardStream(keys, read)
+        pending, figures = read(context.partition_key)
         context.add_output_metadata(dagster_metadata(figures))
         return pending
 
@@ -68,15 +78,24 @@ def build_chunks(
         group_name=name,
         kinds={"python", embedder_kind(embedder_spec)},
         partitions_def=shards,
+        backfill_policy=ONE_RUN,
         io_manager_key="staging_io_manager",
         required_resource_keys=source_resources(spec),
         owners=spec.owners,
         tags=staging_tags(spec),
     )
-    def chunks(context: dg.AssetExecutionContext, pending_rows: PendingRows) -> ChunkedRows:
+    def chunks(context: dg.AssetExecutionContext, pending_rows):
         """Each pending row's text split into chunks of at most `max_tokens` tokens of the
         embedder's own tokenizer, overlapping by `overlap` tokens, with a content hash per
         chunk. Rows with NULL or blank text get no chunk."""
+        keys = range_keys(context)
+        if keys:  # a mapping of shard key to PendingRows, read when chunked
+
+            def chunk(key: str) -> tuple[ChunkedRows, dict]:
+                pending = pending_rows[key]
+                return chunk_pending(runtime_of(context, spec, pending.generation), pending)
+
+            return ShardStream(keys, chunk)
         runtime = runtime_of(context, spec, pending_rows.generation)
         chunked, figures = chunk_pending(runtime, pending_rows)
         context.add_output_metadata(dagster_metadata(figures))
@@ -98,16 +117,26 @@ def build_embeddings(
         group_name=name,
         kinds={"pgvector", embedder_kind(embedder_spec)},
         partitions_def=shards,
+        backfill_policy=ONE_RUN,
         io_manager_key="pgvector_io_manager",
         required_resource_keys=source_resources(spec),
         pool=embedder_pool(spec.embedder),
         metadata=metadata,
         **common_attributes(spec),
     )
-    def embeddings(context: dg.AssetExecutionContext, chunks: ChunkedRows) -> EmbeddedRows:
+    def embeddings(context: dg.AssetExecutionContext, chunks):
         """One vector per chunk, stored in the source's pgvector table. A chunk whose text
         already has a vector for this model is copied, not re-embedded: only changed
         chunks cost compute."""
+        keys = range_keys(context)
+        if keys:  # a mapping of shard key to ChunkedRows; stored shard after shard
+
+            def embed(key: str) -> tuple[EmbeddedRows, dict]:
+                chunked = chunks[key]
+                runtime = runtime_of(context, spec, chunked.pending.generation)
+                return embed_pending(runtime, chunked, context.log)
+
+            return ShardStream(keys, embed)
         runtime = runtime_of(context, spec, chunks.pending.generation)
         embedded, figures = embed_pending(runtime, chunks, context.log)
         context.add_output_metadata(dagster_metadata(figures))
@@ -130,6 +159,7 @@ def build_vector_index(
         group_name=name,
         kinds={"qdrant"},
         partitions_def=shards,
+        backfill_policy=ONE_RUN,
         io_manager_key="qdrant_io_manager",
         required_resource_keys=source_resources(spec),
         deps=[embeddings],
@@ -137,11 +167,14 @@ def build_vector_index(
         metadata=metadata,
         **common_attributes(spec),
     )
-    def vector_index(context: dg.AssetExecutionContext) -> IndexUpdate:
+    def vector_index(context: dg.AssetExecutionContext):
         """The shard's chunks as points in the source's Qdrant collection (payload: row id,
         chunk index, text, metadata columns). Planned from what pgvector and the ledger
         hold, not from this run's output, so a crash between the two writes converges."""
         runtime = runtime_of(context, spec)
+        keys = range_keys(context)
+        if keys:
+            return ShardStream(keys, lambda key: plan_index(runtime, shard_index(key)))
         update, figures = plan_index(runtime, shard_index(context.partition_key))
         context.add_output_metadata(dagster_metadata(figures))
         return update

@@ -1,12 +1,15 @@
 """Asset checks of a source, per shard: vector validity, coverage, dead rows, parity with the
 ledger, self-retrieval, search recall."""
 
+from collections.abc import Callable
+
 import dagster as dg
 
 from embedding_assets.config.sources import SourceSpec
 from embedding_assets.core.sharding import shard_index
 from embedding_assets.defs.assets import source_resources
 from embedding_assets.defs.resources import runtime_of
+from embedding_assets.defs.shard_ranges import range_keys
 from embedding_assets.destinations.recall import (
     RECALL_EVERY_SECONDS,
     RECALL_K,
@@ -14,12 +17,52 @@ from embedding_assets.destinations.recall import (
     RECALL_TARGET,
 )
 from embedding_assets.sync import shard_checks
+from embedding_assets.sync.runtime import SourceRuntime
 from embedding_assets.sync.shard_checks import SELF_RETRIEVAL_K, SELF_RETRIEVAL_SAMPLE, CheckOutcome
 
 
 def check_result(outcome: CheckOutcome) -> dg.AssetCheckResult:
     return dg.AssetCheckResult(
         passed=outcome.passed, severity=check_severity(outcome), metadata=check_metadata(outcome)
+    )
+
+
+def evaluate_shards(
+    context: dg.AssetCheckExecutionContext,
+    spec: SourceSpec,
+    evaluate: Callable[[SourceRuntime, int], CheckOutcome],
+) -> dg.AssetCheckResult:
+    """The check of the run's shard; in a run over several shards (a backfill), each shard's
+    own evaluation is logged for its partition and the result sums them up."""
+    runtime = runtime_of(context, spec)
+    keys = range_keys(context)
+    if not keys:
+        return check_result(evaluate(runtime, shard_index(context.partition_key)))
+    check = context.check_specs[0]
+    outcomes = {key: evaluate(runtime, shard_index(key)) for key in keys}
+    for key, outcome in outcomes.items():
+        context.op_execution_context.log_event(
+            check_evaluation(check.asset_key, check.name, key, outcome)
+        )
+    failed = sorted(key for key, outcome in outcomes.items() if not outcome.passed)
+    return dg.AssetCheckResult(
+        passed=not failed,
+        severity=check_severity(next(iter(outcomes.values()))),
+        metadata={"shards_in_run": len(keys), "failed_shards": dg.MetadataValue.json(failed)},
+    )
+
+
+def check_evaluation(
+    asset_key: dg.AssetKey, check: str, partition: str, outcome: CheckOutcome
+) -> dg.AssetCheckEvaluation:
+    """One shard's result as an event, for a step that evaluates several shards."""
+    return dg.AssetCheckEvaluation(
+        asset_key=asset_key,
+        check_name=check,
+        passed=outcome.passed,
+        severity=check_severity(outcome),
+        metadata=check_metadata(outcome),
+        partition=partition,
     )
 
 
@@ -68,9 +111,7 @@ def build_vectors_valid(
         "non-zero norm (pgvector itself rejects NaN). Blocks the Qdrant write if not.",
     )
     def vectors_valid(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
-        runtime = runtime_of(context, spec)
-        shard = shard_index(context.partition_key)
-        return check_result(shard_checks.vectors_valid(runtime, shard))
+        return evaluate_shards(context, spec, shard_checks.vectors_valid)
 
     return vectors_valid
 
@@ -89,9 +130,7 @@ def build_coverage(
         "estimated from the ledger and the change feed without scanning the source.",
     )
     def coverage(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
-        runtime = runtime_of(context, spec)
-        shard = shard_index(context.partition_key)
-        return check_result(shard_checks.coverage(runtime, shard))
+        return evaluate_shards(context, spec, shard_checks.coverage)
 
     return coverage
 
@@ -110,9 +149,7 @@ def build_parity(
         "(from the other destination's vectors where they exist).",
     )
     def parity(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
-        runtime = runtime_of(context, spec)
-        shard = shard_index(context.partition_key)
-        return check_result(shard_checks.parity(runtime, shard))
+        return evaluate_shards(context, spec, shard_checks.parity)
 
     return parity
 
@@ -130,9 +167,7 @@ def build_no_dead_rows(
         "--dead` lists them with the provider's reason; `errors replay` tries them again.",
     )
     def no_dead_rows(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
-        runtime = runtime_of(context, spec)
-        shard = shard_index(context.partition_key)
-        return check_result(shard_checks.no_dead_rows(runtime, shard))
+        return evaluate_shards(context, spec, shard_checks.no_dead_rows)
 
     return no_dead_rows
 
@@ -151,9 +186,11 @@ def build_self_retrieval(
         "points; for a column-only source, sampled rows find themselves in the column.",
     )
     def self_retrieval(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
-        runtime = runtime_of(context, spec)
-        return check_result(
-            shard_checks.self_retrieval(runtime, shard_index(context.partition_key))
+        sample = shard_checks.sample_per_shard(len(range_keys(context) or [0]))
+        return evaluate_shards(
+            context,
+            spec,
+            lambda runtime, shard: shard_checks.self_retrieval(runtime, shard, sample),
         )
 
     return self_retrieval
@@ -177,9 +214,7 @@ def build_search_recall(
         "between report the last figures and when they were measured.",
     )
     def search_recall(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
-        runtime = runtime_of(context, spec)
-        shard = shard_index(context.partition_key)
-        return check_result(shard_checks.search_recall(runtime, shard))
+        return evaluate_shards(context, spec, shard_checks.search_recall)
 
     return search_recall
 
@@ -198,10 +233,13 @@ def build_freshness(
         "which also records the shard's pending rows as observations the UI plots.",
     )
     def freshness(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
-        runtime = runtime_of(context, spec)
         # A run of the lag sensor says since when the shard is behind.
         since = context.run.tags.get("embedding_assets/behind_since")
-        shard = shard_index(context.partition_key)
-        return check_result(shard_checks.freshness(runtime, shard, float(since) if since else None))
+        behind_since = float(since) if since else None
+        return evaluate_shards(
+            context,
+            spec,
+            lambda runtime, shard: shard_checks.freshness(runtime, shard, behind_since),
+        )
 
     return freshness

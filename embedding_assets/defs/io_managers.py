@@ -8,6 +8,7 @@ from embedding_assets.core.delta import EmbeddedRows, IndexUpdate
 from embedding_assets.core.sharding import shard_index
 from embedding_assets.defs.metadata import dagster_metadata
 from embedding_assets.defs.resources import DatabaseResource, RuntimeResource
+from embedding_assets.defs.shard_ranges import LazyShards, ShardStream
 from embedding_assets.state.staging import StagedOutputs
 from embedding_assets.sync.shard_steps import apply_index, store
 
@@ -21,9 +22,17 @@ class PgVectorIOManager(dg.ConfigurableIOManager):
 
     runtime: RuntimeResource
 
-    def handle_output(self, context: dg.OutputContext, obj: EmbeddedRows) -> None:
-        runtime = self.runtime.source(context.asset_key.path[0], generation=obj.pending.generation)
-        context.add_output_metadata(dagster_metadata(store(runtime, obj, context.log)))
+    def handle_output(self, context: dg.OutputContext, obj: EmbeddedRows | ShardStream) -> None:
+        source = context.asset_key.path[0]
+
+        def write(embedded: EmbeddedRows) -> dict:
+            runtime = self.runtime.source(source, generation=embedded.pending.generation)
+            return store(runtime, embedded, context.log)
+
+        if isinstance(obj, ShardStream):
+            context.add_output_metadata(obj.store_each(lambda _key, embedded: write(embedded)))
+        else:
+            context.add_output_metadata(dagster_metadata(write(obj)))
 
     def load_input(self, context: dg.InputContext) -> pd.DataFrame:
         runtime = self.runtime.source(context.asset_key.path[0])
@@ -36,10 +45,17 @@ class QdrantIOManager(dg.ConfigurableIOManager):
 
     runtime: RuntimeResource
 
-    def handle_output(self, context: dg.OutputContext, obj: IndexUpdate) -> None:
-        runtime = self.runtime.source(context.asset_key.path[0], generation=obj.generation)
-        figures = apply_index(runtime, obj, context.log, server=bool(self.runtime.qdrant.url))
-        context.add_output_metadata(dagster_metadata(figures))
+    def handle_output(self, context: dg.OutputContext, obj: IndexUpdate | ShardStream) -> None:
+        source, server = context.asset_key.path[0], bool(self.runtime.qdrant.url)
+
+        def write(update: IndexUpdate) -> dict:
+            runtime = self.runtime.source(source, generation=update.generation)
+            return apply_index(runtime, update, context.log, server=server)
+
+        if isinstance(obj, ShardStream):
+            context.add_output_metadata(obj.store_each(lambda _key, update: write(update)))
+        else:
+            context.add_output_metadata(dagster_metadata(write(obj)))
 
     def load_input(self, context: dg.InputContext) -> pd.DataFrame:
         """The shard's points as (id, row_id, chunk_index, text) rows."""
@@ -65,12 +81,21 @@ class StagingIOManager(dg.ConfigurableIOManager):
     database: DatabaseResource
 
     def handle_output(self, context: dg.OutputContext, obj) -> None:
-        size = StagedOutputs(self.database.engine()).put(
-            context.asset_key.to_user_string(), context.partition_key, obj, context.run_id
-        )
+        staged, asset = StagedOutputs(self.database.engine()), context.asset_key.to_user_string()
+        if isinstance(obj, ShardStream):
+
+            def put(key: str, value) -> dict:
+                return {"staged_bytes": staged.put(asset, key, value, context.run_id)}
+
+            context.add_output_metadata(obj.store_each(put))
+            return
+        size = staged.put(asset, context.partition_key, obj, context.run_id)
         context.add_output_metadata({"staged_bytes": size})
 
     def load_input(self, context: dg.InputContext):
-        return StagedOutputs(self.database.engine()).get(
-            context.asset_key.to_user_string(), context.partition_key
-        )
+        """A run of several shards gets a mapping that reads each shard when asked."""
+        staged, asset = StagedOutputs(self.database.engine()), context.asset_key.to_user_string()
+        keys = context.asset_partition_keys if context.has_asset_partitions else []
+        if len(keys) > 1:
+            return LazyShards(sorted(keys), lambda key: staged.get(asset, key))
+        return staged.get(asset, context.partition_key)

@@ -11,13 +11,11 @@ The shards are named by the run's tag `embedding_assets/shards`, the generation 
 `embedding_assets/generation`.
 """
 
-import math
-
 import dagster as dg
 
 from embedding_assets.config.sources import SourceSpec
 from embedding_assets.core.sharding import shard_index
-from embedding_assets.defs.checks import check_metadata
+from embedding_assets.defs.checks import check_evaluation
 from embedding_assets.defs.embedder_resources import embedder_resource_key
 from embedding_assets.defs.metadata import dagster_metadata
 from embedding_assets.defs.resources import SHARDS_TAG, run_generation
@@ -55,8 +53,7 @@ def build_shards_job(spec: SourceSpec, qdrant_url: str | None) -> dg.JobDefiniti
         generation = run_generation(context.run.tags)
         failed: dict[str, str] = {}
         keys = keys or spec.shard_keys
-        # Self-retrieval searches bounded per run: the per-shard sample shared out.
-        sample = max(2, math.ceil(shard_checks.SELF_RETRIEVAL_SAMPLE / len(keys)))
+        sample = shard_checks.sample_per_shard(len(keys))
         for key in keys:
             runtime = context.resources.runtime.source(name, embedder, generation)
             try:
@@ -134,15 +131,4 @@ def _materialized(context, spec: SourceSpec, stage: str, key: str, figures: dict
 
 
 def _evaluated(context, spec, stage: str, check: str, key: str, outcome: CheckOutcome) -> None:
-    context.log_event(
-        dg.AssetCheckEvaluation(
-            asset_key=dg.AssetKey([spec.name, stage]),
-            check_name=check,
-            passed=outcome.passed,
-            severity=dg.AssetCheckSeverity.WARN
-            if outcome.warn_only
-            else dg.AssetCheckSeverity.ERROR,
-            metadata=check_metadata(outcome),
-            partition=key,
-        )
-    )
+    context.log_event(check_evaluation(dg.AssetKey([spec.name, stage]), check, key, outcome))

@@ -3,6 +3,7 @@ so a run of one shard (its asset checks) and a run of many (`defs/shards_job.py`
 same results. Each returns a `CheckOutcome`; the Dagster wrappers turn it into a result or
 an evaluation event of the shard's partition."""
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -78,6 +79,11 @@ def no_dead_rows(runtime: SourceRuntime, shard: int) -> CheckOutcome:
     return CheckOutcome(
         dead == 0, {"dead_rows": dead, "rows_waiting_for_retry": failed}, warn_only=True
     )
+
+
+def sample_per_shard(shards_in_run: int) -> int:
+    """A run over several shards shares one sample out, so its searches stay bounded."""
+    return max(2, math.ceil(SELF_RETRIEVAL_SAMPLE / max(shards_in_run, 1)))
 
 
 def self_retrieval(

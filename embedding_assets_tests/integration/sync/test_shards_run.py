@@ -8,6 +8,7 @@ import sqlalchemy as sa
 
 from embedding_assets.cli.sync import sync_source
 from embedding_assets.config.settings import load_settings
+from embedding_assets.definitions import build_definitions
 from embedding_assets.defs.shards_job import shards_job_name
 from embedding_assets.ops.environment import qdrant_store_from_env
 from embedding_assets.state.db import engine_for
@@ -111,3 +112,66 @@ def test_the_stored_state_equals_what_per_shard_runs_leave(
         == store.count(one_name)
         == len(stored(postgres, f"{many_name}_embeddings"))
     )
+
+
+def test_a_backfill_of_every_shard_is_one_run_that_leaves_the_same_state(
+    postgres, home, tmp_path, instance, fake
+):
+    """What the backfill daemon launches for assets under `BackfillPolicy.single_run()`:
+    one run tagged with the shard range. Each step goes shard after shard; each shard gets
+    its own materialization (its figures under `by_shard`) and check results."""
+    range_name, by_range = source(postgres, tmp_path, fake)
+    many_name, many = source(postgres, tmp_path, fake)
+    defs = build_definitions(by_range)
+    pending_asset = defs.resolve_assets_def(dg.AssetKey([range_name, "pending_rows"]))
+    assert pending_asset.backfill_policy == dg.BackfillPolicy.single_run()
+    result = defs.resolve_job_def(f"{range_name}_sync").execute_in_process(
+        instance=instance,
+        tags={
+            "dagster/asset_partition_range_start": "00",
+            "dagster/asset_partition_range_end": "03",
+        },
+    )
+    assert result.success
+    sync_source(many, many_name, None, instance, every_shard=False)
+    assert stored(postgres, f"{range_name}_embeddings") == stored(
+        postgres, f"{many_name}_embeddings"
+    )
+    assert ledger(postgres, f"public.{range_name}_embeddings") == ledger(
+        postgres, f"public.{many_name}_embeddings"
+    )
+    events = [
+        e.event_specific_data.materialization for e in result.get_asset_materialization_events()
+    ]
+    for stage in STAGES:
+        assert {m.partition for m in events if m.asset_key.path[-1] == stage} == {
+            "00", "01", "02", "03"
+        }, stage  # fmt: skip
+    embeddings = next(m for m in events if m.asset_key.path[-1] == "embeddings")
+    by_shard = embeddings.metadata["by_shard"].value
+    assert sum(figures["rows_written"] for figures in by_shard.values()) == ROWS
+    assert embeddings.metadata["run_total_rows_written"].value == ROWS
+    evaluations = [
+        e.event_specific_data
+        for e in result.all_events
+        if e.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION
+    ]
+    evaluated = {(e.check_name, e.partition, e.passed) for e in evaluations}
+    for key in ("00", "01", "02", "03"):
+        assert ("vectors_valid", key, True) in evaluated
+        assert ("pgvector_qdrant_parity", key, True) in evaluated
+    store = qdrant_store_from_env()
+    assert store.count(range_name) == len(stored(postgres, f"{range_name}_embeddings"))
+    # Nothing left: a second range run finds no rows in any shard.
+    again = defs.resolve_job_def(f"{range_name}_sync").execute_in_process(
+        instance=instance,
+        tags={
+            "dagster/asset_partition_range_start": "00",
+            "dagster/asset_partition_range_end": "03",
+        },
+    )
+    materialized = [
+        e.event_specific_data.materialization for e in again.get_asset_materialization_events()
+    ]
+    pending = [m for m in materialized if m.asset_key.path[-1] == "pending_rows"]
+    assert pending and pending[0].metadata["run_total_rows"].value == 0
