@@ -2,7 +2,10 @@
 
 A run of the per-shard asset job pays a Dagster run, store openings and a warm-up per shard;
 this op job pays them once and runs the same plain steps (`sync.shard_steps`) and checks
-(`sync.shard_checks`) shard after shard, with the model loaded once. Each shard still gets
+(`sync.shard_checks`) for every shard, with the model loaded once and kept busy: the next
+shard is read, chunked and embedded on a helper thread while this one is stored, checked
+and indexed on the run's thread (`core.overlap`; Qdrant's embedded store and Dagster's
+events stay on the run's thread, in shard order). Each shard still gets
 its own events, of its own partition: a materialization of pending_rows, chunks, embeddings
 and vector_index with the same figures a per-shard run reports, and its check results, so
 the UI's partition view, `status` and the freshness checks read exactly what a per-shard run
@@ -11,9 +14,14 @@ The shards are named by the run's tag `embedding_assets/shards`, the generation 
 `embedding_assets/generation`.
 """
 
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
 import dagster as dg
 
 from embedding_assets.config.sources import SourceSpec
+from embedding_assets.core.delta import EmbeddedRows
+from embedding_assets.core.overlap import overlapped
 from embedding_assets.core.sharding import shard_index
 from embedding_assets.defs.checks import check_evaluation
 from embedding_assets.defs.embedder_resources import embedder_resource_key
@@ -25,6 +33,18 @@ from embedding_assets.sync import shard_checks, shard_steps
 from embedding_assets.sync.shard_checks import CheckOutcome
 
 FAILED_SHARDS = "failed_shards"  # the run's failure metadata: {shard key: cause}
+ShardEvent = dg.AssetMaterialization | dg.AssetCheckEvaluation
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """A shard read, chunked and embedded, with each step's figures, waiting to be stored."""
+
+    key: str
+    embedded: EmbeddedRows
+    read_figures: dict
+    chunk_figures: dict
+    embed_figures: dict
 
 
 def shards_job_name(source: str) -> str:
@@ -43,27 +63,47 @@ def build_shards_job(spec: SourceSpec, qdrant_url: str | None) -> dg.JobDefiniti
         if spec.qdrant.enabled and not qdrant_url
         else (embedder_pool(spec.embedder)),
         tags={"kind": "python"},
+        out={},  # no output: the op yields each shard's events
     )
-    def sync_shards(context: dg.OpExecutionContext) -> None:
+    def sync_shards(context: dg.OpExecutionContext) -> Iterator[ShardEvent]:
+        """Yields each shard's events as soon as the shard is done (events only logged
+        would reach the event log when the op returns: none would if a shard failed)."""
         keys = [k for k in context.run.tags.get(SHARDS_TAG, "").split(",") if k]
         unknown = sorted(set(keys) - set(spec.shard_keys))
         if unknown:
             raise dg.Failure(f"source {name!r} has no shards {unknown}; it has {spec.shard_keys}")
         embedder = getattr(context.resources, embedder_key).embedder()
         generation = run_generation(context.run.tags)
-        failed: dict[str, str] = {}
         keys = keys or spec.shard_keys
         sample = shard_checks.sample_per_shard(len(keys))
-        for key in keys:
-            runtime = context.resources.runtime.source(name, embedder, generation)
-            try:
-                _sync_shard(context, spec, runtime, key, sample)
-            except Exception as exc:  # the other shards go on; the run fails at the end
-                cause = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+        runtimes = {}
+
+        def runtime_for(key: str):  # on this thread: it may register a generation in Qdrant
+            runtimes[key] = context.resources.runtime.source(name, embedder, generation)
+            if key == keys[0]:  # edits of sources.yaml, once, before any shard is read
+                shard_steps.check_before_reading(runtimes[key], context.log)
+            return key
+
+        failed: dict[str, str] = {}
+        events: list[ShardEvent] = []  # the finishing shard's, yielded when it is done
+        for outcome in overlapped(
+            keys,
+            lambda key: _prepare_shard(context, runtimes[key], key),
+            lambda key, prepared: _finish_shard(
+                context, spec, runtimes[key], prepared, sample, events.append
+            ),
+            before_prepare=runtime_for,
+        ):
+            yield from events
+            events.clear()
+            key = outcome.key
+            if key in runtimes:
+                runtimes.pop(key).release_shard(shard_index(key))
+            if outcome.error is not None:  # the other shards go on; the run fails at the end
+                error = outcome.error
+                cause = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
                 context.log.error(f"shard {key} of {name} failed: {cause}")
                 failed[key] = cause
-            finally:
-                runtime.release_shard(shard_index(key))
         if failed:
             raise dg.Failure(
                 f"shards {sorted(failed)} of source {name!r} failed: "
@@ -84,23 +124,45 @@ def build_shards_job(spec: SourceSpec, qdrant_url: str | None) -> dg.JobDefiniti
     return shards_job
 
 
-def _sync_shard(
-    context: dg.OpExecutionContext, spec: SourceSpec, runtime, key: str, sample: int
-) -> None:
+def _prepare_shard(context: dg.OpExecutionContext, runtime, key: str) -> _Prepared:
+    """On the helper thread: read, chunk and embed the shard (nothing here opens Qdrant)."""
     shard = shard_index(key)
-    log = context.log
-    pending, figures = shard_steps.read_pending(runtime, shard, log, key)
-    _materialized(context, spec, "pending_rows", key, figures)
-    chunked, figures = shard_steps.chunk_pending(runtime, pending)
-    _materialized(context, spec, "chunks", key, figures)
-    embedded, figures = shard_steps.embed_pending(runtime, chunked, log)
-    figures.update(shard_steps.store(runtime, embedded, log))
-    _materialized(context, spec, "embeddings", key, figures)
+    pending, read_figures = shard_steps.read_pending(
+        runtime, shard, context.log, key, check_config=False
+    )
+    chunked, chunk_figures = shard_steps.chunk_pending(runtime, pending)
+    embedded, embed_figures = shard_steps.embed_pending(runtime, chunked, context.log)
+    return _Prepared(key, embedded, read_figures, chunk_figures, embed_figures)
+
+
+def _finish_shard(
+    context: dg.OpExecutionContext,
+    spec: SourceSpec,
+    runtime,
+    prepared: _Prepared,
+    sample: int,
+    emit: Callable[[ShardEvent], None],
+) -> None:
+    """On the run's thread, in shard order: store, check, index, and `emit` the shard's
+    events (its own partition's materializations and check results) as they happen, so
+    those before a failure are kept."""
+    key, log = prepared.key, context.log
+    shard = shard_index(key)
+    emit(_materialized(spec, "pending_rows", key, prepared.read_figures))
+    emit(_materialized(spec, "chunks", key, prepared.chunk_figures))
+    figures = {**prepared.embed_figures, **shard_steps.store(runtime, prepared.embedded, log)}
+    emit(_materialized(spec, "embeddings", key, figures))
+    # Checks bounded by what the run changed: validity and self-retrieval of the rows it
+    # wrote, parity by counts (the deep checksum is O(shard): runs of one shard, reconcile).
+    written = prepared.embedded.pending.rows["row_id"].tolist()
     valid = True
     for check, evaluate in shard_checks.ON_EMBEDDINGS.items():
-        outcome = evaluate(runtime, shard)
-        _evaluated(context, spec, "embeddings", check, key, outcome)
-        valid = valid and (check != "vectors_valid" or outcome.passed)
+        if check == "vectors_valid":
+            outcome = shard_checks.vectors_valid(runtime, shard, written)
+            valid = outcome.passed
+        else:
+            outcome = evaluate(runtime, shard)
+        emit(_evaluated(spec, "embeddings", check, key, outcome))
     index_asset = "vector_index" if spec.qdrant.enabled else "embeddings"
     if spec.qdrant.enabled:
         if not valid:  # the blocking check: as a per-shard run, no Qdrant write after it
@@ -111,24 +173,24 @@ def _sync_shard(
                 runtime, update, log, server=bool(context.resources.runtime.qdrant.url)
             )
         )
-        _materialized(context, spec, "vector_index", key, figures)
+        emit(_materialized(spec, "vector_index", key, figures))
     for check, evaluate in shard_checks.ON_INDEX.items():
         if check in shard_checks.QDRANT_ONLY and not spec.qdrant.enabled:
             continue
         if check == "self_retrieval":
-            outcome = shard_checks.self_retrieval(runtime, shard, sample)
+            outcome = shard_checks.self_retrieval(runtime, shard, sample, written)
+        elif check == "pgvector_qdrant_parity":
+            outcome = shard_checks.parity(runtime, shard, deep=False)
         else:
             outcome = evaluate(runtime, shard)
-        _evaluated(context, spec, index_asset, check, key, outcome)
+        emit(_evaluated(spec, index_asset, check, key, outcome))
 
 
-def _materialized(context, spec: SourceSpec, stage: str, key: str, figures: dict) -> None:
-    context.log_event(
-        dg.AssetMaterialization(
-            asset_key=[spec.name, stage], partition=key, metadata=dagster_metadata(figures)
-        )
+def _materialized(spec: SourceSpec, stage: str, key: str, figures: dict) -> ShardEvent:
+    return dg.AssetMaterialization(
+        asset_key=[spec.name, stage], partition=key, metadata=dagster_metadata(figures)
     )
 
 
-def _evaluated(context, spec, stage: str, check: str, key: str, outcome: CheckOutcome) -> None:
-    context.log_event(check_evaluation(dg.AssetKey([spec.name, stage]), check, key, outcome))
+def _evaluated(spec, stage: str, check: str, key: str, outcome: CheckOutcome) -> ShardEvent:
+    return check_evaluation(dg.AssetKey([spec.name, stage]), check, key, outcome)

@@ -52,16 +52,24 @@ def per_second(count: int, seconds: float) -> float:
     return round(count / seconds, 1) if seconds > 0 else 0.0
 
 
-def read_pending(
-    runtime: SourceRuntime, shard: int, log: Log, shard_key: str
-) -> tuple[PendingRows, Metadata]:
-    """The shard's rows that need work now (at most `max_rows_per_run`), after the checks a
-    run makes before any embedding: privileges, edits of sources.yaml, the shard's claim."""
-    started = time.perf_counter()
-    runtime.require_privileges()  # a missing grant stops the run before any embedding
-    edit = apply_config(runtime)  # an edit of sources.yaml, whoever runs first
+def check_before_reading(runtime: SourceRuntime, log: Log) -> None:
+    """What a run checks before it reads any row: privileges (a missing grant stops it
+    before any embedding) and edits of sources.yaml (brought in by whoever runs first)."""
+    runtime.require_privileges()
+    edit = apply_config(runtime)
     if edit.changed:
         log.info(f"{runtime.spec.name}: {edit.describe()}")
+
+
+def read_pending(
+    runtime: SourceRuntime, shard: int, log: Log, shard_key: str, check_config: bool = True
+) -> tuple[PendingRows, Metadata]:
+    """The shard's rows that need work now (at most `max_rows_per_run`), after the shard's
+    claim and (unless the caller made them once for many shards: `check_config=False`) the
+    checks before reading."""
+    started = time.perf_counter()
+    if check_config:
+        check_before_reading(runtime, log)
     runtime.claim_shard(
         shard,
         on_wait=lambda: log.info(
