@@ -18,12 +18,16 @@ class ChunkTableReads:
     """Reads of the chunk table (a mixin of PgVectorDestination: `engine`, `table`, `spec`,
     `table_exists`, `_catalog`)."""
 
-    def invalid_vectors(self, shard: int | None, dimension: int) -> dict[str, int]:
-        """Stored vectors (of the shard, or all) of the wrong length or zero norm (pgvector
-        itself rejects NaN)."""
+    def invalid_vectors(
+        self, shard: int | None, dimension: int, rows: Sequence[str] | None = None
+    ) -> dict[str, int]:
+        """Stored vectors (of the shard, or all; only those of `rows` when given) of the wrong
+        length or zero norm (pgvector itself rejects NaN)."""
         if not self.table_exists():
             return {"wrong_dimension": 0, "zero_norm": 0, "checked": 0}
         only = "WHERE shard = :shard" if shard is not None else ""
+        if rows is not None:  # the (row_id, chunk_index) index: cost follows the rows
+            only = f"{only or 'WHERE true'} AND row_id = ANY(:rows)"
         with self.engine.connect() as conn:
             row = conn.execute(
                 sa.text(
@@ -32,23 +36,28 @@ class ChunkTableReads:
                         count(*) AS checked
                     FROM {self.table} {only}"""
                 ),
-                {"d": dimension, "shard": shard},
+                {"d": dimension, "shard": shard, "rows": list(rows or [])},
             ).one()
         return {"wrong_dimension": row.wrong, "zero_norm": row.zero, "checked": row.checked}
 
-    def sample_chunks(self, shard: int | None, size: int) -> pd.DataFrame:
-        """A deterministic sample of the shard's (or the table's) chunks with vectors."""
+    def sample_chunks(
+        self, shard: int | None, size: int, rows: Sequence[str] | None = None
+    ) -> pd.DataFrame:
+        """A deterministic sample of the shard's (or the table's) chunks with vectors; of
+        those of `rows` only, when given (then the cost follows the rows, not the shard)."""
         columns = ["point_id", "row_id", "chunk_text", "embedding"]
         if not self.table_exists():
             return pd.DataFrame(columns=columns)
         only = "WHERE shard = %(shard)s" if shard is not None else ""
+        if rows is not None:
+            only = f"{only or 'WHERE true'} AND row_id = ANY(%(rows)s)"
         with self.engine.connect() as conn:
             return fetch_binary(
                 conn,
                 f"""SELECT CAST(point_id AS text) AS point_id, row_id, chunk_text, embedding
                 FROM {self.table} {only} ORDER BY md5(CAST(point_id AS text))
                 LIMIT %(n)s""",
-                {"shard": shard, "n": size},
+                {"shard": shard, "n": size, "rows": list(rows or [])},
                 columns,
             )
 

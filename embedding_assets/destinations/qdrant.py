@@ -25,6 +25,7 @@ from embedding_assets.destinations.qdrant_store import (
     IndexPoint,
     QdrantStore,
 )
+from embedding_assets.state.db import use_partial_index
 from embedding_assets.state.ddl import STATE_SCHEMA
 
 LAGGING = "(qdrant_hash IS DISTINCT FROM content_hash OR qdrant_chunk_count <> chunk_count)"
@@ -67,6 +68,7 @@ class QdrantDestination:
     def lag_by_shard(self) -> dict[int, tuple[int, str]]:
         """Per shard with lagging rows: (rows, fingerprint). Reads the partial index only."""
         with self.engine.connect() as conn:
+            use_partial_index(conn)
             rows = conn.execute(
                 sa.text(
                     f"""SELECT shard, count(*) AS n,
@@ -176,6 +178,8 @@ class QdrantDestination:
         condition = "true" if every_row else LAGGING
         with self.engine.connect() as conn:
             conn.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            if not every_row:
+                use_partial_index(conn)
             lag = pd.DataFrame(
                 conn.execute(
                     sa.text(

@@ -72,3 +72,12 @@ def engine_for(url: str) -> sa.Engine:
         register_tolerant_loaders(dbapi_connection)
 
     return engine
+
+
+def use_partial_index(conn: sa.Connection) -> None:
+    """For this transaction, read through an index rather than scan the table. Queries that
+    find lagging rows through a partial index cost O(lagging rows) only if the planner picks
+    it, and its estimate is stale after a bulk load: autoanalyze ran while every row lagged,
+    so the plan scans the whole ledger (46 ms against 2 ms on 200k rows, 0 lagging) until
+    10% of the table changes again."""
+    conn.execute(sa.text("SET LOCAL enable_seqscan = off"))

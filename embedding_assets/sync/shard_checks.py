@@ -5,6 +5,7 @@ an evaluation event of the shard's partition."""
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,14 +25,19 @@ class CheckOutcome:
     warn_only: bool = False  # a failure warns (AssetCheckSeverity.WARN) instead of erring
 
 
-def vectors_valid(runtime: SourceRuntime, shard: int) -> CheckOutcome:
+def vectors_valid(
+    runtime: SourceRuntime, shard: int, rows: Sequence[str] | None = None
+) -> CheckOutcome:
+    """The shard's stored vectors; a run of many shards checks the rows it wrote (`rows`),
+    so the check costs what the run changed: vectors only change when written."""
     dimension = runtime.embedder.dimension
     if runtime.spec.pgvector.enabled:
-        found = runtime.pgvector.invalid_vectors(shard, dimension)
+        found = runtime.pgvector.invalid_vectors(shard, dimension, rows)
     else:  # the column's type fixes the dimension; a held row must have its vector
         found = runtime.column.invalid_vectors(shard, runtime.is_live)
     passed = not any(found.get(k) for k in ("wrong_dimension", "zero_norm", "missing_vectors"))
-    return CheckOutcome(passed, {**found, "dimension": dimension})
+    scope = {"scope": "shard" if rows is None or not runtime.spec.pgvector.enabled else "run"}
+    return CheckOutcome(passed, {**found, "dimension": dimension, **scope})
 
 
 def coverage(runtime: SourceRuntime, shard: int) -> CheckOutcome:
@@ -40,7 +46,8 @@ def coverage(runtime: SourceRuntime, shard: int) -> CheckOutcome:
         embedded, eligible, pending = work.embedded_rows, work.eligible_rows, work.pending_rows
     else:
         embedded = runtime.ledger.current_rows_by_shard(shard).get(shard, 0)
-        pending = runtime.work()[shard].pending_rows
+        # The change feed alone (not Qdrant's lag), installed and requeued by the run's read.
+        pending = runtime.feed.work(ensure=False).get(shard, (0, None))[0]
         failed = sum(runtime.errors.counts_by_shard().get(shard, (0, 0)))
         # Queued rows may be updates of embedded ones: a lower bound.
         eligible = embedded + pending + failed
@@ -55,8 +62,11 @@ def coverage(runtime: SourceRuntime, shard: int) -> CheckOutcome:
     return CheckOutcome(ratio >= 1.0, metadata, warn_only=True)
 
 
-def parity(runtime: SourceRuntime, shard: int) -> CheckOutcome:
-    found = audit_destinations(runtime, qdrant="count", shard=shard, deep=True)
+def parity(runtime: SourceRuntime, shard: int, deep: bool = True) -> CheckOutcome:
+    """Counts against the ledger; `deep` also compares checksums of every chunk (O(shard)):
+    a run of many shards leaves that to a run of one shard, the sensor's audit and
+    `reconcile`."""
+    found = audit_destinations(runtime, qdrant="count", shard=shard, deep=deep)
     if not found:
         return CheckOutcome(True, {"ledger_chunks": 0})
     audit = found[0]
@@ -70,6 +80,7 @@ def parity(runtime: SourceRuntime, shard: int) -> CheckOutcome:
             "rows_marked_for_restore": audit.rows_marked_lost,
             "stray_chunks_removed": audit.orphan_chunks_removed,
             "qdrant_shard_resent": audit.qdrant_forgotten,
+            "deep": deep,
         },
     )
 
@@ -87,17 +98,21 @@ def sample_per_shard(shards_in_run: int) -> int:
 
 
 def self_retrieval(
-    runtime: SourceRuntime, shard: int, sample_size: int = SELF_RETRIEVAL_SAMPLE
+    runtime: SourceRuntime,
+    shard: int,
+    sample_size: int = SELF_RETRIEVAL_SAMPLE,
+    rows: Sequence[str] | None = None,
 ) -> CheckOutcome:
     """`missed_rows` is a list (the wrapper shows it as JSON). A run of many shards samples
-    fewer chunks per shard (`sample_size`), so the run's searches stay bounded."""
+    fewer chunks per shard (`sample_size`), of the rows it wrote (`rows`), so the run's
+    searches and reads stay bounded by what it changed."""
     spec = runtime.spec
     if not spec.pgvector.enabled:
         misses = runtime.column.self_retrieval_misses(
             shard, sample_size, SELF_RETRIEVAL_K, runtime.is_live
         )
         return CheckOutcome(not misses, {"missed_rows": misses, "k": SELF_RETRIEVAL_K})
-    sample = runtime.pgvector.sample_chunks(shard, sample_size)
+    sample = runtime.pgvector.sample_chunks(shard, sample_size, rows)
     # Until the HNSW index exists (a bulk load defers it) a search is an exact scan: search
     # the shard only, so the check does not scan the whole table per sample. Qdrant's
     # embedded engine always scans: the shard filter uses its payload index.

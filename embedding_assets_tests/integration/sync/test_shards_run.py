@@ -175,3 +175,33 @@ def test_a_backfill_of_every_shard_is_one_run_that_leaves_the_same_state(
     ]
     pending = [m for m in materialized if m.asset_key.path[-1] == "pending_rows"]
     assert pending and pending[0].metadata["run_total_rows"].value == 0
+
+
+def test_a_shard_that_fails_while_the_next_is_prepared_leaves_the_others_written(
+    postgres, home, tmp_path, instance, fake, monkeypatch
+):
+    """Shard 01's embedding fails on the helper thread (the failure is injected: a whole
+    shard failing is what a provider outage or a bug looks like from here). The run goes on
+    with the other shards, fails at the end naming 01, and releases 01's claim, so the next
+    run syncs it."""
+    from embedding_assets.sync import shard_steps
+
+    name, settings = source(postgres, tmp_path, fake)
+    real_embed = shard_steps.embed_pending
+
+    def embed_failing_on_01(runtime, chunks, log):
+        if chunks.pending.shard == 1:
+            raise RuntimeError("provider fell over")
+        return real_embed(runtime, chunks, log)
+
+    monkeypatch.setattr(shard_steps, "embed_pending", embed_failing_on_01)
+    reports = {r.shard: r for r in sync_source(settings, name, None, instance, every_shard=False)}
+    assert not reports["01"].success and "provider fell over" in reports["01"].error
+    assert all(reports[k].success for k in ("00", "02", "03"))
+    stored_rows = {row[0] for row in stored(postgres, f"{name}_embeddings")}
+    written = sum(reports[k].rows for k in ("00", "02", "03"))
+    assert len(stored_rows) == written < ROWS
+    monkeypatch.setattr(shard_steps, "embed_pending", real_embed)
+    again = sync_source(settings, name, None, instance, every_shard=False)
+    assert [r.shard for r in again] == ["01"] and again[0].success  # the claim was released
+    assert len({row[0] for row in stored(postgres, f"{name}_embeddings")}) == ROWS
