@@ -17,7 +17,6 @@ import gzip
 import json
 import os
 import random
-import resource
 import shutil
 import statistics
 import subprocess
@@ -26,6 +25,7 @@ import time
 from pathlib import Path
 
 from throwaway import (
+    TreeMemory,
     free_embedder_yaml,
     postgres_and_free_embedder,
     start_dev,
@@ -75,13 +75,21 @@ def write_sources(path: Path, base_url: str, shards: int, max_rows: int) -> None
     )
 
 
-def timed(command: list[str], env: dict) -> tuple[float, str]:
+def timed(command: list[str], env: dict, memory: list | None = None) -> tuple[float, str]:
+    """Wall seconds and stdout of a command; with `memory` (a list), its TreeMemory is
+    appended to it."""
     started = time.perf_counter()
-    out = subprocess.run(command, env=env, capture_output=True, text=True)
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    sampler = TreeMemory(process.pid)
+    stdout, stderr = process.communicate()
     seconds = time.perf_counter() - started
-    if out.returncode != 0:
-        raise SystemExit(f"{' '.join(command)} failed:\n{out.stdout[-2000:]}{out.stderr[-3000:]}")
-    return seconds, out.stdout
+    sampler.stop()
+    if memory is not None:
+        memory.append(sampler)
+    out, err = stdout.decode(errors="replace"), stderr.decode(errors="replace")
+    if process.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{out[-2000:]}{err[-3000:]}")
+    return seconds, out
 
 
 def update_rows(engine, ids: list[int], marker: str) -> None:
@@ -187,18 +195,18 @@ def main() -> None:
         env = dict(os.environ)
         settings = load_settings(sources)
 
-        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-        seconds, out = timed([*CLI, "sync", "--json"], env)
-        peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        memory: list[TreeMemory] = []
+        seconds, out = timed([*CLI, "sync", "--json"], env, memory)
         reports = json.loads(out.strip().splitlines()[-1])
         done = sum(r["rows"] for r in reports)
         index = sum(r.get("index_build_seconds", 0) for r in reports)
         print(
             f"first sync: {seconds:.1f} s for {done} rows in {len(reports)} runs = "
             f"{done / seconds:,.0f} rows/s; without the one HNSW build ({index:.1f} s): "
-            f"{done / (seconds - index):,.0f} rows/s; peak RSS of the sync process "
-            f"{peak_mb:,.0f} MB (max_rows_per_run {args.max_rows_per_run}; "
-            f"before: {before / 1024:.0f} MB); all runs ok: {all(r['success'] for r in reports)}"
+            f"{done / (seconds - index):,.0f} rows/s; peak of the sync's process tree: RSS "
+            f"{memory[0].peak_rss_mb:,.0f} MB, anonymous {memory[0].peak_anon_mb:,.0f} MB "
+            f"(max_rows_per_run {args.max_rows_per_run}); all runs ok: "
+            f"{all(r['success'] for r in reports)}"
         )
 
         tick_ms, said = sensor_tick_ms(settings)
@@ -242,12 +250,13 @@ def main() -> None:
 
         ids = random.Random(42).sample(range(args.rows), args.updates)
         update_rows(engine, ids, "sync")
-        seconds, out = timed([*CLI, "sync", "--json"], env)
+        seconds, out = timed([*CLI, "sync", "--json"], env, memory)
         runs = json.loads(out.strip().splitlines()[-1])
         print(
             f"{args.updates} updated rows, `sync` start to exit: {seconds:.1f} s "
-            f"({len(runs)} shard runs, {sum(r['rows'] for r in runs)} rows; converged: "
-            f"{in_both_sinks(engine, ids, 'sync')})"
+            f"({len(runs)} shards, {sum(r['rows'] for r in runs)} rows; converged: "
+            f"{in_both_sinks(engine, ids, 'sync')}); peak RSS {memory[1].peak_rss_mb:,.0f} MB, "
+            f"anonymous {memory[1].peak_anon_mb:,.0f} MB"
         )
 
         if not args.skip_dev:

@@ -92,3 +92,45 @@ def postgres_and_free_embedder() -> Iterator[tuple]:
     finally:
         embedder.stop()
         server.stop()
+
+
+class TreeMemory:
+    """Peak memory of a process and its children, sampled every 0.2 s while a command
+    runs: RSS (what `ps` shows, file-backed pages included: the model's weights and the
+    embedded Qdrant store are memory-mapped) and anonymous RSS (what the run itself
+    allocated; file-backed pages are page cache the kernel can take back)."""
+
+    def __init__(self, pid: int):
+        import threading
+
+        self.pid, self.peak_rss_mb, self.peak_anon_mb = pid, 0.0, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        import psutil
+
+        while not self._stop.is_set():
+            try:
+                root = psutil.Process(self.pid)
+                tree = [root, *root.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                return
+            rss = anon = 0
+            for process in tree:
+                try:
+                    status = Path(f"/proc/{process.pid}/status").read_text()
+                except OSError:
+                    continue
+                fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+                rss += int(fields.get("VmRSS", "0 kB").split()[0])
+                anon += int(fields.get("RssAnon", "0 kB").split()[0])
+            self.peak_rss_mb = max(self.peak_rss_mb, rss / 1024)
+            self.peak_anon_mb = max(self.peak_anon_mb, anon / 1024)
+            self._stop.wait(0.2)
+
+    def stop(self) -> "TreeMemory":
+        self._stop.set()
+        self._thread.join()
+        return self

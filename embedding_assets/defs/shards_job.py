@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import dagster as dg
 
 from embedding_assets.config.sources import SourceSpec
-from embedding_assets.core.delta import EmbeddedRows
+from embedding_assets.core.delta import ChunkedRows, EmbeddedRows
 from embedding_assets.core.overlap import overlapped
 from embedding_assets.core.sharding import shard_index
 from embedding_assets.defs.checks import check_evaluation
@@ -30,6 +30,7 @@ from embedding_assets.defs.resources import SHARDS_TAG, run_generation
 from embedding_assets.ops.pools import EMBEDDED_QDRANT_POOL, embedder_pool
 from embedding_assets.ops.run_health import IN_PROCESS_JOB_TAG
 from embedding_assets.sync import shard_checks, shard_steps
+from embedding_assets.sync.embed import QdrantNeeded
 from embedding_assets.sync.shard_checks import CheckOutcome
 
 FAILED_SHARDS = "failed_shards"  # the run's failure metadata: {shard key: cause}
@@ -41,7 +42,7 @@ class _Prepared:
     """A shard read, chunked and embedded, with each step's figures, waiting to be stored."""
 
     key: str
-    embedded: EmbeddedRows
+    embedded: EmbeddedRows | ChunkedRows  # chunked only: to embed on the run's thread
     read_figures: dict
     chunk_figures: dict
     embed_figures: dict
@@ -131,7 +132,12 @@ def _prepare_shard(context: dg.OpExecutionContext, runtime, key: str) -> _Prepar
         runtime, shard, context.log, key, check_config=False
     )
     chunked, chunk_figures = shard_steps.chunk_pending(runtime, pending)
-    embedded, embed_figures = shard_steps.embed_pending(runtime, chunked, context.log)
+    try:
+        embedded, embed_figures = shard_steps.embed_pending(
+            runtime, chunked, context.log, from_qdrant=False
+        )
+    except QdrantNeeded:  # a restore from Qdrant: embedded on the run's thread instead
+        return _Prepared(key, chunked, read_figures, chunk_figures, {})
     return _Prepared(key, embedded, read_figures, chunk_figures, embed_figures)
 
 
@@ -146,15 +152,18 @@ def _finish_shard(
     """On the run's thread, in shard order: store, check, index, and `emit` the shard's
     events (its own partition's materializations and check results) as they happen, so
     those before a failure are kept."""
-    key, log = prepared.key, context.log
+    key, log, embedded = prepared.key, context.log, prepared.embedded
     shard = shard_index(key)
     emit(_materialized(spec, "pending_rows", key, prepared.read_figures))
     emit(_materialized(spec, "chunks", key, prepared.chunk_figures))
-    figures = {**prepared.embed_figures, **shard_steps.store(runtime, prepared.embedded, log)}
+    figures = prepared.embed_figures
+    if isinstance(embedded, ChunkedRows):  # its vectors are to be restored from Qdrant
+        embedded, figures = shard_steps.embed_pending(runtime, embedded, log)
+    figures = {**figures, **shard_steps.store(runtime, embedded, log)}
     emit(_materialized(spec, "embeddings", key, figures))
     # Checks bounded by what the run changed: validity and self-retrieval of the rows it
     # wrote, parity by counts (the deep checksum is O(shard): runs of one shard, reconcile).
-    written = prepared.embedded.pending.rows["row_id"].tolist()
+    written = embedded.pending.rows["row_id"].tolist()
     valid = True
     for check, evaluate in shard_checks.ON_EMBEDDINGS.items():
         if check == "vectors_valid":

@@ -19,12 +19,20 @@ from embedding_assets.embedders.base import Embedder, InputFailure
 from embedding_assets.sync.runtime import SourceRuntime
 
 
-def reusable_vectors(runtime: SourceRuntime, chunked: ChunkedRows) -> dict[str, np.ndarray]:
+class QdrantNeeded(Exception):
+    """Vectors to restore are in Qdrant, and this thread may not open its store (an
+    embedded store is held by the run's own thread): embed the shard on that thread."""
+
+
+def reusable_vectors(
+    runtime: SourceRuntime, chunked: ChunkedRows, from_qdrant: bool = True
+) -> dict[str, np.ndarray]:
     """Stored vectors for the chunks' texts: pgvector's by chunk hash (this generation's
     table, then other generations' of the same model), then the vector
     cache's (progress of an interrupted run); and for rows whose
     content is unchanged but whose chunks pgvector lost (see destinations.audit), the
-    points Qdrant still holds with the same text."""
+    points Qdrant still holds with the same text (`from_qdrant=False`: raise QdrantNeeded
+    instead of reading them)."""
     chunks = chunked.chunks
     hashes = chunks["chunk_hash"].tolist()
     found = (
@@ -41,6 +49,8 @@ def reusable_vectors(runtime: SourceRuntime, chunked: ChunkedRows) -> dict[str, 
     unchanged = set(rows.loc[rows["stored_hash"] == rows["content_hash"], "row_id"])
     lacking = chunks[chunks["row_id"].isin(unchanged) & ~chunks["chunk_hash"].isin(found)]
     if len(lacking):
+        if not from_qdrant:
+            raise QdrantNeeded(f"{len(lacking)} chunks to restore from Qdrant")
         found.update(runtime.qdrant.restorable_vectors(lacking, runtime.model_id))
     return found
 

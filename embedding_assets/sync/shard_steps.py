@@ -123,13 +123,14 @@ def stats_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, 
 
 
 def embed_pending(
-    runtime: SourceRuntime, chunks: ChunkedRows, log: Log
+    runtime: SourceRuntime, chunks: ChunkedRows, log: Log, from_qdrant: bool = True
 ) -> tuple[EmbeddedRows, Metadata]:
     """One vector per chunk, reusing stored ones, within the daily token budget; progress
-    kept as it goes. `failed_row_reasons` is a dict (the wrapper shows it as JSON)."""
+    kept as it goes. `failed_row_reasons` is a dict (the wrapper shows it as JSON). Off the
+    thread that holds an embedded Qdrant store, `from_qdrant=False` (see QdrantNeeded)."""
     started = time.perf_counter()
     embedder = runtime.embedder
-    reusable = reusable_vectors(runtime, chunks)
+    reusable = reusable_vectors(runtime, chunks, from_qdrant)
     calls_before = embedder_stats(embedder)
     tokens_left = runtime.budget.left()
     deferred: list[str] = []
