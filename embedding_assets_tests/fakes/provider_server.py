@@ -104,7 +104,13 @@ class ProviderServer:
     """``with ProviderServer("cohere", dim=8, api_key="k") as server: ... server.base_url``."""
 
     def __init__(
-        self, provider: str, *, dim: int = 8, api_key: str | None = None, port: int = 0
+        self,
+        provider: str,
+        *,
+        dim: int = 8,
+        api_key: str | None = None,
+        port: int = 0,
+        record: bool = True,
     ) -> None:
         if provider not in PATHS:
             raise ValueError(f"unknown provider {provider!r}")
@@ -125,6 +131,7 @@ class ProviderServer:
         self.wrong_dim_text: str | None = None  # its vector is one element longer
         self.missing_vector_text: str | None = None  # its vector is left out of the answer
         self.requests: list[Recorded] = []
+        self.record = record  # False: keep no request (a test that measures memory)
         self._faults: collections.deque[Fault] = collections.deque()
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -170,6 +177,8 @@ class ProviderServer:
             return self._faults.popleft() if self._faults else None
 
     def _record(self, entry: Recorded) -> None:
+        if not self.record:
+            return
         with self._lock:
             self.requests.append(entry)
 

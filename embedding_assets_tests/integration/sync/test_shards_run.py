@@ -189,10 +189,10 @@ def test_a_shard_that_fails_while_the_next_is_prepared_leaves_the_others_written
     name, settings = source(postgres, tmp_path, fake)
     real_embed = shard_steps.embed_pending
 
-    def embed_failing_on_01(runtime, chunks, log):
+    def embed_failing_on_01(runtime, chunks, log, **options):
         if chunks.pending.shard == 1:
             raise RuntimeError("provider fell over")
-        return real_embed(runtime, chunks, log)
+        return real_embed(runtime, chunks, log, **options)
 
     monkeypatch.setattr(shard_steps, "embed_pending", embed_failing_on_01)
     reports = {r.shard: r for r in sync_source(settings, name, None, instance, every_shard=False)}
