@@ -18,6 +18,7 @@ from embedding_assets.ops.run_health import WORKER_LOST_TAG, fail_dead_runs
 from embedding_assets.state.diff import ShardWork
 from embedding_assets.state.privileges import PrivilegeError
 from embedding_assets.sync.config_edits import apply_config
+from embedding_assets.sync.outage import EmbedderHealth
 from embedding_assets.sync.promotion import converge_readers, finish_build
 
 IN_FLIGHT = {
@@ -120,6 +121,15 @@ def retry_run_key(work_id: str, failed: int, lost: int) -> str:
     return f"{key}:lost{lost}" if lost else key
 
 
+def probed_health(state: dict, embedder) -> EmbedderHealth:
+    """The embedder's probes from the cursor, with a new one if work waits out a backoff
+    and the embedder is a remote one (a local model has no outages to wait out)."""
+    health = EmbedderHealth.from_cursor(state.get("embedder") or {})
+    if state.get("backing_off") and hasattr(embedder, "answers"):
+        health.probe(time.time(), embedder.answers)
+    return health
+
+
 def read_cursor(cursor: str | None) -> dict:
     """A sensor's JSON cursor ({} if none; an older float cursor is its audit time)."""
     if not cursor:
@@ -155,13 +165,22 @@ def _repair_destinations(log, source: str, runtime) -> None:
             log.warning(f"destinations of {source} disagree with the ledger: {audit}")
 
 
-def tick_cursor(audited_at: float, requests: list, waiting: int) -> str:
-    """The sensor's cursor: when it last audited, and what this tick asked for."""
+def tick_cursor(
+    audited_at: float,
+    requests: list,
+    waiting: int,
+    health: EmbedderHealth | None = None,
+    backing_off: int = 0,
+) -> str:
+    """The sensor's cursor: when it last audited, what this tick asked for, and how the
+    embedder answered its probes while work waited out a backoff."""
     return json.dumps(
         {
             "audited_at": audited_at,
             "asked": len(requests),
             "waiting": waiting,
+            "backing_off": backing_off,
+            "embedder": (health or EmbedderHealth()).to_cursor(),
             "pending_rows": sum(int(r.tags["embedding_assets/pending_rows"]) for r in requests),
             "at": time.time(),
         }
@@ -185,6 +204,7 @@ class ShardDecision:
 
     request: dg.RunRequest | None
     line: str
+    backing_off: bool = False  # no request: the work's last runs failed, its backoff runs
 
 
 def shard_decision(
@@ -196,10 +216,12 @@ def shard_decision(
     budget_embedder: str | None,
     runs: list,
     now: float,
+    health: EmbedderHealth | None = None,
 ) -> ShardDecision:
     """A pure function of the shard's work, the runs in flight (`busy`: (generation, shard)
-    tags), the recent runs, whether the embedder's daily budget is spent (its name) and the
-    time: a run request whose key is new for new work, or why there is none."""
+    tags), the recent runs, whether the embedder's daily budget is spent (its name), the
+    embedder's probes (`health`) and the time: a run request whose key is new for new work,
+    or why there is none."""
     label = f"g{generation.number}"
     # A run without the tag (started from the UI) may be on any generation.
     if (str(generation.number), key) in busy or (None, key) in busy:
@@ -230,9 +252,9 @@ def shard_decision(
     if failed:
         last = max(r.end_time or r.update_timestamp.timestamp() for r in failed)
         due = last + retry_wait(len(failed)) - now
-        if due > 0:
+        if due > 0 and not (health is not None and health.retry_now(last)):
             return ShardDecision(
-                None, f"{label}/{key} (failed {len(failed)}x, retry in {due:.0f}s)"
+                None, f"{label}/{key} (failed {len(failed)}x, retry in {due:.0f}s)", True
             )
     request = dg.RunRequest(
         partition_key=key,
@@ -298,8 +320,10 @@ def build_sensor(spec: SourceSpec, job, shards_job) -> dg.SensorDefinition:
         busy = busy_shards(runs_on_source(context.instance, job.name, spec.name))
         state = read_cursor(context.cursor)
         audited_at = float(state.get("audited_at", 0))
+        health = probed_health(state, embedder)
         audit_due = not busy and time.time() - audited_at >= AUDIT_INTERVAL_SECONDS
         requests, waiting, notes, asked = [], [], [], []
+        backing_off = 0
         for runtime in runtimes:
             generation = runtime.generation
             edit = apply_config(runtime)  # an edit of sources.yaml becomes work now
@@ -319,8 +343,9 @@ def build_sensor(spec: SourceSpec, job, shards_job) -> dg.SensorDefinition:
                     continue
                 decision = shard_decision(
                     spec.name, generation, keys[shard], shard_work, busy, budget_embedder, runs,
-                    time.time(),
+                    time.time(), health,
                 )  # fmt: skip
+                backing_off += decision.backing_off
                 if decision.request is None:
                     waiting.append(decision.line)
                 else:
@@ -333,16 +358,24 @@ def build_sensor(spec: SourceSpec, job, shards_job) -> dg.SensorDefinition:
         for reason in waiting:
             context.log.debug(f"not asked: {reason}")  # every tick while runs are in flight
         context.update_cursor(
-            tick_cursor(time.time() if audit_due else audited_at, requests, len(waiting))
-        )
-        if not requests:
-            parts = [f"shards with work are waiting: {', '.join(waiting)}"] if waiting else []
-            parts += [n for n in notes if n]
-            if parts:
-                return dg.SkipReason("; ".join(parts))
-            return dg.SkipReason(
-                f"nothing pending ({live.feed.mode} capture): every shard is current"
+            tick_cursor(
+                time.time() if audit_due else audited_at,
+                requests,
+                len(waiting),
+                health,
+                backing_off,
             )
-        return dg.SensorResult(run_requests=requests)
+        )
+        if requests:
+            return dg.SensorResult(run_requests=requests)
+        return _skip_reason(waiting, notes, live.feed.mode)
 
     return source_changes
+
+
+def _skip_reason(waiting: list[str], notes: list[str], mode: str) -> dg.SkipReason:
+    parts = [f"shards with work are waiting: {', '.join(waiting)}"] if waiting else []
+    parts += [n for n in notes if n]
+    if parts:
+        return dg.SkipReason("; ".join(parts))
+    return dg.SkipReason(f"nothing pending ({mode} capture): every shard is current")

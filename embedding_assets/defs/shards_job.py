@@ -14,6 +14,7 @@ The shards are named by the run's tag `embedding_assets/shards`, the generation 
 `embedding_assets/generation`.
 """
 
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -77,6 +78,7 @@ def build_shards_job(spec: SourceSpec, qdrant_url: str | None) -> dg.JobDefiniti
         generation = run_generation(context.run.tags)
         keys = keys or spec.shard_keys
         sample = shard_checks.sample_per_shard(len(keys))
+        budget = shard_checks.SearchBudget()
         runtimes = {}
 
         def runtime_for(key: str):  # on this thread: it may register a generation in Qdrant
@@ -91,7 +93,7 @@ def build_shards_job(spec: SourceSpec, qdrant_url: str | None) -> dg.JobDefiniti
             keys,
             lambda key: _prepare_shard(context, runtimes[key], key),
             lambda key, prepared: _finish_shard(
-                context, spec, runtimes[key], prepared, sample, events.append
+                context, spec, runtimes[key], prepared, (sample, budget), events.append
             ),
             before_prepare=runtime_for,
         ):
@@ -146,7 +148,7 @@ def _finish_shard(
     spec: SourceSpec,
     runtime,
     prepared: _Prepared,
-    sample: int,
+    sampling: tuple[int, shard_checks.SearchBudget],
     emit: Callable[[ShardEvent], None],
 ) -> None:
     """On the run's thread, in shard order: store, check, index, and `emit` the shard's
@@ -187,12 +189,26 @@ def _finish_shard(
         if check in shard_checks.QDRANT_ONLY and not spec.qdrant.enabled:
             continue
         if check == "self_retrieval":
-            outcome = shard_checks.self_retrieval(runtime, shard, sample, written)
+            outcome = _self_retrieval(runtime, shard, written, *sampling)
         elif check == "pgvector_qdrant_parity":
             outcome = shard_checks.parity(runtime, shard, deep=False)
         else:
             outcome = evaluate(runtime, shard)
         emit(_evaluated(spec, index_asset, check, key, outcome))
+
+
+def _self_retrieval(
+    runtime, shard: int, written: list[str], sample: int, budget: shard_checks.SearchBudget
+) -> CheckOutcome:
+    """The shard's sample, while the run's search budget lasts; after, none (and why)."""
+    if not budget.left:
+        outcome = shard_checks.self_retrieval(runtime, shard, 0, written)
+        skipped = f"the run spent its {budget.seconds:g} s of self-retrieval searches"
+        return CheckOutcome(outcome.passed, {**outcome.metadata, "skipped": skipped})
+    started = time.perf_counter()
+    outcome = shard_checks.self_retrieval(runtime, shard, sample, written)
+    budget.spend(time.perf_counter() - started)
+    return outcome
 
 
 def _materialized(spec: SourceSpec, stage: str, key: str, figures: dict) -> ShardEvent:

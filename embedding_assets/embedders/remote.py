@@ -286,6 +286,25 @@ class RemoteEmbedder(HttpRequests, Bisection):
         with self._stats_lock:
             return {k: float(v) for k, v in vars(self._stats).items()}
 
+    def answers(self, timeout_s: float = 5.0) -> bool:
+        """Whether the service embeds now: one one-word request to each base URL in turn,
+        no retry, a short timeout. The changes sensor's probe while work waits on a
+        failing embedder (its answer is not used, nor counted in `stats`)."""
+        path, body = self.wire.request(
+            self.model, ["ping"], "document", self.dimensions_param, self.encoding_format
+        )
+        for base in self._endpoints.urls:
+            url = f"{base}/{path.lstrip('/')}"
+            try:
+                response = self._client.post(
+                    url, json=body, headers=self._headers(), timeout=timeout_s
+                )
+            except httpx.HTTPError:
+                continue
+            if response.status_code < 400:
+                return True
+        return False
+
     # -- batches ----------------------------------------------------------------------------
 
     def _count(self, texts: list[str]) -> list[int]:

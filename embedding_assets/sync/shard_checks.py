@@ -15,6 +15,7 @@ from embedding_assets.sync.lag import shard_lags
 from embedding_assets.sync.runtime import SourceRuntime
 
 SELF_RETRIEVAL_SAMPLE = 10
+SELF_RETRIEVAL_SECONDS_PER_RUN = 5.0  # a many-shards run's searches for self-retrieval
 SELF_RETRIEVAL_K = 5
 
 
@@ -90,6 +91,23 @@ def no_dead_rows(runtime: SourceRuntime, shard: int) -> CheckOutcome:
     return CheckOutcome(
         dead == 0, {"dead_rows": dead, "rows_waiting_for_retry": failed}, warn_only=True
     )
+
+
+class SearchBudget:
+    """The seconds a run of many shards may spend on sampled searches (self-retrieval): once
+    spent, the remaining shards sample nothing and say so, so checks never make a large
+    run slow. Plain: `spend` is told what each shard's searches took."""
+
+    def __init__(self, seconds: float | None = None):
+        self.seconds = SELF_RETRIEVAL_SECONDS_PER_RUN if seconds is None else seconds
+        self.spent = 0.0
+
+    @property
+    def left(self) -> bool:
+        return self.spent < self.seconds
+
+    def spend(self, seconds: float) -> None:
+        self.spent += seconds
 
 
 def sample_per_shard(shards_in_run: int) -> int:

@@ -310,3 +310,46 @@ def test_the_lag_sensor_shows_waiting_rows_without_any_sync_run(postgres, home, 
         synced = sync_shards(settings, name, instance, shards=[shard])
         checks = synced[shard].get_asset_check_evaluations()
         assert {c.check_name: c.passed for c in checks}["freshness"] is True
+
+
+def test_failed_work_goes_again_as_soon_as_the_embedder_answers_after_an_outage(
+    postgres, home, tmp_path, monkeypatch
+):
+    """Runs failed while the embedder was down: the sensor probes it (one small request)
+    while the work waits out its 60 s backoff, and asks again as soon as it answers."""
+    from embedding_assets.config.settings import load_settings
+    from embedding_assets.sync import outage
+    from embedding_assets_tests.fakes.provider_server import ProviderServer
+    from embedding_assets_tests.integration.helpers import fake_embedder_settings
+
+    monkeypatch.setattr(outage, "PROBE_EVERY_SECONDS", 0.0)
+    name = unique_name()
+    create_docs_table(postgres, name, [{"id": 1, "title": "one", "body": "text"}])
+    with ProviderServer("openai", dim=8) as fake, dg.DagsterInstance.ephemeral() as instance:
+        path = fake_embedder_settings(tmp_path, name, fake.base_url, {}, {"shards": "1"})
+        defs = build_definitions(load_settings(path))
+        sensor = defs.resolve_sensor_def(f"{name}_changes")
+
+        def tick(cursor):
+            with dg.build_sensor_context(
+                instance=instance, resources=defs.resources, definitions=defs, cursor=cursor
+            ) as context:
+                result = sensor.evaluate_tick(context)
+                return result, context.cursor
+
+        first, cursor = tick(None)
+        job = defs.resolve_job_def(f"{name}_sync_shards")
+        instance.create_run_for_job(
+            job_def=job, status=dg.DagsterRunStatus.FAILURE, tags=first.run_requests[0].tags
+        )
+        fake.unknown_model = True  # the embedder refuses every request: down
+        held, cursor = tick(cursor)
+        assert not held.run_requests and "retry in" in held.skip_message
+        held, cursor = tick(cursor)  # probed: down
+        assert not held.run_requests
+        requests_while_down = len(fake.requests)
+        fake.unknown_model = False  # back
+        result, cursor = tick(cursor)
+        (retried,) = result.run_requests
+        assert retried.run_key != first.run_requests[0].run_key
+        assert len(fake.requests) == requests_while_down + 1  # one probe, then the run

@@ -205,3 +205,26 @@ def test_a_shard_that_fails_while_the_next_is_prepared_leaves_the_others_written
     again = sync_source(settings, name, None, instance, every_shard=False)
     assert [r.shard for r in again] == ["01"] and again[0].success  # the claim was released
     assert len({row[0] for row in stored(postgres, f"{name}_embeddings")}) == ROWS
+
+
+def test_self_retrieval_searches_stop_when_the_runs_budget_is_spent(
+    postgres, home, tmp_path, instance, fake, monkeypatch
+):
+    """With no seconds to spend, every shard's self-retrieval samples nothing and says why;
+    the other checks still run."""
+    from embedding_assets.sync import shard_checks
+
+    monkeypatch.setattr(shard_checks, "SELF_RETRIEVAL_SECONDS_PER_RUN", 0.0)
+    name, settings = source(postgres, tmp_path, fake)
+    assert all(r.success for r in sync_source(settings, name, None, instance, every_shard=False))
+    records = instance.get_event_records(
+        dg.EventRecordsFilter(event_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION)
+    )
+    evaluations = [r.event_log_entry.dagster_event.event_specific_data for r in records]
+    mine = [e for e in evaluations if e.asset_key.path[0] == name]
+    retrieval = [e for e in mine if e.check_name == "self_retrieval"]
+    assert len(retrieval) == 4
+    for evaluation in retrieval:
+        assert evaluation.passed and evaluation.metadata["sampled"].value == 0
+        assert "spent its 0 s" in evaluation.metadata["skipped"].value
+    assert len([e for e in mine if e.check_name == "vectors_valid" and e.passed]) == 4

@@ -73,3 +73,24 @@ def test_a_run_whose_process_died_is_retried_at_once_under_a_new_key() -> None:
     decision = decide(runs=[lost])
     assert decision.request is not None
     assert decision.request.run_key != decide().request.run_key
+
+
+def test_failed_work_goes_again_at_once_when_the_embedder_answers_after_an_outage() -> None:
+    from embedding_assets.sync.outage import EmbedderHealth
+
+    failed = [run(dg.DagsterRunStatus.FAILURE, ended=NOW - 10)]
+    waiting = decide(runs=failed)
+    assert waiting.request is None and waiting.backing_off
+    health = EmbedderHealth()
+    health.probe(NOW - 5, lambda: False)  # down after the failure
+    assert shard_decision(
+        "docs", GENERATION, "3", WORK, set(), None, failed, NOW, health
+    ).backing_off
+    health.probe(NOW, lambda: True)  # and answering again
+    retried = shard_decision("docs", GENERATION, "3", WORK, set(), None, failed, NOW, health)
+    assert retried.request is not None and retried.request.run_key.endswith(":1")
+    # A failure after the embedder came back keeps its backoff.
+    later = [run(dg.DagsterRunStatus.FAILURE, ended=NOW + 1)]
+    assert shard_decision(
+        "docs", GENERATION, "3", WORK, set(), None, later, NOW + 2, health
+    ).backing_off
