@@ -51,14 +51,17 @@ def shard_lags(
     ages = runtime.feed.queue.oldest_by_shard() if runtime.feed.mode != "diff" else {}
     lags = []
     for shard in range(runtime.spec.shards):
-        age = ages.get(shard)
-        if age is None and behind_since and shard in behind_since:
+        pending, lagging = work[shard].pending_rows, work[shard].qdrant_lag_rows
+        # Figures of one moment: a queue age only beside queued rows (the two are separate
+        # reads), and how long the shard has been behind only while it still is.
+        age = ages.get(shard) if pending else None
+        if age is None and (pending or lagging) and behind_since and shard in behind_since:
             age = max(0.0, now - behind_since[shard])
         lags.append(
             ShardLag(
                 shard=shard,
-                pending_rows=work[shard].pending_rows,
-                qdrant_lag_rows=work[shard].qdrant_lag_rows,
+                pending_rows=pending,
+                qdrant_lag_rows=lagging,
                 failed_rows=sum(errors.get(shard, (0, 0))),
                 oldest_pending_seconds=age,
                 freshness_seconds=runtime.spec.freshness_seconds,
