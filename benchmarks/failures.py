@@ -142,7 +142,8 @@ def part_a(tmp: Path, engine, rows: int) -> None:
         from embedding_assets.config.settings import load_settings
 
         spec = load_settings(path).source(name)
-        table = ".".join(spec.pg_table)
+        # The live generation's chunk table (spec.pg_table names the readers' view).
+        table = status(path)["generations"][0]["pgvector_table"]
         from embedding_assets.ops.environment import qdrant_path
 
         def lose_and_sync(label: str, remove_store: bool) -> str:
@@ -294,8 +295,9 @@ def part_b(home: Path, engine) -> None:
         # here: `status` would itself mark the loss).
         from embedding_assets.ops.environment import qdrant_path
 
+        live_table = status()["generations"][0]["pgvector_table"]  # not the readers' view
         with engine.begin() as conn:
-            conn.execute(sa.text(f"TRUNCATE {'.'.join(spec.pg_table)}"))
+            conn.execute(sa.text(f"TRUNCATE {live_table}"))
         shutil.rmtree(qdrant_path() / spec.qdrant_collection, ignore_errors=True)
         lost_at = time.monotonic()
 
