@@ -169,8 +169,8 @@ def tick_cursor(
     audited_at: float,
     requests: list,
     waiting: int,
-    health: EmbedderHealth | None = None,
-    backing_off: int = 0,
+    health: EmbedderHealth,
+    backing_off: int,
 ) -> str:
     """The sensor's cursor: when it last audited, what this tick asked for, and how the
     embedder answered its probes while work waited out a backoff."""
@@ -180,7 +180,7 @@ def tick_cursor(
             "asked": len(requests),
             "waiting": waiting,
             "backing_off": backing_off,
-            "embedder": (health or EmbedderHealth()).to_cursor(),
+            "embedder": health.to_cursor(),
             "pending_rows": sum(int(r.tags["embedding_assets/pending_rows"]) for r in requests),
             "at": time.time(),
         }

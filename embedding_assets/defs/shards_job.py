@@ -79,12 +79,15 @@ def build_shards_job(spec: SourceSpec, qdrant_url: str | None) -> dg.JobDefiniti
         keys = keys or spec.shard_keys
         sample = shard_checks.sample_per_shard(len(keys))
         budget = shard_checks.SearchBudget()
+        # Privileges and edits of sources.yaml, once, before any shard is read: a missing
+        # grant fails the whole run before any embedding.
+        shard_steps.check_before_reading(
+            context.resources.runtime.source(name, embedder, generation), context.log
+        )
         runtimes = {}
 
         def runtime_for(key: str):  # on this thread: it may register a generation in Qdrant
             runtimes[key] = context.resources.runtime.source(name, embedder, generation)
-            if key == keys[0]:  # edits of sources.yaml, once, before any shard is read
-                shard_steps.check_before_reading(runtimes[key], context.log)
             return key
 
         failed: dict[str, str] = {}
