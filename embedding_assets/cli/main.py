@@ -13,6 +13,7 @@ from embedding_assets.cli.dev import dev
 from embedding_assets.cli.doctor import doctor
 from embedding_assets.cli.errors import errors
 from embedding_assets.cli.generations import generations
+from embedding_assets.cli.live import live
 from embedding_assets.cli.plan import plan
 from embedding_assets.cli.prune import prune
 from embedding_assets.cli.reconcile import reconcile
@@ -125,6 +126,7 @@ for command in (
     doctor,
     errors,
     generations,
+    live,
     plan,
     prune,
     reconcile,

@@ -86,6 +86,7 @@ SOURCE_KEYS: dict[str, Effect] = {
     "sensor_status": OPERATIONAL,
     "change_capture": OPERATIONAL,  # a new feed seeds itself from one full diff
     "watermark_column": OPERATIONAL,
+    "live": OPERATIONAL,
     "watermark_overlap_seconds": OPERATIONAL,
     "reconcile.cron": OPERATIONAL,
     "reconcile.timezone": OPERATIONAL,

@@ -92,6 +92,9 @@ class SourceSpec(Spec):
     # auto: triggers for `table:` sources when this role may create them, else diff.
     change_capture: CaptureMode = "auto"
     watermark_column: str | None = None
+    # The live lane (`embedding-assets live`) writes changes within about a second. Unset:
+    # on where capture triggers notify it; false: the sensor's runs only.
+    live: bool | None = None
     # Rows committed late with an older watermark value are still found within this window.
     watermark_overlap_seconds: int = Field(default=60, ge=0)
     reconcile: ReconcileSpec = ReconcileSpec()
@@ -145,6 +148,12 @@ class SourceSpec(Spec):
                 f"source {self.name!r}: pgvector: false leaves only the write-back column, so "
                 "it needs `qdrant: false` (Qdrant is restored from the chunk table) and a "
                 "`write_back: {column: ...}`"
+            )
+        if self.live and (self.table is None or self.change_capture in ("watermark", "diff")):
+            raise ValueError(
+                f"source {self.name!r}: live: true needs capture triggers to notify the live "
+                "lane: a `table:` source with change_capture: trigger (or auto). Watermark and "
+                "diff sources stay on the sensor: remove `live:`"
             )
         if (self.change_capture == "watermark") != (self.watermark_column is not None):
             raise ValueError(

@@ -159,6 +159,7 @@ def _finish_shard(
     those before a failure are kept."""
     key, log, embedded = prepared.key, context.log, prepared.embedded
     shard = shard_index(key)
+    _yield_qdrant(runtime, log)  # the lane may have waited while this shard was embedded
     emit(_materialized(spec, "pending_rows", key, prepared.read_figures))
     emit(_materialized(spec, "chunks", key, prepared.chunk_figures))
     figures = prepared.embed_figures
@@ -198,6 +199,15 @@ def _finish_shard(
         else:
             outcome = evaluate(runtime, shard)
         emit(_evaluated(spec, index_asset, check, key, outcome))
+    _yield_qdrant(runtime, log)
+
+
+def _yield_qdrant(runtime, log) -> None:
+    """Between shards, hand the embedded Qdrant collection to whoever waits for it (the
+    live lane, `search`): it reopens on this run's next use (DESIGN: one owner at a time)."""
+    released = runtime.qdrant.store.yield_to_waiters()
+    if released:
+        log.debug(f"let another process have embedded Qdrant collections {released}")
 
 
 def _self_retrieval(

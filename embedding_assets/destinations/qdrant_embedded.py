@@ -244,12 +244,26 @@ class EmbeddedQdrantStore:
         if getattr(self._local, "keeping", None) is not None:
             yield  # already keeping: the outer block closes
             return
-        self._local.keeping = contextlib.ExitStack()
+        kept: dict[str, contextlib.ExitStack] = {}
+        self._local.keeping = kept
         try:
-            with self._local.keeping:
-                yield
+            yield
         finally:
             self._local.keeping = None
+            with contextlib.ExitStack() as closing:  # every one closes, even if one fails
+                for stack in reversed(list(kept.values())):
+                    closing.push(stack.__exit__)
+                kept.clear()
+
+    def yield_to_waiters(self) -> list[str]:
+        kept = getattr(self._local, "keeping", None) or {}
+        released = []
+        for name in list(kept):
+            if name not in self._handles() or not self._waited_for(name):
+                continue
+            kept.pop(name).close()  # flush, close, unlock: the waiter takes it now
+            released.append(name)
+        return released
 
     @contextlib.contextmanager
     def brief(self) -> Iterator[None]:
@@ -268,7 +282,9 @@ class EmbeddedQdrantStore:
             return
         keeping = getattr(self._local, "keeping", None)
         if keeping is not None:
-            handle = keeping.enter_context(self._held(name))
+            stack = contextlib.ExitStack()
+            handle = stack.enter_context(self._held(name))
+            keeping[name] = stack
             yield handle
             return
         with self._held(name) as handle:
@@ -301,6 +317,7 @@ class EmbeddedQdrantStore:
             # Points hold chunk text that grants or row-level security hide in Postgres.
             self.root.chmod(0o700)
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        waiting: int | None = None  # our shared lock on the waiters' file, while we wait
         try:
             deadline = time.monotonic() + self.lock_timeout_s
             delay = 0.005
@@ -309,6 +326,9 @@ class EmbeddedQdrantStore:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     break
                 except BlockingIOError:
+                    if waiting is None:  # tell a holder that keeps it open (yield_to_waiters)
+                        waiting = os.open(_waiters_file(lock_path), os.O_RDWR | os.O_CREAT, 0o600)
+                        fcntl.flock(waiting, fcntl.LOCK_SH)
                     # Poll rather than block so a stuck holder gives a clear error, not a hang.
                     if time.monotonic() >= deadline:
                         raise TimeoutError(
@@ -318,9 +338,30 @@ class EmbeddedQdrantStore:
                         ) from None
                     time.sleep(delay)
                     delay = min(delay * 2, 0.1)
+            if waiting is not None:
+                os.close(waiting)
+                waiting = None
             yield
         finally:
+            if waiting is not None:
+                os.close(waiting)
             os.close(fd)  # closing the descriptor releases the flock
+
+    def _waited_for(self, name: str) -> bool:
+        """Whether another thread or process waits for the collection's lock (holds a
+        shared lock on its waiters' file)."""
+        path = self._path(name)
+        waiters = _waiters_file(path.with_name(f".{path.name}.lock"))
+        if not waiters.exists():
+            return False
+        fd = os.open(waiters, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
 
     def _handles(self) -> dict[str, _Handle]:
         handles: dict[str, _Handle] | None = getattr(self._local, "handles", None)
@@ -379,3 +420,7 @@ class EmbeddedQdrantStore:
             raise mismatch_error(
                 name, f"{size}-dimensional {distance} vectors", dimension, f"remove {path}"
             )
+
+
+def _waiters_file(lock_path: Path) -> Path:
+    return lock_path.with_name(lock_path.name + ".waiting")

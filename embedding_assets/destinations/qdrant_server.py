@@ -256,6 +256,9 @@ class ServerQdrantStore:
         # The server serialises writers itself; nothing to hold.
         yield
 
+    def yield_to_waiters(self) -> list[str]:
+        return []  # a server serves every client at once
+
     def close(self) -> None:
         self._client.close()
 

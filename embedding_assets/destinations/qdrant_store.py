@@ -132,6 +132,12 @@ class QdrantStore(Protocol):
         """Group operations on one collection (embedded: one lock and open; server: no-op)."""
         ...
 
+    def yield_to_waiters(self) -> list[str]:
+        """Close the collections this thread keeps open that another process waits for
+        (embedded store: the live lane, `search`), so it gets them now instead of when the
+        run ends; they reopen on next use. Returns their names ([]: none, or a server)."""
+        ...
+
     def close(self) -> None: ...
 
 

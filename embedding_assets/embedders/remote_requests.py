@@ -25,6 +25,19 @@ from embedding_assets.embedders.remote_errors import (
 )
 from embedding_assets.embedders.wire import InputType
 
+# Requests of the live lane's process carry this header; our worker serves them before bulk
+# requests (other services ignore it). Set once per process by `mark_live_requests`.
+PRIORITY_HEADER = "X-Embedding-Priority"
+LIVE_PRIORITY = "live"
+_priority: str | None = None
+
+
+def mark_live_requests() -> None:
+    """Every request this process sends from now on is the live lane's."""
+    global _priority
+    _priority = LIVE_PRIORITY
+
+
 logger = logging.getLogger(__name__)
 
 
@@ -186,7 +199,10 @@ class HttpRequests:
                     f"{self.model_id}: the environment variable {self.api_key_env} is not set; "
                     f"it must hold the API key for {self.wire.provider}."
                 )
-        return {"Authorization": f"Bearer {key}"} if key else {}
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        if _priority is not None:
+            headers[PRIORITY_HEADER] = _priority
+        return headers
 
     def _redact(self, text: str) -> str:
         key = self._api_key or (os.environ.get(self.api_key_env) if self.api_key_env else None)

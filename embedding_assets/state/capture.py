@@ -39,7 +39,8 @@ def resolve_mode(engine: sa.Engine, spec: SourceSpec, watched_extra: tuple[str, 
         if may_create_triggers(conn, table):
             return "trigger"
         triggers = CaptureTriggers(spec, table_columns(conn, spec), watched_extra)
-        if installed_signature(conn, triggers) == triggers.body_signature:
+        installed = installed_signature(conn, triggers)
+        if installed in (triggers.body_signature, triggers.previous_body_signature):
             return "trigger"  # a DBA installed them for this role
     log.warning(
         "source %s: this role may not create triggers on %s; capturing changes by full diff "

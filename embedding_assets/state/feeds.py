@@ -138,8 +138,10 @@ class QueueFeed(BaseFeed):
                 hold_writers(conn, quote_table(split_qualified(self.spec.table or "")))
             return self.diff.enqueue_pending(conn)
 
-    def _queued_pending(self, shard: int, limit: int) -> tuple[list[tuple[int, str]], list[str]]:
-        entries = self.queue.read(shard, limit)
+    def _queued_pending(
+        self, shard: int, limit: int, newest_first: bool = False
+    ) -> tuple[list[tuple[int, str]], list[str]]:
+        entries = self.queue.read(shard, limit, newest_first)
         return entries, list(dict.fromkeys(r for _, r in entries))
 
     def acknowledge(self, conn: sa.Connection, pending: PendingRows) -> None:

@@ -38,6 +38,21 @@ KEPT_VECTORS_DDL = f"""
 ALTER TABLE {STATE_SCHEMA}.vector_cache ADD COLUMN IF NOT EXISTS kept_until timestamptz;
 """
 
+LIVE_LANES_DDL = f"""
+-- One row per running live lane (`embedding-assets live`): its heartbeat tells the sensor
+-- whether to leave fresh changes to it, and `status` and the source asset show its health.
+CREATE TABLE IF NOT EXISTS {STATE_SCHEMA}.live_lanes (
+    lane text PRIMARY KEY,               -- host:pid
+    sources text[] NOT NULL,             -- the sources it serves
+    started_at timestamptz NOT NULL DEFAULT now(),
+    heartbeat_at timestamptz NOT NULL DEFAULT now(),
+    last_write_at timestamptz,
+    rows_written bigint NOT NULL DEFAULT 0,
+    backlog int NOT NULL DEFAULT 0,      -- rows it was notified of and has not written yet
+    last_error text
+);
+"""
+
 VERSION_DDL = f"""
 CREATE TABLE IF NOT EXISTS {STATE_SCHEMA}.schema_version (
     version int PRIMARY KEY,
@@ -64,6 +79,7 @@ MIGRATIONS = (
     Migration(3, "staged stage outputs", STAGING_DDL),
     Migration(4, "applied configuration per generation", APPLIED_CONFIG_DDL),
     Migration(5, "vectors kept for rows that left the eligible set", KEPT_VECTORS_DDL),
+    Migration(6, "live lanes' heartbeats", LIVE_LANES_DDL),
 )
 LATEST = MIGRATIONS[-1].version
 

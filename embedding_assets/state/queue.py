@@ -51,13 +51,15 @@ class ChangeQueue:
             ).fetchall()
         return {r.shard: float(r.age) for r in rows}
 
-    def read(self, shard: int, limit: int) -> list[tuple[int, str]]:
-        """The shard's oldest entries (entry id, row id): at most `limit` distinct rows."""
+    def read(self, shard: int, limit: int, newest_first: bool = False) -> list[tuple[int, str]]:
+        """The shard's oldest entries (entry id, row id), or its newest (the live lane: a
+        fresh change goes before a backlog), `limit` at most."""
+        order = "id DESC" if newest_first else "id"
         with self.engine.connect() as conn:
             rows = conn.execute(
                 sa.text(
                     f"""SELECT id, row_id FROM {STATE_SCHEMA}.change_queue
-                    WHERE target = :t AND shard = :s ORDER BY id LIMIT :n"""
+                    WHERE target = :t AND shard = :s ORDER BY {order} LIMIT :n"""
                 ),
                 {"t": self.target, "s": shard, "n": limit},
             ).fetchall()

@@ -13,11 +13,13 @@
 - The shard is computed at capture time with the same md5 expression as everywhere else.
 - The function is SECURITY DEFINER: the application's role writes the source table and needs
   no privilege on our schema.
+- A statement that queued rows notifies `LIVE_CHANNEL` with the source's name (delivered at
+  commit, once per transaction): the live lane waits on it instead of polling.
 """
 
 import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import sqlalchemy as sa
 
@@ -34,6 +36,7 @@ from embedding_assets.state.source_sql import (
 )
 
 OPERATIONS = ("insert", "update", "delete", "truncate")
+LIVE_CHANNEL = "embedding_assets_changes"  # NOTIFY channel; the payload is the source's name
 SIGNATURE_PREFIX = "embedding_assets capture "
 _IDENTIFIER = re.compile(r'"((?:[^"]|"")+)"|([A-Za-z_][A-Za-z0-9_$]*)')
 
@@ -79,6 +82,9 @@ class CaptureTriggers:
     table_columns: tuple[str, ...]
     # Template columns of the source's other generations (their text may use others).
     extra_columns: tuple[str, ...] = ()
+    # False: the function as versions before the live lane wrote it (no NOTIFY), to know
+    # an install of theirs (`previous_body_signature`).
+    notify: bool = True
 
     @property
     def table(self) -> str:
@@ -115,7 +121,16 @@ class CaptureTriggers:
         return (
             f"INSERT INTO {STATE_SCHEMA}.change_queue (target, shard, row_id) "
             f"SELECT g.target, {shard_sql('c.k', self.spec.shards)}, c.k "
-            f"FROM ({ids_select}) AS c CROSS JOIN ({self._fed_targets}) AS g;"
+            f"FROM ({ids_select}) AS c CROSS JOIN ({self._fed_targets}) AS g;" + self._notify()
+        )
+
+    def _notify(self) -> str:
+        if not self.notify:
+            return ""
+        return (
+            "\n        GET DIAGNOSTICS queued = ROW_COUNT;"
+            "\n        IF queued > 0 THEN PERFORM pg_notify("
+            f"{quote_literal(LIVE_CHANNEL)}, {quote_literal(self.spec.name)}); END IF;"
         )
 
     def function_sql(self) -> str:
@@ -141,11 +156,12 @@ class CaptureTriggers:
         truncated = (
             f"INSERT INTO {STATE_SCHEMA}.change_queue (target, shard, row_id) "
             f"SELECT target, shard, row_id FROM {STATE_SCHEMA}.row_state "
-            f"WHERE target IN ({self._fed_targets}) AND NOT deleted;"
+            f"WHERE target IN ({self._fed_targets}) AND NOT deleted;" + self._notify()
         )
+        declare = "DECLARE\n    queued bigint;\n" if self.notify else ""
         return f"""CREATE OR REPLACE FUNCTION {self.function}() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $capture$
-BEGIN
+{declare}BEGIN
     IF TG_OP = 'INSERT' THEN
         {self._enqueue(inserted)}
     ELSIF TG_OP = 'UPDATE' THEN
@@ -192,6 +208,12 @@ $capture$;"""
     @property
     def body_signature(self) -> str:
         return hashlib.md5(self.function_sql().encode()).hexdigest()
+
+    @property
+    def previous_body_signature(self) -> str:
+        """The signature the same triggers had before they notified the live lane: an
+        install of that version captures every change, it only leaves the lane unwoken."""
+        return replace(self, notify=False).body_signature
 
     @property
     def signature(self) -> str:

@@ -196,6 +196,19 @@ class SourceRuntime:
         conn.commit()
         self._claims[shard] = conn
 
+    def try_claim_shard(self, shard: int) -> bool:
+        """The claim if nobody holds it, at once; False (nothing held) if a run does."""
+        if shard in self._claims:
+            return True
+        conn = self.engine.connect()
+        key = {"k": f"{self.target}#claim", "s": shard}
+        if not conn.scalar(sa.text("SELECT pg_try_advisory_lock(hashtext(:k), :s)"), key):
+            conn.close()
+            return False
+        conn.commit()
+        self._claims[shard] = conn
+        return True
+
     def release_shard(self, shard: int) -> None:
         conn = self._claims.pop(shard, None)
         if conn is not None:

@@ -62,11 +62,17 @@ def check_before_reading(runtime: SourceRuntime, log: Log) -> None:
 
 
 def read_pending(
-    runtime: SourceRuntime, shard: int, log: Log, shard_key: str, check_config: bool = True
+    runtime: SourceRuntime,
+    shard: int,
+    log: Log,
+    shard_key: str,
+    check_config: bool = True,
+    live_rows: int | None = None,
 ) -> tuple[PendingRows, Metadata]:
     """The shard's rows that need work now (at most `max_rows_per_run`), after the shard's
     claim and (unless the caller made them once for many shards: `check_config=False`) the
-    checks before reading."""
+    checks before reading. The live lane passes `live_rows`: its newest changes, that many
+    at most (the rest is the runs' bulk work)."""
     started = time.perf_counter()
     if check_config:
         check_before_reading(runtime, log)
@@ -78,7 +84,11 @@ def read_pending(
         ),
     )
     spec = runtime.spec
-    pending = replace(runtime.feed.pending(shard, spec.max_rows_per_run), generation=runtime.number)
+    if live_rows is None:
+        found = runtime.feed.pending(shard, spec.max_rows_per_run)
+    else:
+        found = runtime.feed.pending(shard, live_rows, newest_first=True)
+    pending = replace(found, generation=runtime.number)
     return pending, {
         "rows": len(pending.rows),
         "rows_to_delete": len(pending.deleted),

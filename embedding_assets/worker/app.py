@@ -18,6 +18,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from embedding_assets.embedders.base import Embedder
+from embedding_assets.embedders.remote_requests import LIVE_PRIORITY, PRIORITY_HEADER
 from embedding_assets.embedders.sentence_transformers import (
     DEFAULT_MODEL,
 )
@@ -173,7 +174,8 @@ def create_app(
                         code="context_length_exceeded",
                     )
             try:
-                vectors = await batcher.embed(texts)
+                urgent = request.headers.get(PRIORITY_HEADER, "").lower() == LIVE_PRIORITY
+                vectors = await batcher.embed(texts, urgent=urgent)
             except Exception as exc:
                 raise ApiError(500, f"embedding failed: {exc}", type_="server_error") from None
         except ApiError as err:
@@ -198,6 +200,7 @@ def create_app(
                 "dimension": dimension,
                 "max_input_tokens": max_tokens,
                 "requests": batcher.requests,
+                "urgent_requests": batcher.urgent_requests,
                 "batches": batcher.batches,
                 "inputs": batcher.inputs,
             }
