@@ -18,6 +18,7 @@ from embedding_assets.ops.run_health import WORKER_LOST_TAG, fail_dead_runs
 from embedding_assets.state.diff import ShardWork
 from embedding_assets.state.privileges import PrivilegeError
 from embedding_assets.sync.config_edits import apply_config
+from embedding_assets.sync.live_pass import shards_left_to_lane
 from embedding_assets.sync.outage import EmbedderHealth
 from embedding_assets.sync.promotion import converge_readers, finish_build
 
@@ -304,16 +305,7 @@ def build_sensor(spec: SourceSpec, job, shards_job) -> dg.SensorDefinition:
         if lacking := _lacking_privileges(runtimes[0]):
             return dg.SkipReason(lacking)
         live = next((r for r in runtimes if r.generation.state == "live"), runtimes[0])
-        moved = converge_readers(
-            live.engine,
-            spec.name,
-            live.stable_table,
-            live.stable_collection,
-            live.qdrant.store,
-            live.generation,
-        )
-        if moved:
-            context.log.warning(f"readers of {spec.name} moved to the live generation: {moved}")
+        _keep_readers_on_live(context.log, live)
         runs = recent_runs(context.instance, job.name) + recent_runs(
             context.instance, shards_job.name
         )
@@ -338,7 +330,11 @@ def build_sensor(spec: SourceSpec, job, shards_job) -> dg.SensorDefinition:
                 notes.append(_finished_build_note(spec.name, runtime.generation))
             budget_embedder = runtime.budget.embedder if runtime.budget.left() == 0 else None
             shard_requests = []
+            lane = shards_left_to_lane(runtime)  # fresh changes, while a live lane is up
             for shard, shard_work in sorted(work.items()):
+                if shard in lane:
+                    waiting.append(f"g{generation.number}/{keys[shard]} (left to the live lane)")
+                    continue
                 if not shard_work.has_work:
                     continue
                 decision = shard_decision(
@@ -371,6 +367,19 @@ def build_sensor(spec: SourceSpec, job, shards_job) -> dg.SensorDefinition:
         return _skip_reason(waiting, notes, live.feed.mode)
 
     return source_changes
+
+
+def _keep_readers_on_live(log, live) -> None:
+    moved = converge_readers(
+        live.engine,
+        live.spec.name,
+        live.stable_table,
+        live.stable_collection,
+        live.qdrant.store,
+        live.generation,
+    )
+    if moved:
+        log.warning(f"readers of {live.spec.name} moved to the live generation: {moved}")
 
 
 def _skip_reason(waiting: list[str], notes: list[str], mode: str) -> dg.SkipReason:

@@ -12,11 +12,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from embedding_assets.state.lanes import lane_health
 from embedding_assets.sync import shard_checks, shard_steps
 from embedding_assets.sync.runtime import SourceRuntime
 from embedding_assets.sync.shard_checks import CheckOutcome
 
 LIVE_ROWS_PER_SHARD = 512
+# While a lane is up, the sensor leaves it a shard's queued changes this long; older ones (a
+# lane that is up but cannot write them) are the sensor's runs' again.
+LANE_GRACE_SECONDS = 10.0
 
 
 @dataclass
@@ -44,6 +48,21 @@ class PassOutcome:
     @property
     def again(self) -> set[int]:
         return {*self.busy, *self.lagging}
+
+
+def shards_left_to_lane(runtime: SourceRuntime) -> set[int]:
+    """The shards whose queued changes the sensor leaves to a live lane that is up: of the
+    live generation of a source the lane may serve, with every queued change fresh."""
+    spec = runtime.spec
+    generation = runtime.generation
+    if spec.live is False or runtime.feed.mode != "trigger":
+        return set()
+    if generation is not None and generation.state != "live":
+        return set()
+    if not lane_health(runtime.engine, spec.name).up:
+        return set()
+    ages = runtime.feed.queue.oldest_by_shard()
+    return {shard for shard, age in ages.items() if age < LANE_GRACE_SECONDS}
 
 
 def live_pass(

@@ -353,3 +353,48 @@ def test_failed_work_goes_again_as_soon_as_the_embedder_answers_after_an_outage(
         (retried,) = result.run_requests
         assert retried.run_key != first.run_requests[0].run_key
         assert len(fake.requests) == requests_while_down + 1  # one probe, then the run
+
+
+def test_sensor_leaves_fresh_changes_to_a_live_lane_that_is_up_and_takes_them_when_it_is_not(
+    postgres, home, tmp_path
+):
+    from embedding_assets.state.lanes import STALE_SECONDS, LaneRegistry
+    from embedding_assets.sync.live_pass import LANE_GRACE_SECONDS
+
+    name = unique_name()
+    create_docs_table(postgres, name, [{"id": 1, "title": "one", "body": "text"}])
+    settings = write_settings(tmp_path, name, name, shards="2")
+    defs = build_definitions(settings)
+    engine = engine_for(postgres)
+    with dg.DagsterInstance.ephemeral() as instance:
+        sync_shards(settings, name, instance)
+        lane = LaneRegistry(engine, f"test:{name}", [name])
+        lane.register()
+        with engine.begin() as conn:
+            conn.execute(sa.text(f"UPDATE {name} SET body = 'changed' WHERE id = 1"))
+        up = evaluate(defs, name, instance)
+        assert not up.run_requests and "left to the live lane" in up.skip_message
+        # The lane is killed: its heartbeat goes stale, the sensor's runs take the change.
+        with engine.begin() as conn:
+            conn.execute(
+                sa.text(
+                    "UPDATE embedding_assets.live_lanes SET heartbeat_at = now() "
+                    "- make_interval(secs => :s) WHERE lane = :l"
+                ),
+                {"s": STALE_SECONDS + 1, "l": f"test:{name}"},
+            )
+        (down,) = evaluate(defs, name, instance).run_requests
+        assert shards_of(down) == [settings.source(name).shard_keys[shard_of("1", 2)]]
+        # Up again, but the change has waited past the grace: a lane that cannot write it
+        # (a bad row, its embedder) does not strand it.
+        lane.beat(0)
+        with engine.begin() as conn:
+            conn.execute(
+                sa.text(
+                    "UPDATE embedding_assets.change_queue SET queued_at = now() "
+                    "- make_interval(secs => :s) WHERE target LIKE :t"
+                ),
+                {"s": LANE_GRACE_SECONDS + 1, "t": f"%{name}%"},
+            )
+        assert evaluate(defs, name, instance).run_requests
+        lane.leave()
