@@ -89,6 +89,8 @@ def status_report(settings: Settings, source: str, exact: bool = False) -> dict:
         # bypasses it ([] when off).
         "row_level_security": security,
         "exact": is_exact,
+        # The live lane serving this source, one moment of it: up / down / none.
+        "live_lane": _lane(runtime),
         "eligible_rows_counted": counted[0],
         "counted_at": counted[1],
         "shards": shards,
@@ -144,6 +146,7 @@ def status(ctx: click.Context, source: str | None, exact: bool, as_json: bool) -
             click.echo(f"  WARNING: {warning}")
         for generation in report["generations"]:
             click.echo(f"  {generation_line(generation)}")
+        click.echo(f"  {lane_line(report['live_lane'])}")
         budget = report["token_budget"]
         if budget["spent"]:
             click.echo(
@@ -160,6 +163,35 @@ def status(ctx: click.Context, source: str | None, exact: bool, as_json: bool) -
                 f"count: {counted if counted is not None else '-'} eligible rows ({when}). "
                 "`status --exact` scans the source and counts both sinks."
             )
+
+
+def _lane(runtime) -> dict:
+    from dataclasses import asdict
+
+    from embedding_assets.state.lanes import lane_health
+
+    if runtime.spec.live is False or runtime.feed.mode != "trigger":
+        return {"state": "off"}
+    return asdict(lane_health(runtime.engine, runtime.spec.name))
+
+
+def lane_line(lane: dict) -> str:
+    """The live lane in one line of `status`."""
+    if lane["state"] == "off":
+        return "live lane: off for this source (the sensor's runs write its changes)"
+    if lane["state"] == "none":
+        return "live lane: not started (`embedding-assets live`); the sensor's runs write"
+    if lane["state"] == "down":
+        return (
+            f"live lane: DOWN (last heartbeat {lane['heartbeat_age_seconds']} s ago); the "
+            "sensor's runs write until it is back"
+        )
+    wrote = lane["last_write_age_seconds"]
+    return (
+        f"live lane: up ({lane['lane']}), {lane['rows_written']} rows written, last "
+        f"{'never' if wrote is None else f'{wrote} s ago'}, {lane['backlog']} held"
+        + (f"; last error: {lane['last_error']}" if lane["last_error"] else "")
+    )
 
 
 def _new_pipeline(settings: Settings, source: str, runtimes: list) -> bool:

@@ -10,6 +10,7 @@ from embedding_assets.config.sources import SourceSpec
 from embedding_assets.defs.embedder_resources import embedder_resource_key
 from embedding_assets.defs.resources import SHARDS_TAG
 from embedding_assets.defs.sensors import read_cursor
+from embedding_assets.state.lanes import lane_health
 from embedding_assets.sync.lag import shard_lags
 
 LAG_INTERVAL_SECONDS = 30  # at most; never more than half the freshness budget, nor under 5 s
@@ -25,6 +26,32 @@ LAG_REPORT_EVERY_SECONDS = 300
 
 
 BEHIND_SINCE_TAG = "embedding_assets/behind_since"  # {shard: epoch seconds}, JSON
+
+
+def live_lane(runtime) -> list:
+    """[state, rows written, figures] of the lane serving the source ("off" where none may)."""
+    if runtime.spec.live is False or runtime.feed.mode != "trigger":
+        return ["off", 0, {"live_lane_state": "off"}]
+    health = lane_health(runtime.engine, runtime.spec.name)
+    return [health.state, health.rows_written, health.figures()]
+
+
+def source_observation(runtime, lags, behind: int, late: int, lane: dict) -> dg.AssetObservation:
+    """The source's totals and its live lane, all of one moment."""
+    waits = [lag.oldest_pending_seconds for lag in lags if lag.oldest_pending_seconds]
+    return dg.AssetObservation(
+        asset_key=dg.AssetKey([runtime.spec.name, "source"]),
+        metadata={
+            "pending_rows": sum(lag.pending_rows for lag in lags),
+            "qdrant_lag_rows": sum(lag.qdrant_lag_rows for lag in lags),
+            "failed_rows": sum(lag.failed_rows for lag in lags),
+            "shards_behind": behind,
+            "shards_late": late,
+            "oldest_pending_seconds": round(max(waits), 1) if waits else 0.0,
+            "generation": dg.MetadataValue.text(str(runtime.number or "")),
+            **lane,
+        },
+    )
 
 
 def build_lag_sensor(spec: SourceSpec, freshness_job) -> dg.SensorDefinition:
@@ -79,22 +106,10 @@ def build_lag_sensor(spec: SourceSpec, freshness_job) -> dg.SensorDefinition:
         behind = [keys[lag.shard] for lag in lags if lag.behind]
         late = [keys[lag.shard] for lag in lags if lag.late]
         pending = sum(lag.pending_rows for lag in lags)
-        waits = [lag.oldest_pending_seconds for lag in lags if lag.oldest_pending_seconds]
-        if events:
-            events.append(
-                dg.AssetObservation(
-                    asset_key=dg.AssetKey([spec.name, "source"]),
-                    metadata={
-                        "pending_rows": pending,
-                        "qdrant_lag_rows": sum(lag.qdrant_lag_rows for lag in lags),
-                        "failed_rows": sum(lag.failed_rows for lag in lags),
-                        "shards_behind": len(behind),
-                        "shards_late": len(late),
-                        "oldest_pending_seconds": round(max(waits), 1) if waits else 0.0,
-                        "generation": dg.MetadataValue.text(str(runtime.number or "")),
-                    },
-                )
-            )
+        lane = live_lane(runtime)
+        if events or lane[:2] != last.get("lane", [None, None])[:2]:
+            events.append(source_observation(runtime, lags, len(behind), len(late), lane[2]))
+            last["lane"] = lane[:2]
         requests = []
         if turned_late:
             dated = {str(k): v for k, v in since.items()}

@@ -16,10 +16,11 @@ import pytest
 import sqlalchemy as sa
 
 from embedding_assets.cli.live import live_sources
+from embedding_assets.cli.status import status_report
 from embedding_assets.config.settings import load_settings
 from embedding_assets.ops.live_reports import LIVE_LANE, WRITTEN_BY, LiveReporter
 from embedding_assets.state.db import engine_for
-from embedding_assets.state.lanes import LaneRegistry, lane_health
+from embedding_assets.state.lanes import STALE_SECONDS, LaneRegistry, lane_health
 from embedding_assets.sync.generations import runtime_for
 from embedding_assets.sync.live_lane import LiveLane
 from embedding_assets_tests.integration.helpers import (
@@ -197,7 +198,12 @@ def test_the_lanes_writes_are_materializations_of_each_shard(postgres, sources, 
         change_table(postgres, name)
         target = runtime_for(settings, name, postgres, "live", register=False).target
         wait_until(lambda: queue_length(postgres, target) == 0, "the lane to drain its queue")
+        wait_until(lambda: status_report(settings, name)["live_lane"]["rows_written"] == 5, "")
+        lane = status_report(settings, name)["live_lane"]  # what `status --json` prints
+        assert lane["state"] == "up" and lane["backlog"] == 0 and lane["last_error"] is None
+        assert lane["heartbeat_age_seconds"] <= STALE_SECONDS
     reporter.close()
+    assert status_report(settings, name)["live_lane"]["state"] == "none"  # it left cleanly
     spec = settings.source(name)
     for stage in ("embeddings", "vector_index"):
         records = instance.fetch_materializations(dg.AssetKey([name, stage]), limit=100).records
