@@ -62,6 +62,8 @@ def live(ctx: click.Context, source: str | None, debug_log: bool) -> None:
     import dagster as dg
 
     from embedding_assets.embedders.remote_requests import mark_live_requests
+    from embedding_assets.ops.environment import prepare_dagster_home
+    from embedding_assets.ops.instance_connections import pool_instance_connections
     from embedding_assets.ops.live_reports import LiveReporter
     from embedding_assets.state.lanes import LaneRegistry, lane_id
     from embedding_assets.sync.live_lane import LiveLane
@@ -87,7 +89,9 @@ def live(ctx: click.Context, source: str | None, debug_log: bool) -> None:
     names = [s.name for s in served]
     registry = LaneRegistry(engine_for(url), lane_id(os.getpid()), names)
     conninfo = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    prepare_dagster_home()
     with dg.DagsterInstance.get() as instance:
+        pool_instance_connections(instance)  # not one connection per reported event
         reporter = LiveReporter(instance)
         lane = LiveLane(served, conninfo, registry, reporter, server=bool(os.getenv("QDRANT_URL")))
         for sig in (signal.SIGINT, signal.SIGTERM):

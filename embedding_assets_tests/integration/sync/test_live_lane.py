@@ -5,6 +5,9 @@ In-process lanes run on a thread of the test; where a run and the lane must be t
 processes (claims, kill -9), the lane is the real `embedding-assets live` command."""
 
 import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,9 +28,11 @@ from embedding_assets.sync.generations import runtime_for
 from embedding_assets.sync.live_lane import LiveLane
 from embedding_assets_tests.integration.helpers import (
     create_docs_table,
+    dagster_database,
     sync_shards,
     unique_name,
 )
+from embedding_assets_tests.integration.sync.test_crash_every_stage import qdrant_flock
 
 pytestmark = pytest.mark.integration
 
@@ -254,3 +259,106 @@ def test_triggers_of_the_version_before_the_lane_are_upgraded_without_a_new_diff
     with lane_thread(settings, [name], postgres):
         change_table(postgres, name)  # the upgraded triggers wake the lane
         wait_until(lambda: queue_length(postgres, runtime.target) == 0, "the lane")
+
+
+def start_lane(path: Path, name: str, dagster_url: str, log: Path) -> subprocess.Popen:
+    """The real `embedding-assets live` command, in a session of its own (kill -9 target)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "embedding_assets.cli", "--sources", str(path)]
+        + ["live", "--source", name],
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "EMBEDDING_ASSETS_DAGSTER_PG_URL": dagster_url},
+        start_new_session=True,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
+
+
+def row_stored(url: str, name: str, row_id: str) -> bool:
+    with engine_for(url).connect() as conn:
+        return bool(
+            conn.scalar(
+                sa.text(
+                    "SELECT count(*) FROM embedding_assets.row_state WHERE target LIKE :t "
+                    "AND row_id = :r AND content_hash IS NOT NULL AND NOT deleted"
+                ),
+                {"t": f"%{name}%", "r": row_id},
+            )
+        )
+
+
+@pytest.mark.parametrize("stage", ["embedding", "qdrant"])
+def test_a_lane_killed_mid_write_converges(
+    stage, postgres, sources, instance, fake, tmp_path
+) -> None:
+    settings, (name, _) = sources
+    sync_shards(settings, name, instance)
+    lane = start_lane(
+        Path(os.environ["EA_TEST_SOURCES"]), name, dagster_database(postgres), tmp_path / "l.log"
+    )
+    try:
+        wait_until(lambda: lane_health(engine_for(postgres), name).up, "the lane to start")
+        if stage == "embedding":  # the lane's embedder request hangs: kill it there
+            fake.slow_text, fake.slow_seconds = "Doc 20: inserted text 20", 60
+            change_table(postgres, name)
+            wait_until(
+                lambda: any("Doc 20: inserted text 20" in r.inputs for r in fake.requests),
+                "the lane's embedder request",
+            )
+            os.killpg(lane.pid, signal.SIGKILL)
+        else:  # pgvector written, Qdrant held by another process: kill it waiting there
+            with qdrant_flock(settings.source(name).qdrant_collection):
+                change_table(postgres, name)
+                wait_until(lambda: row_stored(postgres, name, "20"), "the pgvector write")
+                time.sleep(0.3)
+                os.killpg(lane.pid, signal.SIGKILL)
+        lane.wait()
+    finally:
+        if lane.poll() is None:
+            os.killpg(lane.pid, signal.SIGKILL)
+            lane.wait()
+    fake.slow_text = None
+    health = lane_health(engine_for(postgres), name)
+    wait_until(lambda: not lane_health(engine_for(postgres), name).up, "a stale heartbeat")
+    assert health.lane is not None
+    sync_shards(settings, name, instance)  # the sensor's run, once the heartbeat is stale
+    state = stored(postgres, name)
+    ids = [c[0] for c in state["chunks"]]
+    assert sorted(set(ids)) == sorted({str(r["id"]) for r in ROWS} - {"5"} | {"20", "21", "22"})
+    assert len(ids) == len(set(ids)) == len(state["points"])  # no duplicate, no orphan
+    assert ("3", 0, "Doc 3: a changed body") in [p[:3] for p in state["points"]]
+    assert state["queue"] == 0
+
+
+def test_a_lane_and_runs_on_the_same_shard_write_each_change_once(
+    postgres, sources, instance, fake, tmp_path
+) -> None:
+    settings, (name, _) = sources
+    sync_shards(settings, name, instance)
+    lane = start_lane(
+        Path(os.environ["EA_TEST_SOURCES"]), name, dagster_database(postgres), tmp_path / "l.log"
+    )
+    engine = engine_for(postgres)
+    try:
+        wait_until(lambda: lane_health(engine, name).up, "the lane to start")
+        before = len(fake.requests)
+        for version in range(12):  # row 1 changes while runs and the lane both sync it
+            with engine.begin() as conn:
+                conn.execute(sa.text(f"UPDATE {name} SET body = 'version {version}' WHERE id = 1"))
+            if version % 3 == 0:
+                sync_shards(settings, name, instance)
+        wait_until(lambda: stored(postgres, name)["queue"] == 0, "the queue to drain")
+        wait_until(
+            lambda: (
+                ("1", 0, "Doc 1: version 11") in [p[:3] for p in stored(postgres, name)["points"]]
+            ),
+            "the last version in Qdrant",
+        )
+    finally:
+        os.killpg(lane.pid, signal.SIGTERM)
+        lane.wait(timeout=30)
+    embedded = [t for r in fake.requests[before:] for t in r.inputs]
+    assert len(embedded) == len(set(embedded)), "a change was embedded twice"
+    state = stored(postgres, name)
+    assert [c[2] for c in state["chunks"] if c[0] == "1"] == ["Doc 1: version 11"]
+    assert len(state["points"]) == len(state["chunks"]) == len(ROWS)
+    assert lane.returncode == 0
