@@ -1,21 +1,40 @@
-"""Freshness with default settings (issue 11): on a running `embedding-assets dev` (the
-bundled demo, the worker, Dagster's daemon and sensors), one row is inserted at a time, and
-the time from its commit until it is in both sinks is measured: in the pgvector view and,
-by the ledger, in Qdrant (`qdrant_hash` equal to the stored content hash). The stack is
-first left to finish embedding the demo. Prints the median and p90; asserts nothing.
+"""Freshness on the dev stack's defaults (issues 11 and 23): `embedding-assets dev` (the bundled
+demo, the worker, the live lane, Dagster's daemon and sensors), left to finish embedding the
+demo, then:
 
-    .venv/bin/python benchmarks/freshness.py [--inserts 10]
+  1. the live lane's CPU while idle;
+  2. single inserts, apart: commit -> the row in the pgvector view and in Qdrant (the ledger's
+     `qdrant_hash` equal to the stored content hash: recorded only after Qdrant applied the
+     points), then, untimed, `search --backend qdrant` finds it as the top hit;
+  3. updates and deletes of those rows, apart: commit -> both sinks reflect it;
+  4. 100 rows inserted in one transaction -> all in both sinks;
+  5. single inserts while a generation build re-embeds the demo through the same worker
+     (`sync` of a copy of sources.yaml with another template, in its own process);
+  6. the lane killed -9, then single inserts: commit -> both sinks, through the sensor's runs.
+
+`--no-live` runs 2-4 without the lane (the sensor's path, for comparison). Prints figures;
+asserts nothing.
+
+    .venv/bin/python benchmarks/freshness.py [--inserts 10] [--no-live]
 """
 
 import argparse
+import functools
+import json
+import os
+import signal
 import statistics
+import subprocess
 import time
 
-from failures import converged, status, wait_until
-from throwaway import free_port, start_dev, stop_group, throwaway_home
+from failures import CLI, cli, converged, status, wait_until
+from throwaway import free_port, stop_group, throwaway_home
+
+SUMMARY = "a freshly published package about {topic}"
 
 
-def searchable(engine, name: str) -> bool:
+def in_both_sinks(engine, row_id: str, text: str | None = None) -> bool:
+    """The row is in the view (with `text`, if given) and Qdrant has its current points."""
     import sqlalchemy as sa
 
     with engine.connect() as conn:
@@ -23,56 +42,210 @@ def searchable(engine, name: str) -> bool:
             conn.scalar(
                 sa.text(
                     """SELECT EXISTS (SELECT 1 FROM public.pypi_packages_embeddings
-                        WHERE row_id = :r)
+                        WHERE row_id = :r AND (CAST(:t AS text) IS NULL OR chunk_text = :t))
                     AND EXISTS (SELECT 1 FROM embedding_assets.row_state
-                        WHERE row_id = :r AND qdrant_hash = content_hash)"""
+                        WHERE row_id = :r AND NOT deleted AND qdrant_hash = content_hash)"""
                 ),
-                {"r": name},
+                {"r": row_id, "t": text},
             )
         )
+
+
+def gone_from_both_sinks(engine, row_id: str) -> bool:
+    import sqlalchemy as sa
+
+    with engine.connect() as conn:
+        return not conn.scalar(
+            sa.text(
+                """SELECT EXISTS (SELECT 1 FROM public.pypi_packages_embeddings WHERE row_id = :r)
+                OR EXISTS (SELECT 1 FROM embedding_assets.row_state
+                    WHERE row_id = :r AND qdrant_chunk_count > 0)"""
+            ),
+            {"r": row_id},
+        )
+
+
+def timed(engine, statement: str, params: list[dict], done, limit: float = 180) -> float:
+    """Seconds from the commit of `statement` (once per params, one transaction) to `done()`."""
+    import sqlalchemy as sa
+
+    with engine.begin() as conn:
+        conn.execute(sa.text(statement), params)
+    committed = time.perf_counter()
+    while not done():
+        if time.perf_counter() - committed > limit:
+            return float("inf")
+        time.sleep(0.02)
+    return time.perf_counter() - committed
+
+
+INSERT = (
+    "INSERT INTO public.pypi_packages (name, version, month, summary) "
+    "VALUES (:n, '1.0', '2026-12', :s)"
+)
+
+
+def single_inserts(engine, prefix: str, count: int, gap: float = 2.0) -> list[float]:
+    seconds = []
+    for i in range(count):
+        name, summary = f"{prefix}-{i}", SUMMARY.format(topic=f"{prefix} {i}")
+        stored = functools.partial(in_both_sinks, engine, name)
+        seconds.append(timed(engine, INSERT, [{"n": name, "s": summary}], stored))
+        time.sleep(gap)  # apart, as single edits arrive
+    return seconds
+
+
+def figures(label: str, seconds: list[float]) -> None:
+    ordered = sorted(seconds)
+    p95 = ordered[max(0, int(round(0.95 * len(ordered))) - 1)]
+    print(
+        f"{label}: median {statistics.median(ordered):.2f} s, p95 {p95:.2f} s, "
+        f"max {ordered[-1]:.2f} s ({len(ordered)})",
+        flush=True,
+    )
+
+
+def lane_pid(engine) -> int | None:
+    import sqlalchemy as sa
+
+    with engine.connect() as conn:
+        lane = conn.scalar(
+            sa.text(
+                "SELECT lane FROM embedding_assets.live_lanes "
+                "WHERE heartbeat_at > now() - interval '3 seconds' ORDER BY heartbeat_at DESC"
+            )
+        )
+    return int(lane.rsplit(":", 1)[1]) if lane else None
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def top_hit(row_id: str, text: str) -> bool:
+    done = cli("search", text, "--backend", "qdrant", "-k", "1", "--json")
+    hits = json.loads(done.stdout or "[]")
+    return bool(hits) and hits[0]["row_id"] == row_id
+
+
+def start_build(home) -> subprocess.Popen:
+    """A generation build of the demo (another template) through the same worker."""
+    from embedding_assets.config.settings import BUNDLED_SOURCES
+
+    edited = home / "build.yaml"
+    text = BUNDLED_SOURCES.read_text().replace('"{name}: {summary}"', '"{summary} ({name})"')
+    manual = "    generations: {promote: manual}\n    shards: 8"
+    edited.write_text(text.replace("    shards: 8", manual))
+    log = (home / "build.log").open("w")
+    return subprocess.Popen(
+        [*CLI, "--sources", str(edited), "sync", "--source", "pypi_packages"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def build_rows(engine) -> int:
+    import sqlalchemy as sa
+
+    with engine.connect() as conn:
+        return int(
+            conn.scalar(
+                sa.text(
+                    "SELECT count(*) FROM embedding_assets.row_state AS s "
+                    "JOIN embedding_assets.generations AS g ON g.target = s.target "
+                    "WHERE g.state = 'building' AND s.content_hash IS NOT NULL"
+                )
+            )
+        )
+
+
+def scenarios(engine, home, inserts: int, live: bool) -> None:
+    if live:
+        pid = lane_pid(engine)
+        before, started = cpu_seconds(pid), time.perf_counter()
+        time.sleep(30)
+        share = (cpu_seconds(pid) - before) / (time.perf_counter() - started)
+        print(f"[1] idle live lane (pid {pid}): {100 * share:.2f}% of a core over 30 s")
+    figures("[2] insert -> both sinks", single_inserts(engine, "probe", inserts))
+    last = f"probe-{inserts - 1}"
+    found = top_hit(last, SUMMARY.format(topic=last.replace("-", " ")))
+    print(f"    {last} is the top hit of a Qdrant search: {found}")
+    updates, deletes = [], []
+    for i in range(inserts):
+        name, text = f"probe-{i}", f"an updated description number {i}"
+        updates.append(
+            timed(
+                engine,
+                "UPDATE public.pypi_packages SET summary = :s WHERE name = :n",
+                [{"n": name, "s": text}],
+                functools.partial(in_both_sinks, engine, name, f"{name}: {text}"),
+            )
+        )
+        time.sleep(1)
+        deletes.append(
+            timed(
+                engine,
+                "DELETE FROM public.pypi_packages WHERE name = :n",
+                [{"n": name}],
+                functools.partial(gone_from_both_sinks, engine, name),
+            )
+        )
+        time.sleep(1)
+    figures("[3] update -> both sinks", updates)
+    figures("    delete -> both sinks", deletes)
+    batch = [{"n": f"batch-{i}", "s": SUMMARY.format(topic=f"batch {i}")} for i in range(100)]
+    seconds = timed(
+        engine, INSERT, batch, lambda: all(in_both_sinks(engine, r["n"]) for r in batch[::-1])
+    )
+    print(f"[4] 100 rows in one transaction -> all in both sinks: {seconds:.2f} s", flush=True)
+    if not live:
+        return
+    build = start_build(home)
+    try:
+        wait_until(lambda: build_rows(engine) > 0, 300, 0.5)
+        print(f"[5] a generation build is running ({build_rows(engine)} rows built so far)")
+        during = single_inserts(engine, "during-build", inserts, gap=1.0)
+        print(
+            f"    build rows done when the probes ended: {build_rows(engine)}; build still "
+            f"running: {build.poll() is None}"
+        )
+        figures("    insert -> both sinks during the build", during)
+    finally:
+        stop_group(build)
+    pid = lane_pid(engine)
+    os.kill(pid, signal.SIGKILL)
+    print(f"[6] live lane (pid {pid}) killed -9; the sensor's interval is 2 s")
+    after_kill = single_inserts(engine, "after-kill", 5)
+    figures("    insert -> both sinks by the sensor's runs", after_kill)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--inserts", type=int, default=10)
+    parser.add_argument("--no-live", action="store_true")
     args = parser.parse_args()
     home = throwaway_home("ea-freshness-", EMBEDDING_ASSETS_WORKER_PORT=str(free_port()))
-    import sqlalchemy as sa
-
-    dev = start_dev(home)
+    with (home / "dev.log").open("w") as log:
+        dev = subprocess.Popen(
+            [*CLI, "dev", "--port", str(free_port()), *(["--no-live"] if args.no_live else [])],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
-        if not wait_until(lambda: converged(status()), 900, every=5):
+        if not wait_until(lambda: cli("status", "--json").returncode == 0, 300):
+            raise SystemExit(f"dev did not come up; see {home / 'dev.log'}")
+        started = time.perf_counter()
+        if not wait_until(lambda: converged(status()), 900, every=2):
             raise SystemExit(f"the demo did not finish embedding; see {home / 'dev.log'}")
+        print(f"demo embedded {time.perf_counter() - started:.0f} s after dev answered")
         from embedding_assets.ops.environment import database_url
         from embedding_assets.state.db import engine_for
 
-        engine = engine_for(database_url())
-        seconds = []
-        for i in range(args.inserts):
-            name = f"freshness-probe-{i}"
-            with engine.begin() as conn:
-                conn.execute(
-                    sa.text(
-                        "INSERT INTO public.pypi_packages (name, version, month, summary) "
-                        "VALUES (:n, '1.0', '2026-12', 'a freshly published package')"
-                    ),
-                    {"n": name},
-                )
-            committed = time.perf_counter()
-            while not searchable(engine, name):
-                if time.perf_counter() - committed > 180:
-                    raise SystemExit(f"insert {i} not searchable within 180 s")
-                time.sleep(0.1)
-            seconds.append(time.perf_counter() - committed)
-            print(f"  insert {i}: {seconds[-1]:.1f} s", flush=True)
-            time.sleep(2)  # apart, as single edits arrive
-        ordered = sorted(seconds)
-        p90 = ordered[max(0, int(round(0.9 * len(ordered))) - 1)]
-        print(
-            f"one inserted row, commit to searchable in both sinks: median "
-            f"{statistics.median(seconds):.1f} s, p90 {p90:.1f} s, max {ordered[-1]:.1f} s "
-            f"({len(seconds)} inserts)"
-        )
+        scenarios(engine_for(database_url()), home, args.inserts, not args.no_live)
     finally:
         stop_group(dev)
 

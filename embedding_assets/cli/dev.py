@@ -19,10 +19,17 @@ from embedding_assets.ops.paths import CHECKOUT
 @click.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=3000, show_default=True, type=int)
+@click.option(
+    "--live/--no-live",
+    default=True,
+    show_default=True,
+    help="Start the live lane (`embedding-assets live`) beside Dagster; without it, only "
+    "the sensor's runs write changes.",
+)
 @click.pass_context
-def dev(ctx: click.Context, host: str, port: int) -> None:
-    """Postgres, the demo data, and the Dagster webserver + daemon with the sensors on.
-    Ctrl-C stops everything this command started."""
+def dev(ctx: click.Context, host: str, port: int, live: bool) -> None:
+    """Postgres, the demo data, the inference worker, the live lane, and the Dagster
+    webserver + daemon with the sensors on. Ctrl-C stops everything this command started."""
     import dagster as dg
 
     from embedding_assets.config.settings import BUNDLED_SOURCES
@@ -60,6 +67,8 @@ def dev(ctx: click.Context, host: str, port: int) -> None:
     try:
         if any(worker_url() in getattr(e, "base_urls", ()) for e in settings.embedders.values()):
             children.append(start_worker(env))
+        if live and any(may_go_live(spec) for spec in settings.sources):
+            children.append(start_lane(env, settings.path))
         click.echo(f"Dagster home {home}; UI on http://{host}:{port}")
         # `dg dev`, the current command (`dagster dev` warns that it is superseded), with
         # the workspace given so no dg project config is needed. Run from the Dagster home:
@@ -136,6 +145,31 @@ def start_worker(env: dict[str, str]) -> subprocess.Popen:
             time.sleep(0.5)
     stop_child(worker)
     raise click.ClickException("the inference worker did not answer /health within 120 s")
+
+
+def may_go_live(spec) -> bool:
+    """A source the live lane may serve (capture triggers notify it), unless `live: false`."""
+    return (
+        spec.live is not False
+        and spec.table is not None
+        and spec.change_capture
+        in (
+            "auto",
+            "trigger",
+        )
+    )
+
+
+def start_lane(env: dict[str, str], sources: Path) -> subprocess.Popen:
+    """`embedding-assets live`, beside the worker it embeds through (it waits for nothing:
+    a source not synced yet is served once its first sync installs the triggers)."""
+    lane = subprocess.Popen(
+        [sys.executable, "-m", "embedding_assets.cli", "--sources", str(sources), "live"],
+        env=env,
+        start_new_session=True,
+    )
+    click.echo("live lane started (`embedding-assets status` shows it)")
+    return lane
 
 
 def stop_child(child: subprocess.Popen) -> None:

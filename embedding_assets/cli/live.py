@@ -20,6 +20,9 @@ def live_sources(settings: Settings, names: list[str]) -> tuple[list, list[str]]
     """The lane's sources (`LaneSource`), and a line per source it leaves to the sensor."""
     from embedding_assets.embedders.build import make_embedder
     from embedding_assets.ops.environment import database_url, qdrant_store_from_env
+    from embedding_assets.state.capture import resolve_mode
+    from embedding_assets.state.db import engine_for
+    from embedding_assets.state.generations import GenerationError
     from embedding_assets.sync.generations import generation_runtime
     from embedding_assets.sync.live_lane import LaneSource
 
@@ -38,13 +41,21 @@ def live_sources(settings: Settings, names: list[str]) -> tuple[list, list[str]]
             embedders[spec.embedder] = make_embedder(embedder_spec)
 
         def runtime(spec=spec, embedder_spec=embedder_spec, embedder=embedders[spec.embedder]):
-            return generation_runtime(spec, embedder_spec, embedder, url, store, "live")
+            # Read-only: registering an edited pipeline is the sensor's and `sync`'s.
+            return generation_runtime(
+                spec, embedder_spec, embedder, url, store, "live", register=False
+            )
 
-        mode = runtime().feed.mode
+        try:
+            feed = runtime().feed
+            mode = feed.mode
+        except GenerationError:  # never synced: its first sync installs the triggers
+            feed, mode = None, resolve_mode(engine_for(url), spec)
         if mode != "trigger":
             left.append(f"{name}: {mode} capture has no triggers to notify the lane")
             continue
-        runtime().feed.ensure()  # triggers that notify (an older install is upgraded here)
+        if feed is not None:
+            feed.ensure()  # triggers that notify (an older install is upgraded here)
         served.append(LaneSource(name, runtime))
     return served, left
 
@@ -68,7 +79,7 @@ def live(ctx: click.Context, source: str | None, debug_log: bool) -> None:
     from embedding_assets.state.lanes import LaneRegistry, lane_id
     from embedding_assets.sync.live_lane import LiveLane
 
-    logging.basicConfig(format="%(asctime)s live: %(message)s", level=logging.INFO)
+    logging.basicConfig(format="%(asctime)s live: %(message)s", level=logging.WARNING)
     level = logging.DEBUG if debug_log else logging.INFO
     logging.getLogger("embedding_assets.live").setLevel(level)
     settings = settings_from(ctx)

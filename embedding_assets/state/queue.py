@@ -51,6 +51,21 @@ class ChangeQueue:
             ).fetchall()
         return {r.shard: float(r.age) for r in rows}
 
+    def fresh_shards(self, max_entries: int, max_age_seconds: float) -> set[int]:
+        """Shards whose queued entries are few (at most `max_entries`) and all younger than
+        `max_age_seconds` (database clock): what the live lane takes, not bulk work."""
+        with self.engine.connect() as conn:
+            return set(
+                conn.scalars(
+                    sa.text(
+                        f"""SELECT shard FROM {STATE_SCHEMA}.change_queue WHERE target = :t
+                        GROUP BY shard HAVING count(*) <= :n
+                        AND min(queued_at) > now() - make_interval(secs => :age)"""
+                    ),
+                    {"t": self.target, "n": max_entries, "age": max_age_seconds},
+                )
+            )
+
     def read(self, shard: int, limit: int, newest_first: bool = False) -> list[tuple[int, str]]:
         """The shard's oldest entries (entry id, row id), or its newest (the live lane: a
         fresh change goes before a backlog), `limit` at most."""

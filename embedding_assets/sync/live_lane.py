@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import psycopg
 
+from embedding_assets.state.generations import GenerationError
 from embedding_assets.state.lanes import HEARTBEAT_SECONDS, LaneRegistry
 from embedding_assets.state.triggers import LIVE_CHANNEL
 from embedding_assets.sync.live_pass import PassOutcome, live_pass
@@ -110,6 +111,9 @@ class LiveLane:
         try:
             runtime = source.runtime()
             outcome = live_pass(runtime, log, self._again[name], self.server, on_queued=self._hold)
+        except GenerationError:  # not synced yet: its first sync's triggers will wake us
+            log.debug("live lane: %s has no live generation yet", name)
+            return
         except Exception as error:  # the database or the embedder is gone: the sensor's turn
             cause = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
             log.warning("live lane: %s: %s", name, cause)

@@ -52,7 +52,8 @@ class PassOutcome:
 
 def shards_left_to_lane(runtime: SourceRuntime) -> set[int]:
     """The shards whose queued changes the sensor leaves to a live lane that is up: of the
-    live generation of a source the lane may serve, with every queued change fresh."""
+    live generation of a source the lane may serve, with few queued changes, all fresh (a
+    backlog, e.g. a first sync's or a reconcile's, is the runs' bulk work)."""
     spec = runtime.spec
     generation = runtime.generation
     if spec.live is False or runtime.feed.mode != "trigger":
@@ -61,8 +62,7 @@ def shards_left_to_lane(runtime: SourceRuntime) -> set[int]:
         return set()
     if not lane_health(runtime.engine, spec.name).up:
         return set()
-    ages = runtime.feed.queue.oldest_by_shard()
-    return {shard for shard, age in ages.items() if age < LANE_GRACE_SECONDS}
+    return runtime.feed.queue.fresh_shards(LIVE_ROWS_PER_SHARD, LANE_GRACE_SECONDS)
 
 
 def live_pass(

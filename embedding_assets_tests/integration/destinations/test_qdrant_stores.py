@@ -272,6 +272,27 @@ def test_embedded_brief_releases_the_store_inside_keep_open(tmp_path: Path) -> N
             pool.submit(other.count, COLLECTION).result()
 
 
+def test_embedded_holder_hands_a_kept_collection_to_a_waiter_and_reopens_it(
+    tmp_path: Path,
+) -> None:
+    """A run keeps its collection open between shards; the live lane (another process, here
+    another thread: flock excludes per open file) waits for it. Between shards the run
+    yields it to the waiter only, and reopens it on its next use."""
+    run = EmbeddedQdrantStore(tmp_path)
+    run.ensure_collection(COLLECTION, 8)
+    lane = EmbeddedQdrantStore(tmp_path, lock_timeout_s=30)
+    with run.keep_open(), ThreadPoolExecutor(1) as pool:
+        run.upsert(COLLECTION, make_points(10, 8, prefix="run"))  # opened and kept
+        assert run.yield_to_waiters() == []  # nobody waits: kept open
+        waiting = pool.submit(lane.upsert, COLLECTION, make_points(5, 8, prefix="lane"))
+        time.sleep(0.3)
+        assert not waiting.done()  # blocked on the run's lock
+        assert run.yield_to_waiters() == [COLLECTION]
+        waiting.result(timeout=30)
+        assert run.count(COLLECTION) == 15  # reopened, with the lane's points
+    assert EmbeddedQdrantStore(tmp_path, lock_timeout_s=0.3).count(COLLECTION) == 15
+
+
 def test_embedded_lock_waits_then_times_out(tmp_path: Path) -> None:
     holder = EmbeddedQdrantStore(tmp_path)
     holder.ensure_collection(COLLECTION, 8)

@@ -269,3 +269,18 @@ def test_sigterm_finishes_in_flight_work_and_exits_cleanly(
     log = w.proc.stdout.read()
     assert "embedding worker ready" in log and "embedding worker stopped" in log
     assert "Traceback" not in log
+
+
+def test_a_request_marked_live_is_counted_as_urgent(worker: WorkerProcess) -> None:
+    from embedding_assets.embedders.remote_requests import LIVE_PRIORITY, PRIORITY_HEADER
+
+    before = worker.health()["urgent_requests"]
+    request = urllib.request.Request(
+        worker.url + "/v1/embeddings",
+        data=json.dumps({"model": MODEL, "input": ["a fresh change"]}).encode(),
+        headers={"Content-Type": "application/json", PRIORITY_HEADER: LIVE_PRIORITY},
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        assert response.status == 200
+    worker.embed("a bulk request")  # no header: not urgent
+    assert worker.health()["urgent_requests"] == before + 1
