@@ -8,9 +8,12 @@ demo, then:
      points), then, untimed, `search --backend qdrant` finds it as the top hit;
   3. updates and deletes of those rows, apart: commit -> both sinks reflect it;
   4. 100 rows inserted in one transaction -> all in both sinks;
-  5. single inserts while a generation build re-embeds the demo through the same worker
+  5. the lane killed -9, then single inserts: commit -> both sinks, through the sensor's
+     runs; then a new lane started, and single inserts through it again;
+  6. single inserts while a generation build re-embeds the demo through the same worker
      (`sync` of a copy of sources.yaml with another template, in its own process);
-  6. the lane killed -9, then single inserts: commit -> both sinks, through the sensor's runs.
+  7. the worker killed for `--outage` seconds while rows arrive, then back: the seconds
+     from its first answer until every row is in both sinks.
 
 `--no-live` runs 2-4 without the lane (the sensor's path, for comparison). Prints figures;
 asserts nothing.
@@ -162,7 +165,7 @@ def build_rows(engine) -> int:
         )
 
 
-def scenarios(engine, home, inserts: int, live: bool) -> None:
+def scenarios(engine, home, inserts: int, live: bool, outage_seconds: float) -> None:
     if live:
         pid = lane_pid(engine)
         before, started = cpu_seconds(pid), time.perf_counter()
@@ -203,10 +206,94 @@ def scenarios(engine, home, inserts: int, live: bool) -> None:
     print(f"[4] 100 rows in one transaction -> all in both sinks: {seconds:.2f} s", flush=True)
     if not live:
         return
+    lane = failover(engine, home, inserts)
+    try:
+        during_build(engine, home, inserts)
+        outage(engine, home, outage_seconds)
+    finally:
+        stop_group(lane)
+
+
+def outage(engine, home, seconds: float) -> None:
+    """The worker down `seconds` while rows arrive one at a time, then back: how long after
+    it answers again until every row is in both sinks."""
+    import urllib.request
+
+    import psutil
+    import sqlalchemy as sa
+
+    from embedding_assets.cli.serve import worker_port, worker_url
+
+    port = str(worker_port())
+    for process in psutil.process_iter(["cmdline"]):
+        if "serve" in (process.info["cmdline"] or []) and port in process.info["cmdline"]:
+            process.kill()
+    down_at = time.perf_counter()
+    names = []
+    while time.perf_counter() - down_at < seconds - 10:
+        names.append(f"outage-{len(names)}")
+        with engine.begin() as conn:
+            conn.execute(sa.text(INSERT), {"n": names[-1], "s": SUMMARY.format(topic=names[-1])})
+        time.sleep(5)
+    time.sleep(max(0.0, seconds - (time.perf_counter() - down_at)))
+    worker = subprocess.Popen(
+        [*CLI, "serve", "--port", port],
+        stdout=(home / "worker2.log").open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+    def answers() -> bool:
+        try:
+            with urllib.request.urlopen(f"{worker_url()[:-3]}/health", timeout=1):
+                return True
+        except OSError:
+            return False
+
+    wait_until(answers, 180, 0.1)
+    back = time.perf_counter()
+    print(
+        f"[7] worker down {back - down_at:.0f} s (killed, restarted after {seconds:.0f} s, "
+        f"answering {back - down_at - seconds:.0f} s later); {len(names)} rows inserted "
+        "meanwhile",
+        flush=True,
+    )
+    done = wait_until(lambda: all(in_both_sinks(engine, n) for n in names), 600, 0.5)
+    waited = time.perf_counter() - back
+    print(
+        f"    every one in both sinks {waited:.1f} s after the worker answered"
+        if done
+        else "    NOT all stored 600 s after the worker answered"
+    )
+    worker_left.append(worker)
+
+
+worker_left: list[subprocess.Popen] = []  # the restarted worker, stopped with the stack
+
+
+def failover(engine, home, inserts: int) -> subprocess.Popen:
+    """Kill -9 the lane `dev` started, measure the sensor's runs taking over, then start a
+    lane again (as a supervisor would) and measure it taking over back. Returns it."""
+    pid = lane_pid(engine)
+    os.kill(pid, signal.SIGKILL)
+    print(f"[5] live lane (pid {pid}) killed -9; the sensor's interval is 2 s", flush=True)
+    figures("    insert -> both sinks by the sensor's runs", single_inserts(engine, "killed", 5))
+    with (home / "lane.log").open("w") as log:
+        lane = subprocess.Popen(
+            [*CLI, "live"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    started = time.perf_counter()
+    wait_until(lambda: lane_pid(engine) == lane.pid, 120, 0.2)
+    print(f"    a new lane is up {time.perf_counter() - started:.1f} s after its start")
+    figures("    insert -> both sinks, the lane back", single_inserts(engine, "back", inserts))
+    return lane
+
+
+def during_build(engine, home, inserts: int) -> None:
     build = start_build(home)
     try:
         wait_until(lambda: build_rows(engine) > 0, 300, 0.5)
-        print(f"[5] a generation build is running ({build_rows(engine)} rows built so far)")
+        print(f"[6] a generation build is running ({build_rows(engine)} rows built so far)")
         during = single_inserts(engine, "during-build", inserts, gap=1.0)
         print(
             f"    build rows done when the probes ended: {build_rows(engine)}; build still "
@@ -215,17 +302,13 @@ def scenarios(engine, home, inserts: int, live: bool) -> None:
         figures("    insert -> both sinks during the build", during)
     finally:
         stop_group(build)
-    pid = lane_pid(engine)
-    os.kill(pid, signal.SIGKILL)
-    print(f"[6] live lane (pid {pid}) killed -9; the sensor's interval is 2 s")
-    after_kill = single_inserts(engine, "after-kill", 5)
-    figures("    insert -> both sinks by the sensor's runs", after_kill)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--inserts", type=int, default=10)
     parser.add_argument("--no-live", action="store_true")
+    parser.add_argument("--outage", type=float, default=120.0, help="seconds the worker is down")
     args = parser.parse_args()
     home = throwaway_home("ea-freshness-", EMBEDDING_ASSETS_WORKER_PORT=str(free_port()))
     with (home / "dev.log").open("w") as log:
@@ -245,9 +328,11 @@ def main() -> None:
         from embedding_assets.ops.environment import database_url
         from embedding_assets.state.db import engine_for
 
-        scenarios(engine_for(database_url()), home, args.inserts, not args.no_live)
+        scenarios(engine_for(database_url()), home, args.inserts, not args.no_live, args.outage)
     finally:
         stop_group(dev)
+        for worker in worker_left:
+            stop_group(worker)
 
 
 if __name__ == "__main__":

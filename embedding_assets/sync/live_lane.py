@@ -76,6 +76,7 @@ class LiveLane:
         self.stop = threading.Event()
         self.holding = 0  # queued changes of the pass in progress (the heartbeat's backlog)
         self._again: dict[str, set[int]] = {name: set() for name in self.sources}
+        self._retry: set[str] = set()  # sources whose last pass failed as a whole
 
     def run(self) -> None:
         self.registry.register()
@@ -90,7 +91,7 @@ class LiveLane:
                     log.info("live lane listening on %s for %s", LIVE_CHANNEL, sorted(due))
                 for name in sorted(due):
                     self._serve(name)
-                waiting = any(self._again.values())
+                waiting = any(self._again.values()) or bool(self._retry)
                 try:
                     notified = listener.wait(RETRY_SECONDS if waiting else IDLE_SECONDS)
                 except psycopg.OperationalError as lost:
@@ -98,7 +99,8 @@ class LiveLane:
                     listener = None
                     self.stop.wait(ERROR_PAUSE_SECONDS)
                     continue
-                due = (notified & set(self.sources)) | {n for n, s in self._again.items() if s}
+                again = {n for n, shards in self._again.items() if shards}
+                due = (notified & set(self.sources)) | again | self._retry
         finally:
             self.stop.set()
             if listener is not None:
@@ -110,7 +112,12 @@ class LiveLane:
         source = self.sources[name]
         try:
             runtime = source.runtime()
-            outcome = live_pass(runtime, log, self._again[name], self.server, on_queued=self._hold)
+            # One opening of an embedded Qdrant collection per pass, not per shard; let go
+            # when the pass ends, so runs and `search` get it between passes.
+            with runtime.qdrant.store.keep_open():
+                outcome = live_pass(
+                    runtime, log, self._again[name], self.server, on_queued=self._hold
+                )
         except GenerationError:  # not synced yet: its first sync's triggers will wake us
             log.debug("live lane: %s has no live generation yet", name)
             return
@@ -118,16 +125,20 @@ class LiveLane:
             cause = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
             log.warning("live lane: %s: %s", name, cause)
             self._write_down(0, cause)
+            self._retry.add(name)  # its changes stay queued: tried again after a pause
             self.stop.wait(ERROR_PAUSE_SECONDS)
             return
         finally:
             self.holding = 0
+        self._retry.discard(name)
         self._again[name] = outcome.again
         if outcome.reports:
             self.report(name, outcome)
         failed = "; ".join(f"{k}: {v}" for k, v in sorted(outcome.failed.items())) or None
         if outcome.reports or failed:
             self._write_down(outcome.rows_written, failed)
+        if failed:  # the embedder is down, or a row is bad: not retried in a tight loop
+            self.stop.wait(ERROR_PAUSE_SECONDS)
 
     def _hold(self, entries: int) -> None:
         self.holding = entries

@@ -39,6 +39,7 @@ class PassOutcome:
     busy: list[int] = field(default_factory=list)  # shards a run held: try again soon
     lagging: list[int] = field(default_factory=list)  # Qdrant not written: try again soon
     failed: dict[str, str] = field(default_factory=dict)  # shard key -> cause
+    failed_shards: list[int] = field(default_factory=list)  # tried again after a pause
     seconds: float = 0.0
 
     @property
@@ -47,7 +48,7 @@ class PassOutcome:
 
     @property
     def again(self) -> set[int]:
-        return {*self.busy, *self.lagging}
+        return {*self.busy, *self.lagging, *self.failed_shards}
 
 
 def shards_left_to_lane(runtime: SourceRuntime) -> set[int]:
@@ -95,6 +96,7 @@ def live_pass(
             cause = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
             log.warning(f"live lane: shard {keys[shard]} of {runtime.spec.name} failed: {cause}")
             outcome.failed[keys[shard]] = cause
+            outcome.failed_shards.append(shard)
         finally:
             runtime.release_shard(shard)
     outcome.seconds = time.perf_counter() - started
