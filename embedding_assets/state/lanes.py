@@ -14,7 +14,7 @@ from embedding_assets.state.migrations import migrate
 HEARTBEAT_SECONDS = 0.5
 # A lane whose heartbeat is older is down (its beats come from their own thread, so a long
 # embedding call does not make a live lane look dead).
-STALE_SECONDS = 3.0
+STALE_SECONDS = 2.0
 # A lane's row left behind by a killed lane is removed by the next lane after this long.
 FORGET_SECONDS = 86_400
 
