@@ -333,6 +333,10 @@ def main() -> None:
         stop_group(dev)
         for worker in worker_left:
             stop_group(worker)
+        # The CLI calls above started the embedded server before `dev`, which then leaves it.
+        from embedding_assets.ops.embedded_postgres import EmbeddedPostgres
+
+        EmbeddedPostgres.from_env().stop()
 
 
 if __name__ == "__main__":
