@@ -12,6 +12,7 @@ from embedding_assets.cli.db import db
 from embedding_assets.cli.dev import dev
 from embedding_assets.cli.doctor import doctor
 from embedding_assets.cli.errors import errors
+from embedding_assets.cli.evaluate import evaluate
 from embedding_assets.cli.generations import generations
 from embedding_assets.cli.live import live
 from embedding_assets.cli.plan import plan
@@ -125,6 +126,7 @@ for command in (
     dev,
     doctor,
     errors,
+    evaluate,
     generations,
     live,
     plan,

@@ -8,13 +8,30 @@ import click
 from embedding_assets.cli.common import ensure_database, settings_from, source_names
 from embedding_assets.config.settings import Settings
 
+MODES = ("dense", "lexical", "hybrid")
+
+
+def default_mode(runtime, backend: str) -> str:
+    """hybrid where the backend holds the source's lexical side, else dense."""
+    if backend == "pgvector" and runtime.spec.hybrid.enabled and runtime.pgvector.has_lexical():
+        return "hybrid"
+    return "dense"
+
 
 def search_source(
-    settings: Settings, source: str, text: str, limit: int, backend: str, exact: bool = False
+    settings: Settings,
+    source: str,
+    text: str,
+    limit: int,
+    backend: str,
+    exact: bool = False,
+    mode: str | None = None,
+    generation: int | str = "live",
 ) -> list[dict]:
     """Nearest chunks to `text` in the live generation (with its model, whatever
-    sources.yaml says now): row id, score (cosine similarity), chunk text. With the
-    `column` backend, nearest rows by their write-back vector, with the row's text."""
+    sources.yaml says now): row id, score (cosine similarity; full-text rank for lexical,
+    the fused RRF score for hybrid), chunk text. With the `column` backend, nearest rows by
+    their write-back vector, with the row's text. `mode`: None, the backend's default."""
     from embedding_assets.ops.environment import database_url
     from embedding_assets.state.db import engine_for
     from embedding_assets.state.generations import Generations
@@ -25,7 +42,13 @@ def search_source(
             f"source {source!r} has no embeddings yet: run `embedding-assets sync` first"
         )
     # Read only: the live generation as it is, whatever pipeline sources.yaml asks for now.
-    runtime = runtime_for(settings, source, database_url(), "live", register=False)
+    runtime = runtime_for(settings, source, database_url(), generation, register=False)
+    mode = mode or default_mode(runtime, backend)
+    if mode != "dense" and backend != "pgvector":
+        raise click.ClickException(
+            f"{mode} search is in the pgvector backend only so far ({backend} holds dense "
+            "vectors): search --backend pgvector, or --mode dense"
+        )
     if backend == "column":
         if runtime.column is None:
             raise click.ClickException(
@@ -43,9 +66,12 @@ def search_source(
             f"source {source!r} has no embeddings yet (its pgvector table "
             f"{runtime.pgvector.table} does not exist): run `embedding-assets sync` first"
         )
-    vector = runtime.embedder.embed_query(text)
+    vector = runtime.embedder.embed_query(text) if mode != "lexical" else None
     if backend == "pgvector":
-        hits = runtime.pgvector.search(vector, limit, exact=exact)
+        try:
+            hits = runtime.pgvector.search(vector, limit, exact=exact, mode=mode, text=text)
+        except LookupError as missing:
+            raise click.ClickException(str(missing)) from None
         return [
             {"row_id": h.row_id, "chunk_index": h.chunk_index, "score": h.score, "text": h.text}
             for h in hits
@@ -72,6 +98,13 @@ def search_source(
     help="column: the write-back column (one vector per row).",
 )
 @click.option(
+    "--mode",
+    type=click.Choice(MODES),
+    default=None,
+    help="dense: the vectors; lexical: full text; hybrid: both, fused by reciprocal rank "
+    "(the default where the source has its full-text column: pgvector, hybrid on).",
+)
+@click.option(
     "--exact",
     is_flag=True,
     help="Compare the query with every stored chunk instead of searching the HNSW index "
@@ -85,6 +118,7 @@ def search(
     source: str | None,
     limit: int,
     backend: str,
+    mode: str | None,
     exact: bool,
     as_json: bool,
 ) -> None:
@@ -92,7 +126,7 @@ def search(
     ensure_database()
     settings = settings_from(ctx)
     name = source_names(settings, source)[0]
-    hits = search_source(settings, name, text, limit, backend, exact)
+    hits = search_source(settings, name, text, limit, backend, exact, mode)
     if as_json:
         click.echo(json.dumps(hits))
         return

@@ -43,6 +43,19 @@ class PgvectorSpec(Spec):
     _off = model_validator(mode="before")(off_as_disabled)
 
 
+class HybridSpec(Spec):
+    """Lexical search beside the dense one: the chunk text as full text in the chunk table (a
+    generated `tsvector` column with a GIN index), fused with the vector search by
+    reciprocal rank fusion. `language` is a Postgres text search configuration: `simple`
+    (no stemming, no stop words) keeps names, error codes and SKUs as they are written;
+    `english` and the others stem words."""
+
+    enabled: bool = True
+    language: str = Field(default="simple", pattern=r"^[a-z][a-z0-9_]{0,62}$")
+
+    _off = model_validator(mode="before")(off_as_disabled)
+
+
 class WriteBackSpec(Spec):
     """One vector per row in a `vector(d)` column: of the source table itself, or of a 1:1
     side table keyed by the row's id (`table:`) for a source table this role may not alter."""

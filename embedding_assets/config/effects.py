@@ -74,6 +74,8 @@ SOURCE_KEYS: dict[str, Effect] = {
     "qdrant.hnsw.ef_construct": IN_PLACE,
     "qdrant.hnsw.ef_search": OPERATIONAL,
     "qdrant.quantization": IN_PLACE,
+    "hybrid.enabled": IN_PLACE,  # the chunk table's full-text column added or dropped
+    "hybrid.language": IN_PLACE,  # the full-text column computed again, in Postgres
     "write_back": IN_PLACE,
     "write_back.column": IN_PLACE,
     "write_back.table": IN_PLACE,

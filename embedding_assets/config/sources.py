@@ -7,12 +7,18 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from embedding_assets.config.base import Spec, split_qualified, template_fields
-from embedding_assets.config.destinations import PgvectorSpec, QdrantSpec, WriteBackSpec
+from embedding_assets.config.destinations import (
+    HybridSpec,
+    PgvectorSpec,
+    QdrantSpec,
+    WriteBackSpec,
+)
 
 # Columns the pgvector table uses for itself; metadata columns may not reuse them.
 RESERVED_COLUMNS = frozenset(
     {
         "point_id",
+        "lexical",
         "row_id",
         "shard",
         "chunk_index",
@@ -109,6 +115,8 @@ class SourceSpec(Spec):
     chunking: ChunkingSpec = ChunkingSpec()
     pgvector: PgvectorSpec = PgvectorSpec()
     qdrant: QdrantSpec = QdrantSpec()
+    # Lexical (full-text) search beside the dense one; `hybrid: false` for dense only.
+    hybrid: HybridSpec = HybridSpec()
     write_back: WriteBackSpec | None = None
 
     @field_validator("text")

@@ -20,6 +20,7 @@ from embedding_assets.core.delta import RowFailure
 from embedding_assets.core.ids import point_id
 from embedding_assets.core.sharding import shard_sql
 from embedding_assets.destinations.base import DestinationWrite, Repair, RowsToWrite
+from embedding_assets.destinations.lexical import ensure_lexical
 from embedding_assets.destinations.pg_relations import relation_name
 from embedding_assets.destinations.pg_vectors import vector_text
 from embedding_assets.destinations.pgvector_index import ChunkTableIndex
@@ -100,6 +101,11 @@ class PgVectorDestination(ChunkTableIndex, ChunkTableReads):
             index = quote_ident(relation_name(self.table_name, suffix))
             conn.execute(sa.text(f"CREATE INDEX {index} ON {self.table} ({column})"))
         return True
+
+    def ensure_lexical(self, conn: sa.Connection) -> str | None:
+        """The full-text column and its GIN index as `hybrid:` asks (see `lexical`)."""
+        index = quote_ident(relation_name(self.table_name, "_lexical"))
+        return ensure_lexical(conn, self.table, index, self.spec.hybrid)
 
     def add_metadata_columns(self, conn: sa.Connection) -> list[str]:
         """Metadata columns added to sources.yaml since the table was made: added to it

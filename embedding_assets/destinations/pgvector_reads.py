@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import sqlalchemy as sa
 
+from embedding_assets.destinations import lexical
 from embedding_assets.destinations.pg_relations import relation_kind
 from embedding_assets.destinations.pg_vectors import SearchHit, fetch_binary
 from embedding_assets.state.pg_values import payload_expr
@@ -62,33 +63,63 @@ class ChunkTableReads:
             )
 
     def search(
-        self, vector: np.ndarray, limit: int, shard: int | None = None, exact: bool = False
+        self,
+        vector: np.ndarray | None,
+        limit: int,
+        shard: int | None = None,
+        exact: bool = False,
+        mode: str = "dense",
+        text: str | None = None,
     ) -> list[SearchHit]:
-        """Nearest chunks by cosine distance (only the shard's, if given). Approximate
-        through the HNSW index with the source's `ef_search` and iterative scan; `exact`
-        scans every chunk instead (the ground truth the recall check compares with)."""
+        """Nearest chunks (only the shard's, if given). `dense`: by cosine distance,
+        approximate through the HNSW index with the source's `ef_search` and iterative
+        scan, or with `exact` every chunk compared (the recall check's ground truth);
+        `lexical`: by full-text rank of `text`; `hybrid`: both, fused by reciprocal rank.
+        Scores: cosine similarity, `ts_rank_cd`, or the fused RRF score."""
         if not self.table_exists():
             return []
-        only = "WHERE shard = :shard" if shard is not None else ""
+        if mode != "dense":
+            self.require_lexical(mode)
+        only = "AND t.shard = :shard" if shard is not None else ""
+        params = {"k": limit, "shard": shard, "text": text, "n": lexical.candidates(limit)}
+        if vector is not None:
+            params["q"] = np.asarray(vector, dtype=np.float32)
+        language = self.spec.hybrid.language
         with self.engine.begin() as conn:
             self._search_settings(conn, exact, limit)
-            rows = conn.execute(
-                sa.text(
-                    f"""WITH hits AS MATERIALIZED (
-                        SELECT point_id, row_id, chunk_index, chunk_text,
-                            embedding <=> CAST(:q AS vector) AS distance
-                        FROM {self.table} {only}
-                        ORDER BY embedding <=> CAST(:q AS vector) LIMIT :k)
-                    SELECT CAST(point_id AS text) AS point_id, row_id, chunk_index,
-                        chunk_text, 1 - distance AS score
-                    FROM hits ORDER BY distance, point_id"""
-                ),
-                {"q": np.asarray(vector, dtype=np.float32), "k": limit, "shard": shard},
-            ).fetchall()
+            if mode == "lexical":
+                statement = lexical.lexical_sql(self.table, language, only)
+            elif mode == "hybrid":
+                statement = lexical.hybrid_sql(self.table, language, only)
+            else:
+                statement = self._dense_sql(only)
+            rows = conn.execute(sa.text(statement), params).fetchall()
         return [
             SearchHit(r.row_id, r.chunk_index, float(r.score), r.chunk_text, r.point_id)
             for r in rows
         ]
+
+    def _dense_sql(self, where: str) -> str:
+        return f"""WITH hits AS MATERIALIZED (
+                SELECT t.point_id, t.row_id, t.chunk_index, t.chunk_text,
+                    t.embedding <=> CAST(:q AS vector) AS distance
+                FROM {self.table} AS t WHERE true {where}
+                ORDER BY t.embedding <=> CAST(:q AS vector) LIMIT :k)
+            SELECT CAST(point_id AS text) AS point_id, row_id, chunk_index,
+                chunk_text, 1 - distance AS score
+            FROM hits ORDER BY distance, point_id"""
+
+    def has_lexical(self) -> bool:
+        with self.engine.connect() as conn:
+            return lexical.lexical_language(conn, self.table) is not None
+
+    def require_lexical(self, mode: str) -> None:
+        if not self.has_lexical():
+            raise LookupError(
+                f"{mode} search needs the full-text column, which {self.table} lacks "
+                f"(hybrid: false for source {self.spec.name!r}, or no sync since it was "
+                "turned on): search in dense mode, or set hybrid: true and run a sync"
+            )
 
     def _search_settings(self, conn: sa.Connection, exact: bool, limit: int) -> None:
         """This transaction's search parameters (SET LOCAL: nothing leaks to the pool)."""

@@ -27,6 +27,7 @@ import sqlalchemy as sa
 
 from embedding_assets.config.base import split_qualified
 from embedding_assets.config.effects import Effect, changed_keys, recorded_config
+from embedding_assets.destinations.pg_relations import publish_view
 from embedding_assets.state.applied_config import AppliedConfig
 from embedding_assets.state.ddl import STATE_SCHEMA, ddl_lock, execute_script
 from embedding_assets.state.privileges import row_security_fingerprint
@@ -152,6 +153,15 @@ def _apply_in_place(runtime: SourceRuntime, changed: dict[str, Effect]) -> list[
                 conn.execute(sa.text(f"DROP INDEX IF EXISTS {index}"))
                 runtime.pgvector.create_index(conn)
                 done.append("pgvector HNSW index rebuilt")
+    if {"hybrid.enabled", "hybrid.language"} & changed.keys() and runtime.spec.pgvector.enabled:
+        with runtime.engine.begin() as conn:
+            ddl_lock(conn)
+            if runtime.pgvector.table_exists(conn) and (
+                action := runtime.pgvector.ensure_lexical(conn)
+            ):
+                if runtime.is_live:
+                    publish_view(conn, runtime.stable_table, runtime.spec.pg_table)
+                done.append(action)
     qdrant_keys = {"qdrant.hnsw.m", "qdrant.hnsw.ef_construct", "qdrant.quantization"}
     if qdrant_keys & changed.keys() and runtime.spec.qdrant.enabled:
         store, collection = runtime.qdrant.store, runtime.qdrant.collection

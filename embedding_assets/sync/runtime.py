@@ -135,8 +135,9 @@ class SourceRuntime:
             chunk_table = self.spec.pgvector.enabled
             created = chunk_table and self.pgvector.ensure(conn, dimension)
             added = [] if created or not chunk_table else self.pgvector.add_metadata_columns(conn)
+            lexical = chunk_table and self.pgvector.ensure_lexical(conn)
             live = self.generation is not None and self.generation.state == "live"
-            if (created or added) and live:  # the view shows new columns too
+            if (created or added or lexical) and live:  # the view shows new columns too
                 publish_view(conn, self.stable_table, self.spec.pg_table)
             recorded = self.ledger.claim_target(
                 conn,
