@@ -1,9 +1,6 @@
 """`embedding-assets evaluate`: retrieval quality of a source's generation on labelled queries,
-per backend and mode: recall@k, MRR@k and nDCG@k (`core.retrieval_metrics`).
-
-The queries file is JSON lines, `{"query": "...", "relevant": ["<row id>", ...]}`; the row
-ids are the source's. A chunk hit counts for its row, once, at the row's best rank.
-"""
+per backend and mode: recall@k, MRR@k and nDCG@k (`sync.evaluation`); and known-item queries
+made from the source's rows (`sync.known_items`)."""
 
 import json
 from pathlib import Path
@@ -12,89 +9,30 @@ import click
 
 from embedding_assets.cli.common import ensure_database, settings_from, source_names
 from embedding_assets.config.settings import Settings
-
-MODES = ("dense", "lexical", "hybrid")
-
-
-def read_queries(path: Path) -> list[tuple[str, set[str]]]:
-    """The labelled queries; a bad line is refused with its number and what it lacks."""
-    queries = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-            query, relevant = item["query"], item["relevant"]
-            if not isinstance(query, str) or not query.strip() or not isinstance(relevant, list):
-                raise ValueError
-        except (ValueError, KeyError, TypeError):
-            raise click.ClickException(
-                f"{path}:{number}: expected a JSON object "
-                '{"query": "<text>", "relevant": ["<row id>", ...]}, got: ' + line[:200]
-            ) from None
-        queries.append((query, {str(r) for r in relevant}))
-    if not queries:
-        raise click.ClickException(f"{path} holds no queries (JSON lines of query + relevant)")
-    return queries
-
-
-def backend_modes(runtime) -> list[tuple[str, str]]:
-    """(backend, mode) pairs the generation can answer, named as `search` names them."""
-    pairs = []
-    if runtime.spec.pgvector.enabled and runtime.pgvector.table_exists():
-        pairs.append(("pgvector", "dense"))
-        if runtime.pgvector.has_lexical():
-            pairs += [("pgvector", "lexical"), ("pgvector", "hybrid")]
-    if runtime.spec.qdrant.enabled:
-        pairs.append(("qdrant", "dense"))
-    if runtime.column is not None:
-        pairs.append(("column", "dense"))
-    return pairs
-
-
-def ranked_rows(runtime, backend: str, mode: str, text: str, vector, k: int) -> list[str]:
-    if backend == "pgvector":
-        hits = runtime.pgvector.search(vector, k * 4, mode=mode, text=text)
-        return [h.row_id for h in hits]
-    if backend == "qdrant":
-        return [str(h.payload.get("row_id")) for h in runtime.qdrant.search(vector, k * 4)]
-    return [str(h["row_id"]) for h in runtime.column.search(vector, k, live=runtime.is_live)]
+from embedding_assets.sync.evaluation import (
+    MODES,
+    Queries,
+    backend_modes,
+    evaluate_runtime,
+    read_queries,
+)
 
 
 def evaluate_source(
     settings: Settings,
     source: str,
-    queries: list[tuple[str, set[str]]],
+    queries: Queries,
     k: int,
     generation: int | str = "live",
     modes: tuple[str, ...] = MODES,
 ) -> dict:
     """Every (backend, mode) the generation has, each query searched once in each."""
-    from embedding_assets.core.retrieval_metrics import mean_metrics
     from embedding_assets.ops.environment import database_url
     from embedding_assets.sync.generations import runtime_for
 
     runtime = runtime_for(settings, source, database_url(), generation, register=False)
     pairs = [(b, m) for b, m in backend_modes(runtime) if m in modes]
-    need_vectors = any(m != "lexical" for _, m in pairs)
-    vectors = [runtime.embedder.embed_query(q) if need_vectors else None for q, _ in queries]
-    results = []
-    with runtime.qdrant.store.keep_open():  # an embedded collection opened once, not per query
-        for backend, mode in pairs:
-            runs = [
-                (ranked_rows(runtime, backend, mode, query, vector, k), relevant)
-                for (query, relevant), vector in zip(queries, vectors, strict=True)
-            ]
-            metrics = mean_metrics(runs, k)
-            results.append(
-                {
-                    "backend": backend,
-                    "mode": mode,
-                    "recall_at_k": metrics.recall_at_k,
-                    "mrr_at_k": metrics.mrr_at_k,
-                    "ndcg_at_k": metrics.ndcg_at_k,
-                }
-            )
+    results = evaluate_runtime(runtime, queries, k, pairs)
     return {"queries": len(queries), "k": k, "generation": runtime.number, "results": results}
 
 
@@ -167,7 +105,10 @@ def evaluate(
         return
     if queries_file is None:
         raise click.ClickException("give --queries FILE (or --make-queries N --out FILE)")
-    queries = read_queries(queries_file)
+    try:
+        queries = read_queries(queries_file)
+    except ValueError as problem:
+        raise click.ClickException(str(problem)) from None
     ensure_database()
     report = evaluate_source(settings, name, queries, k, which, modes or MODES)
     if as_json:

@@ -97,6 +97,10 @@ SOURCE_KEYS: dict[str, Effect] = {
     "retries.max_wait_seconds": OPERATIONAL,
     "generations.promote": OPERATIONAL,
     "generations.keep_previous_hours": OPERATIONAL,
+    "generations.evaluate": OPERATIONAL,  # the quality gate before a promotion
+    "generations.evaluate.queries": OPERATIONAL,
+    "generations.evaluate.metric": OPERATIONAL,
+    "generations.evaluate.max_drop": OPERATIONAL,
     "freshness_seconds": OPERATIONAL,
     "description": OPERATIONAL,
     "owners": OPERATIONAL,

@@ -97,10 +97,23 @@ def load_settings(path: Path | str | None = None) -> Settings:
         raise SettingsError(f"{path} is not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
         raise SettingsError(f"{path} must hold a mapping with `embedders:` and `sources:`")
+    _anchor_gate_queries(raw, path.resolve().parent)
     try:
         return Settings.model_validate({**raw, "path": path.resolve()})
     except ValidationError as exc:
         raise SettingsError(f"{path} is invalid:\n{exc}") from exc
+
+
+def _anchor_gate_queries(raw: dict, folder: Path) -> None:
+    """A quality gate's queries file, relative to the sources file, made absolute."""
+    for source in raw.get("sources") or []:
+        gate = (
+            ((source or {}).get("generations") or {}).get("evaluate")
+            if isinstance(source, dict)
+            else None
+        )
+        if isinstance(gate, dict) and isinstance(gate.get("queries"), str):
+            gate["queries"] = str(folder / gate["queries"])
 
 
 def drift(loaded: Settings) -> str | None:

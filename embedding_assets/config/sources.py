@@ -68,6 +68,17 @@ class RetrySpec(Spec):
 CaptureMode = Literal["auto", "trigger", "watermark", "diff"]
 
 
+class QualityGateSpec(Spec):
+    """Before a build goes live, its retrieval on labelled queries (`queries`: JSON lines of
+    `{"query", "relevant": [row ids]}`, relative to sources.yaml) is compared with the live
+    generation's, in the mode readers get (hybrid where it exists); a drop of `metric`
+    beyond `max_drop` blocks the promotion, with both figures in the reason."""
+
+    queries: str = Field(min_length=1)
+    metric: str = Field(default="ndcg_at_10", pattern=r"^(recall|mrr|ndcg)_at_[1-9][0-9]{0,2}$")
+    max_drop: float = Field(default=0.02, ge=0, le=1)
+
+
 class GenerationsSpec(Spec):
     """A change of the model, template or chunking builds a new generation beside the live
     one; `promote` says whether it goes live by itself once complete and its checks pass
@@ -76,6 +87,7 @@ class GenerationsSpec(Spec):
 
     promote: Literal["auto", "manual"] = "auto"
     keep_previous_hours: float = Field(default=24, ge=0)
+    evaluate: QualityGateSpec | None = None
 
 
 class SourceSpec(Spec):

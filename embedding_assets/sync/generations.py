@@ -314,6 +314,25 @@ def runtime_of_generation(
     )
 
 
+def sibling_runtime(runtime: SourceRuntime, state: str) -> SourceRuntime | None:
+    """The runtime of the source's generation in `state` beside `runtime`'s (the live one
+    beside a build), with that generation's own embedder; None if there is none."""
+    generations = Generations(runtime.engine, runtime.spec.name).all()
+    other = next((g for g in generations if g.state == state), None)
+    if other is None or runtime.generation is None:
+        return None
+    if other.number == runtime.generation.number:
+        return runtime
+    return source_runtime(
+        generation_spec(runtime.spec, other),
+        runtime.engine.url.render_as_string(hide_password=False),
+        generation_embedder(other, runtime.generation.pipeline_key, runtime.embedder),
+        runtime.qdrant.store,
+        generation=other,
+        stable=(runtime.stable_table, runtime.stable_collection),
+    )
+
+
 def all_runtimes(
     spec: SourceSpec,
     embedder_spec: EmbedderSpec,

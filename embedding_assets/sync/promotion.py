@@ -33,7 +33,8 @@ from embedding_assets.state.generations import (
     Generations,
     lock_registry,
 )
-from embedding_assets.sync.generations import drop_generation_state
+from embedding_assets.sync.evaluation import quality_blocker
+from embedding_assets.sync.generations import drop_generation_state, sibling_runtime
 from embedding_assets.sync.runtime import SourceRuntime
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,10 @@ def promotion_blockers(runtime: SourceRuntime) -> list[str]:
             f"{len(missing)} of the sampled chunks do not find themselves in their top "
             f"{PROMOTION_K}: {missing[:3]}"
         )
+    if spec.generations.evaluate is not None:  # retrieval no worse than the live one's
+        worse = quality_blocker(runtime, sibling_runtime(runtime, "live"))
+        if worse:
+            reasons.append(worse)
     return reasons
 
 

@@ -735,3 +735,37 @@ def test_the_sensor_promotes_a_finished_build_with_no_work_left(
     assert not result.run_requests
     assert states(postgres, name) == {1: "live", 2: "previous"}
     assert server_qdrant.alias_target(name) == f"{name}__g1"
+
+
+ANIMALS = ["giraffe", "walrus", "pelican", "octopus", "badger", "flamingo", "tortoise", "lynx"]
+
+
+def test_a_build_that_retrieves_worse_on_the_labelled_queries_is_not_promoted(
+    postgres, home, tmp_path, instance
+):
+    """The quality gate: the same queries on the live generation and on the build, in the
+    readers' default mode (hybrid); a drop beyond max_drop blocks, with both figures."""
+    import json
+
+    name = unique_name()
+    rows = [
+        {"id": i, "title": f"Doc {i}", "body": f"a story about a {animal}", "category": "a"}
+        for i, animal in enumerate(ANIMALS, start=1)
+    ]
+    create_docs_table(postgres, name, rows)
+    (tmp_path / "queries.jsonl").write_text(
+        "".join(
+            json.dumps({"query": r["body"].split()[-1], "relevant": [r["id"]]}) + "\n" for r in rows
+        )
+    )
+    gate = "{evaluate: {queries: queries.jsonl, metric: ndcg_at_10, max_drop: 0.02}}"
+    sync_ok(settings_for(tmp_path, name, "a", generations=gate), name, instance)
+    # The new template drops the body: the animals are no longer in the text.
+    titles_only = settings_for(tmp_path, name, "b", text="{title}", generations=gate)
+    reports = sync_ok(titles_only, name, instance)
+    assert states(postgres, name) == {1: "live", 2: "building"}
+    blocked = Generations(engine_for(postgres), name).get(2).blocked_reason
+    assert "retrieval quality dropped: ndcg_at_10" in blocked, blocked
+    assert "against the live generation's 1.0000" in blocked  # each animal finds its row
+    assert "pgvector hybrid, 8 queries" in blocked
+    assert any(r.promotion_blocked for r in reports)

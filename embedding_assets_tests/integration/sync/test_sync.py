@@ -197,10 +197,14 @@ def test_search_finds_exact_text_first_in_both_backends(postgres, home, tmp_path
     create_docs_table(postgres, name, docs(30))
     settings = write_settings(tmp_path, name, name)
     sync_shards(settings, name, instance)
+    text = "Package 17: A library number 17 for echo"
     for backend in ("pgvector", "qdrant"):
-        hits = search_source(settings, name, "Package 17: A library number 17 for echo", 5, backend)
+        hits = search_source(settings, name, text, 5, backend, mode="dense")
         assert hits[0]["row_id"] == "17", (backend, hits)
-        assert hits[0]["score"] > 0.99
+        assert hits[0]["score"] > 0.99  # cosine similarity
+    # pgvector's default is hybrid: first too, with the fused score (at most 2 / (60 + 1)).
+    hybrid = search_source(settings, name, text, 5, "pgvector")
+    assert hybrid[0]["row_id"] == "17" and 0 < hybrid[0]["score"] <= 2 / 61
 
 
 def test_crash_between_pgvector_and_qdrant_converges(postgres, home, tmp_path, instance):
