@@ -59,6 +59,35 @@ def plan_report(settings: Settings, source: str) -> dict[str, Any]:
         "price_per_million_tokens": price,
         "estimated_cost": tokens_to_embed / 1e6 * price if price is not None else None,
         "max_tokens_per_day": embedder_spec.max_tokens_per_day,
+        # The live generation on the quality gate's queries (None: no gate configured).
+        "live_quality": _live_quality(settings, source),
+    }
+
+
+def _live_quality(settings: Settings, source: str) -> dict[str, Any] | None:
+    """What a build must match: the live generation's figure on the gate's queries."""
+    from pathlib import Path
+
+    from embedding_assets.ops.environment import database_url
+    from embedding_assets.state.generations import GenerationError
+    from embedding_assets.sync.evaluation import gate_score, read_queries
+    from embedding_assets.sync.generations import runtime_for
+
+    gate = settings.source(source).generations.evaluate
+    if gate is None:
+        return None
+    try:
+        live = runtime_for(settings, source, database_url(), "live", register=False)
+        queries = read_queries(Path(gate.queries))
+        value, how = gate_score(live, queries, gate.metric)
+    except (ValueError, GenerationError) as problem:
+        return {"metric": gate.metric, "error": str(problem)}
+    return {
+        "metric": gate.metric,
+        "value": round(value, 4),
+        "measured_in": how,
+        "queries": len(queries),
+        "max_drop": gate.max_drop,
     }
 
 
@@ -131,6 +160,15 @@ def plan(ctx: click.Context, source: str | None, as_json: bool) -> None:
                 f"  edited since the last sync: {edited}; applying it removes "
                 f"{r['rows_to_delete']:,} rows and writes {r['rows']:,} (of which the chunks "
                 "above are embedded, the rest reused)"
+            )
+        quality = r["live_quality"]
+        if quality and "error" in quality:
+            click.echo(f"  quality gate: not measured: {quality['error']}")
+        elif quality:
+            click.echo(
+                f"  quality gate: the live generation's {quality['metric']} is "
+                f"{quality['value']:.4f} ({quality['measured_in']}, {quality['queries']} "
+                f"queries); a build more than {quality['max_drop']} below it is not promoted"
             )
         if r["max_tokens_per_day"]:
             days = r["tokens_to_embed"] / r["max_tokens_per_day"]

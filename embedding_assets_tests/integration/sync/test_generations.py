@@ -759,7 +759,12 @@ def test_a_build_that_retrieves_worse_on_the_labelled_queries_is_not_promoted(
         )
     )
     gate = "{evaluate: {queries: queries.jsonl, metric: ndcg_at_10, max_drop: 0.02}}"
-    sync_ok(settings_for(tmp_path, name, "a", generations=gate), name, instance)
+    first = settings_for(tmp_path, name, "a", generations=gate)
+    sync_ok(first, name, instance)
+    from embedding_assets.cli.plan import plan_report
+
+    live = plan_report(first, name)["live_quality"]  # what `plan` prints
+    assert live["value"] == 1.0 and live["queries"] == 8 and live["metric"] == "ndcg_at_10"
     # The new template drops the body: the animals are no longer in the text.
     titles_only = settings_for(tmp_path, name, "b", text="{title}", generations=gate)
     reports = sync_ok(titles_only, name, instance)
