@@ -53,7 +53,11 @@ class HybridSpec(Spec):
     enabled: bool = True
     language: str = Field(default="simple", pattern=r"^[a-z][a-z0-9_]{0,62}$")
 
-    _off = model_validator(mode="before")(off_as_disabled)
+    @model_validator(mode="before")
+    @classmethod
+    def _on_or_off(cls, value):
+        """`hybrid: false` / `hybrid: true` as shorthands."""
+        return {"enabled": value} if isinstance(value, bool) else value
 
 
 class WriteBackSpec(Spec):

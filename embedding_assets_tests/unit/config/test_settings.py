@@ -49,6 +49,9 @@ def test_defaults(tmp_path):
         ("    where: embedding is null\n    write_back: {column: embedding}\n", "also read"),
         ("    write_back: {column: e, model_column: e}\n", "names a column twice"),
         ("    write_back: {column: e, row_vector: max}\n", "row_vector"),
+        ("    live: true\n    change_capture: diff\n", "live: true needs capture triggers"),
+        ("    hybrid: {language: Not-A-Config}\n", "language"),
+        ("    generations: {evaluate: {queries: q.jsonl, metric: map_at_5}}\n", "metric"),
     ],
 )
 def test_invalid_sources_name_the_problem(tmp_path, change, message):
@@ -75,3 +78,21 @@ def test_write_back_into_a_query_source_needs_a_side_table(tmp_path):
         load(tmp_path, query + "    write_back: {column: embedding}\n")
     spec = load(tmp_path, query + "    write_back: {column: embedding, table: app.v}\n")
     assert spec.source("docs").write_back.columns == ["embedding"]
+
+
+def test_hybrid_live_and_the_quality_gate(tmp_path):
+    spec = load(tmp_path, BASE).source("docs")
+    assert (spec.hybrid.enabled, spec.hybrid.language, spec.live) == (True, "simple", None)
+    assert spec.generations.evaluate is None
+    off = load(tmp_path, BASE + "    hybrid: false\n    live: false\n").source("docs")
+    assert (off.hybrid.enabled, off.live) == (False, False)
+    on = load(tmp_path, BASE + "    hybrid: true\n").source("docs")
+    assert on.hybrid.enabled
+    gate = (
+        load(tmp_path, BASE + "    generations: {evaluate: {queries: labels/q.jsonl}}\n")
+        .source("docs")
+        .generations.evaluate
+    )
+    # Relative to sources.yaml, whatever the working directory.
+    assert gate.queries == str(tmp_path.resolve() / "labels" / "q.jsonl")
+    assert (gate.metric, gate.max_drop) == ("ndcg_at_10", 0.02)
