@@ -7,7 +7,8 @@
      and 3-5 distinctive words of its description (its rarest words among all summaries,
      none of them part of the name);
   3. search latency at `--latency-rows` rows (a free embedder: what the vectors mean does
-     not change how long a search takes): p50 of dense and of hybrid in pgvector.
+     not change how long a search takes): p50 of dense and of hybrid, pgvector and the
+     embedded Qdrant engine (which searches exactly: it builds no HNSW graph).
 
 Prints figures; asserts nothing.
 
@@ -108,13 +109,15 @@ def quality(sources: Path, url: str, table: str, names: list, words: list) -> No
                 f"MRR@10 {r['mrr_at_k']:.4f}  nDCG@10 {r['ndcg_at_k']:.4f}"
             )
         by = {(r["backend"], r["mode"]): r for r in results}
-        hybrid, dense = by[("pgvector", "hybrid")], by[("pgvector", "dense")]
-        lexical = by[("pgvector", "lexical")]
-        print(
-            f"    pgvector hybrid - dense: MRR@10 {hybrid['mrr_at_k'] - dense['mrr_at_k']:+.4f}; "
-            f"hybrid recall@10 {hybrid['recall_at_k']:.4f} vs max(dense, lexical) "
-            f"{max(dense['recall_at_k'], lexical['recall_at_k']):.4f}"
-        )
+        for backend in ("pgvector", "qdrant"):
+            hybrid, dense = by[(backend, "hybrid")], by[(backend, "dense")]
+            lexical = by[(backend, "lexical")]
+            print(
+                f"    {backend} hybrid - dense: MRR@10 "
+                f"{hybrid['mrr_at_k'] - dense['mrr_at_k']:+.4f}; hybrid recall@10 "
+                f"{hybrid['recall_at_k']:.4f} vs max(dense, lexical) "
+                f"{max(dense['recall_at_k'], lexical['recall_at_k']):.4f}"
+            )
 
 
 def latency(home: Path, url: str, engine, rows: int) -> None:
@@ -136,14 +139,17 @@ def latency(home: Path, url: str, engine, rows: int) -> None:
         print(f"[3] {rows} rows synced (free embedder) in {seconds:.0f} s")
         runtime = runtime_for(load_settings(sources), "pkg_big", url, "live", register=False)
         queries = [n for n, _ in random.Random(3).sample(packages(rows), 100)]
-        for mode in ("dense", "hybrid", "dense", "hybrid"):  # twice: the second is warm
-            took = []
-            for query in queries:
-                vector = vectors_for([query])[0]
-                started = time.perf_counter()
-                runtime.pgvector.search(vector, 10, mode=mode, text=query)
-                took.append(time.perf_counter() - started)
-            print(f"    pgvector {mode}: p50 {1000 * statistics.median(took):.1f} ms")
+        with runtime.qdrant.store.keep_open():  # the embedded collection opened once
+            for backend in ("pgvector", "qdrant"):
+                search = getattr(runtime, backend).search
+                for mode in ("dense", "hybrid", "dense", "hybrid"):  # the second is warm
+                    took = []
+                    for query in queries:
+                        vector = vectors_for([query])[0]
+                        started = time.perf_counter()
+                        search(vector, 10, mode=mode, text=query)
+                        took.append(time.perf_counter() - started)
+                    print(f"    {backend} {mode}: p50 {1000 * statistics.median(took):.1f} ms")
     finally:
         free.stop()
 

@@ -13,7 +13,11 @@ MODES = ("dense", "lexical", "hybrid")
 
 def default_mode(runtime, backend: str) -> str:
     """hybrid where the backend holds the source's lexical side, else dense."""
-    if backend == "pgvector" and runtime.spec.hybrid.enabled and runtime.pgvector.has_lexical():
+    if not runtime.spec.hybrid.enabled:
+        return "dense"
+    if backend == "pgvector" and runtime.pgvector.has_lexical():
+        return "hybrid"
+    if backend == "qdrant" and runtime.qdrant.has_lexical():
         return "hybrid"
     return "dense"
 
@@ -44,10 +48,10 @@ def search_source(
     # Read only: the live generation as it is, whatever pipeline sources.yaml asks for now.
     runtime = runtime_for(settings, source, database_url(), generation, register=False)
     mode = mode or default_mode(runtime, backend)
-    if mode != "dense" and backend != "pgvector":
+    if mode != "dense" and backend == "column":
         raise click.ClickException(
-            f"{mode} search is in the pgvector backend only so far ({backend} holds dense "
-            "vectors): search --backend pgvector, or --mode dense"
+            f"{mode} search needs full text, which the write-back column (one vector per "
+            "row) has not: search --backend pgvector or qdrant, or --mode dense"
         )
     if backend == "column":
         if runtime.column is None:
@@ -76,6 +80,10 @@ def search_source(
             {"row_id": h.row_id, "chunk_index": h.chunk_index, "score": h.score, "text": h.text}
             for h in hits
         ]
+    try:
+        found = runtime.qdrant.search(vector, limit, exact=exact, mode=mode, text=text)
+    except LookupError as missing:
+        raise click.ClickException(str(missing)) from None
     return [
         {
             "row_id": h.payload.get("row_id"),
@@ -83,7 +91,7 @@ def search_source(
             "score": h.score,
             "text": h.payload.get("text"),
         }
-        for h in runtime.qdrant.search(vector, limit, exact=exact)
+        for h in found
     ]
 
 
@@ -101,8 +109,8 @@ def search_source(
     "--mode",
     type=click.Choice(MODES),
     default=None,
-    help="dense: the vectors; lexical: full text; hybrid: both, fused by reciprocal rank "
-    "(the default where the source has its full-text column: pgvector, hybrid on).",
+    help="dense: the vectors; lexical: full text (pgvector) or BM25 terms (Qdrant); hybrid: "
+    "both, fused by reciprocal rank (the default where the backend has the lexical side).",
 )
 @click.option(
     "--exact",

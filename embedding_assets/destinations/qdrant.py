@@ -19,6 +19,7 @@ from embedding_assets.core.ids import point_id
 from embedding_assets.destinations.base import Repair
 from embedding_assets.destinations.pgvector import PgVectorDestination
 from embedding_assets.destinations.qdrant_embedded import EmbeddedQdrantStore
+from embedding_assets.destinations.qdrant_lexical import document_terms, query_terms
 from embedding_assets.destinations.qdrant_store import (
     IndexConfig,
     IndexHit,
@@ -129,6 +130,9 @@ class QdrantDestination:
             reset = not exists or (
                 self.store.count(self.collection, shard=shard) != self.expected_points(shard)
             )
+            # A collection made without the sparse vector keeps dense points only (a new
+            # generation brings it); a new one gets it as `hybrid:` says.
+            lexical = self.store.has_lexical(self.collection) if exists else self.lexical
         lag, chunks = self._lagging(shard, limit, every_row=reset)
         update = IndexUpdate(
             shard=shard,
@@ -161,7 +165,8 @@ class QdrantDestination:
             # Metadata first: the payload's own keys win (settings refuse such names anyway).
             payload = {**metadata, "row_id": row_id, "chunk_index": int(chunk_index)}
             payload.update(shard=shard, text=text)
-            update.upserts.append(IndexPoint(id=pid, vector=vector, payload=payload))
+            terms = document_terms(text, self.spec.hybrid.language) if lexical else None
+            update.upserts.append(IndexPoint(id=pid, vector=vector, payload=payload, sparse=terms))
         for row in lag.itertuples(index=False):
             if not reset:
                 # Points past the row's new chunk count are stale (all, for a deleted row).
@@ -200,7 +205,7 @@ class QdrantDestination:
         with self.store.session(self.collection):
             if update.create_collection or update.reset_shard:
                 if self.store.ensure_collection(
-                    self.collection, update.dimension, self.index_config
+                    self.collection, update.dimension, self.index_config, lexical=self.lexical
                 ):
                     self.forget()  # a new collection holds nothing of any shard
                 if update.reset_shard:
@@ -287,11 +292,41 @@ class QdrantDestination:
             quantization=qdrant.quantization,
         )
 
+    @property
+    def lexical(self) -> bool:
+        """Whether a collection this destination makes gets the sparse `lexical` vector."""
+        return self.spec.hybrid.enabled
+
+    def has_lexical(self) -> bool:
+        return self.store.has_lexical(self.collection)
+
     def search(
-        self, vector: Sequence[float], limit: int, shard: int | None = None, exact: bool = False
+        self,
+        vector: Sequence[float] | None,
+        limit: int,
+        shard: int | None = None,
+        exact: bool = False,
+        mode: str = "dense",
+        text: str | None = None,
     ) -> list[IndexHit]:
+        """Nearest points in `mode` (dense, lexical, hybrid: see `QdrantStore.search`)."""
+        if mode != "dense" and not self.has_lexical():
+            raise LookupError(
+                f"{mode} search needs the sparse `lexical` vector, which Qdrant collection "
+                f"{self.collection!r} lacks (made before hybrid search, or hybrid: false): "
+                "search in dense mode; a new generation (a change of model, template or "
+                "chunking) is made with it"
+            )
+        terms = query_terms(text or "", self.spec.hybrid.language) if mode != "dense" else None
         return self.store.search(
-            self.collection, vector, limit, shard, exact=exact, config=self.index_config
+            self.collection,
+            vector,
+            limit,
+            shard,
+            exact=exact,
+            config=self.index_config,
+            mode=mode,
+            terms=terms,
         )
 
     def retrieve(self, ids: Sequence[str]) -> list[IndexHit]:

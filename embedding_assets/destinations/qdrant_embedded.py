@@ -33,10 +33,15 @@ from pathlib import Path
 
 import qdrant_edge as edge
 
+from embedding_assets.destinations.qdrant_edge_files import (
+    CONFIG_FILE,
+    check_shard_config,
+    create_shard,
+)
+from embedding_assets.destinations.qdrant_lexical import LEXICAL_VECTOR, RRF_K, candidates
 from embedding_assets.destinations.qdrant_store import (
     DEFAULT_INDEX_CONFIG,
     DELETE_BATCH_SIZE,
-    PAYLOAD_INDEXES,
     UPSERT_BATCH_SIZE,
     IndexConfig,
     IndexHit,
@@ -45,7 +50,6 @@ from embedding_assets.destinations.qdrant_store import (
     batches,
     canonical_id,
     hit_id,
-    mismatch_error,
     shard_filter_args,
     vector_of,
 )
@@ -53,9 +57,6 @@ from embedding_assets.destinations.qdrant_store import (
 log = logging.getLogger(__name__)
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}")
-
-
-_CONFIG_FILE = "edge_config.json"  # written by qdrant-edge at create; holds size and distance
 
 
 @dataclass
@@ -68,7 +69,7 @@ class _Handle:
 
     @property
     def exists(self) -> bool:
-        return (self.path / _CONFIG_FILE).is_file()
+        return (self.path / CONFIG_FILE).is_file()
 
     def load(self) -> edge.EdgeShard | None:
         """The open shard, or None if the collection does not exist."""
@@ -100,20 +101,31 @@ class EmbeddedQdrantStore:
         return False  # searched exactly: no index to rebuild
 
     def ensure_collection(
-        self, name: str, dimension: int, config: IndexConfig = DEFAULT_INDEX_CONFIG
+        self,
+        name: str,
+        dimension: int,
+        config: IndexConfig = DEFAULT_INDEX_CONFIG,
+        lexical: bool = False,
     ) -> bool:
         if dimension < 1:
             raise ValueError(f"dimension must be positive, got {dimension}")
         with self._open(name) as handle:
             if handle.exists:  # the config file answers this; no need to open the shard
-                self._check_config(name, handle.path, dimension)
+                check_shard_config(name, handle.path, dimension)
                 return False
-            self._create(handle.path, dimension)
+            create_shard(handle.path, dimension, lexical)
             log.info("created embedded Qdrant collection %r (%d-d, cosine)", name, dimension)
             return True
 
     def collection_exists(self, name: str) -> bool:
-        return (self._path(name) / _CONFIG_FILE).is_file()
+        return (self._path(name) / CONFIG_FILE).is_file()
+
+    def has_lexical(self, name: str) -> bool:
+        try:
+            stored = json.loads((self._path(name) / CONFIG_FILE).read_text())
+        except (OSError, ValueError):
+            return False
+        return LEXICAL_VECTOR in (stored.get("sparse_vectors") or {})
 
     def delete_collection(self, name: str) -> bool:
         if self._handles().get(name) is not None:
@@ -142,10 +154,7 @@ class EmbeddedQdrantStore:
             for batch in batches(points, UPSERT_BATCH_SIZE):
                 shard.update(
                     edge.UpdateOperation.upsert_points(
-                        [
-                            edge.Point(canonical_id(p.id), as_floats(p.vector), p.payload)
-                            for p in batch
-                        ]
+                        [edge.Point(canonical_id(p.id), _vectors(p), p.payload) for p in batch]
                     )
                 )
 
@@ -185,21 +194,43 @@ class EmbeddedQdrantStore:
         shard: int | None = None,
         exact: bool = False,
         config: IndexConfig = DEFAULT_INDEX_CONFIG,
+        mode: str = "dense",
+        terms: tuple[list[int], list[float]] | None = None,
     ) -> list[IndexHit]:
         # The engine never builds an HNSW graph (see above): every search is exact.
         if limit < 1:
             return []
+        only = None if shard is None else self._shard_filter(shard)
+        dense = edge.Query.Nearest(as_floats(vector)) if mode != "lexical" else None
+        sparse = (
+            edge.Query.Nearest(edge.SparseVector(*terms), using=LEXICAL_VECTOR)
+            if mode != "dense" and terms is not None
+            else None
+        )
+        if mode == "hybrid":
+            n = candidates(limit)
+            request = edge.QueryRequest(
+                limit=limit,
+                prefetches=[
+                    edge.Prefetch(limit=n, query=dense, filter=only),
+                    edge.Prefetch(limit=n, query=sparse, filter=only),
+                ],
+                query=edge.Fusion.Rrf(k=RRF_K),
+                with_payload=True,
+                with_vector=False,
+            )
+        else:
+            request = edge.QueryRequest(
+                limit=limit,
+                query=sparse if mode == "lexical" else dense,
+                filter=only,
+                with_payload=True,
+                with_vector=False,
+            )
         with self._open(name) as handle:
             edge_shard = handle.load()
             if edge_shard is None:
                 return []
-            request = edge.QueryRequest(
-                limit=limit,
-                query=edge.Query.Nearest(as_floats(vector)),
-                filter=None if shard is None else self._shard_filter(shard),
-                with_payload=True,
-                with_vector=False,
-            )
             scored = edge_shard.query(request)
         return [IndexHit(hit_id(p.id), float(p.score), dict(p.payload or {})) for p in scored]
 
@@ -384,43 +415,13 @@ class EmbeddedQdrantStore:
             )
         return self.root / name
 
-    @staticmethod
-    def _create(path: Path, dimension: int) -> None:
-        # Build beside the target and rename, so a crash never leaves a half-made collection
-        # that collection_exists() would report.
-        tmp = path.with_name(f".{path.name}.creating")
-        shutil.rmtree(tmp, ignore_errors=True)
-        config = edge.EdgeConfig(
-            vectors=edge.EdgeVectorParams(size=dimension, distance=edge.Distance.Cosine)
-        )
-        shard = edge.EdgeShard.create(str(tmp), config)
-        try:
-            schemas = {
-                "keyword": edge.PayloadSchemaType.Keyword,
-                "integer": edge.PayloadSchemaType.Integer,
-            }
-            for field, kind in PAYLOAD_INDEXES.items():
-                shard.update(edge.UpdateOperation.create_field_index(field, schemas[kind]))
-            shard.flush()
-        finally:
-            shard.close()
-        tmp.rename(path)
-
-    @staticmethod
-    def _check_config(name: str, path: Path, dimension: int) -> None:
-        try:
-            stored = json.loads((path / _CONFIG_FILE).read_text())["vectors"][""]
-            size, distance = int(stored["size"]), str(stored["distance"])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise RuntimeError(
-                f"cannot read the vector config of embedded Qdrant collection {name!r} "
-                f"from {path / _CONFIG_FILE}: {exc}"
-            ) from exc
-        if size != dimension or distance.lower() != "cosine":
-            raise mismatch_error(
-                name, f"{size}-dimensional {distance} vectors", dimension, f"remove {path}"
-            )
-
 
 def _waiters_file(lock_path: Path) -> Path:
     return lock_path.with_name(lock_path.name + ".waiting")
+
+
+def _vectors(point: IndexPoint):
+    """The dense vector alone, or with the sparse one (a collection with `lexical`)."""
+    if point.sparse is None:
+        return as_floats(point.vector)
+    return {"": as_floats(point.vector), LEXICAL_VECTOR: edge.SparseVector(*point.sparse)}

@@ -10,6 +10,7 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
+from embedding_assets.destinations.qdrant_lexical import LEXICAL_VECTOR, RRF_K, candidates
 from embedding_assets.destinations.qdrant_store import (
     DEFAULT_INDEX_CONFIG,
     DELETE_BATCH_SIZE,
@@ -74,7 +75,11 @@ class ServerQdrantStore:
         return f"ServerQdrantStore({self._description})"
 
     def ensure_collection(
-        self, name: str, dimension: int, config: IndexConfig = DEFAULT_INDEX_CONFIG
+        self,
+        name: str,
+        dimension: int,
+        config: IndexConfig = DEFAULT_INDEX_CONFIG,
+        lexical: bool = False,
     ) -> bool:
         from qdrant_client import models
 
@@ -97,6 +102,11 @@ class ServerQdrantStore:
                     ),
                     hnsw_config=models.HnswConfigDiff(m=config.m, ef_construct=config.ef_construct),
                     quantization_config=quantization,
+                    sparse_vectors_config={
+                        LEXICAL_VECTOR: models.SparseVectorParams(modifier=models.Modifier.IDF)
+                    }
+                    if lexical
+                    else None,
                 )
                 created = True
                 log.info("created Qdrant collection %r (%d-d, cosine)", name, dimension)
@@ -132,6 +142,12 @@ class ServerQdrantStore:
     def collection_exists(self, name: str) -> bool:
         return bool(self._client.collection_exists(name))
 
+    def has_lexical(self, name: str) -> bool:
+        if not self._client.collection_exists(name):
+            return False
+        sparse = self._client.get_collection(name).config.params.sparse_vectors or {}
+        return LEXICAL_VECTOR in sparse
+
     def delete_collection(self, name: str) -> bool:
         if not self._client.collection_exists(name):
             return False
@@ -142,11 +158,18 @@ class ServerQdrantStore:
 
         for batch in batches(points, UPSERT_BATCH_SIZE):
             # A column Batch skips building one pydantic PointStruct per point.
+            dense = [as_floats(p.vector) for p in batch]
+            vectors = dense
+            if all(p.sparse is not None for p in batch):  # a collection with `lexical`
+                sparse = [
+                    models.SparseVector(indices=p.sparse[0], values=p.sparse[1]) for p in batch
+                ]
+                vectors = {"": dense, LEXICAL_VECTOR: sparse}
             self._client.upsert(
                 name,
                 points=models.Batch(
                     ids=[canonical_id(p.id) for p in batch],
-                    vectors=[as_floats(p.vector) for p in batch],
+                    vectors=vectors,
                     payloads=[p.payload for p in batch],
                 ),
                 wait=True,
@@ -186,23 +209,35 @@ class ServerQdrantStore:
         shard: int | None = None,
         exact: bool = False,
         config: IndexConfig = DEFAULT_INDEX_CONFIG,
+        mode: str = "dense",
+        terms: tuple[list[int], list[float]] | None = None,
     ) -> list[IndexHit]:
         from qdrant_client import models
 
         if limit < 1 or not self._client.collection_exists(name):
             return []
+        only = None if shard is None else self._shard_filter(shard)
+        params = models.SearchParams(
+            hnsw_ef=max(config.ef_search, limit),
+            exact=exact,
+            quantization=models.QuantizationSearchParams(rescore=True),
+        )
+        sparse = models.SparseVector(indices=terms[0], values=terms[1]) if terms else None
+        if mode == "hybrid":
+            n = candidates(limit)
+            request = {
+                "prefetch": [
+                    models.Prefetch(query=as_floats(vector), filter=only, params=params, limit=n),
+                    models.Prefetch(query=sparse, using=LEXICAL_VECTOR, filter=only, limit=n),
+                ],
+                "query": models.RrfQuery(rrf=models.Rrf(k=RRF_K)),
+            }
+        elif mode == "lexical":
+            request = {"query": sparse, "using": LEXICAL_VECTOR, "query_filter": only}
+        else:
+            request = {"query": as_floats(vector), "query_filter": only, "search_params": params}
         response = self._client.query_points(
-            name,
-            query=as_floats(vector),
-            query_filter=None if shard is None else self._shard_filter(shard),
-            search_params=models.SearchParams(
-                hnsw_ef=max(config.ef_search, limit),
-                exact=exact,
-                quantization=models.QuantizationSearchParams(rescore=True),
-            ),
-            limit=limit,
-            with_payload=True,
-            with_vectors=False,
+            name, **request, limit=limit, with_payload=True, with_vectors=False
         )
         return [
             IndexHit(hit_id(p.id), float(p.score), dict(p.payload or {})) for p in response.points

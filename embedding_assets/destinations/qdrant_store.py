@@ -25,6 +25,9 @@ class IndexPoint:
     vector: Sequence[float] | np.ndarray
     # JSON-safe; always has "row_id" (str), "chunk_index" (int), "shard" (int), "text" (str).
     payload: dict[str, Any]
+    # The text's term weights (indices, values) for the sparse `lexical` vector; None in a
+    # collection without one.
+    sparse: tuple[list[int], list[float]] | None = None
 
 
 @dataclass(frozen=True)
@@ -55,12 +58,21 @@ class QdrantStore(Protocol):
     """What the pipeline needs from a Qdrant deployment, server or embedded."""
 
     def ensure_collection(
-        self, name: str, dimension: int, config: IndexConfig = DEFAULT_INDEX_CONFIG
+        self,
+        name: str,
+        dimension: int,
+        config: IndexConfig = DEFAULT_INDEX_CONFIG,
+        lexical: bool = False,
     ) -> bool:
-        """Create a cosine collection if missing (True if created); ValueError on a mismatch."""
+        """Create a cosine collection if missing (True if created), with the sparse
+        `lexical` vector beside the dense one if asked; ValueError on a mismatch."""
         ...
 
     def collection_exists(self, name: str) -> bool: ...
+
+    def has_lexical(self, name: str) -> bool:
+        """Whether the collection has the sparse `lexical` vector (made with it)."""
+        ...
 
     def delete_collection(self, name: str) -> bool:
         """Drop the collection and its points; False if there was none."""
@@ -90,9 +102,13 @@ class QdrantStore(Protocol):
         shard: int | None = None,
         exact: bool = False,
         config: IndexConfig = DEFAULT_INDEX_CONFIG,
+        mode: str = "dense",
+        terms: tuple[list[int], list[float]] | None = None,
     ) -> list[IndexHit]:
-        """Nearest points by cosine similarity, best first (only the shard's, if given);
-        approximate with `config.ef_search` unless `exact`; [] if no collection."""
+        """Nearest points, best first (only the shard's, if given); [] if no collection.
+        `dense`: by cosine similarity to `vector`, approximate with `config.ef_search`
+        unless `exact`; `lexical`: by the sparse vector's score against the query `terms`;
+        `hybrid`: both, fused by reciprocal rank."""
         ...
 
     def retrieve(self, name: str, ids: Sequence[str], vectors: bool = False) -> list[IndexHit]:

@@ -51,6 +51,8 @@ def backend_modes(runtime: SourceRuntime) -> list[tuple[str, str]]:
             pairs += [("pgvector", "lexical"), ("pgvector", "hybrid")]
     if runtime.spec.qdrant.enabled:
         pairs.append(("qdrant", "dense"))
+        if runtime.qdrant.has_lexical():
+            pairs += [("qdrant", "lexical"), ("qdrant", "hybrid")]
     if runtime.column is not None:
         pairs.append(("column", "dense"))
     return pairs
@@ -61,7 +63,8 @@ def ranked_rows(runtime: SourceRuntime, backend: str, mode: str, text: str, vect
     if backend == "pgvector":
         return [h.row_id for h in runtime.pgvector.search(vector, 4 * k, mode=mode, text=text)]
     if backend == "qdrant":
-        return [str(h.payload.get("row_id")) for h in runtime.qdrant.search(vector, 4 * k)]
+        hits = runtime.qdrant.search(vector, 4 * k, mode=mode, text=text)
+        return [str(h.payload.get("row_id")) for h in hits]
     return [str(h["row_id"]) for h in runtime.column.search(vector, k, live=runtime.is_live)]
 
 

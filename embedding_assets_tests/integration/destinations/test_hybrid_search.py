@@ -9,6 +9,7 @@ import sqlalchemy as sa
 from embedding_assets.cli.search import search_source
 from embedding_assets.config.settings import load_settings
 from embedding_assets.state.db import engine_for
+from embedding_assets.sync.evaluation import MODES
 from embedding_assets.sync.generations import runtime_for
 from embedding_assets_tests.integration.helpers import (
     create_docs_table,
@@ -54,6 +55,32 @@ def test_lexical_and_hybrid_find_a_rare_code_that_dense_ranks_anywhere(synced) -
     # Any word of the query finds a chunk (OR of lexemes); more shared words rank higher.
     words = search_source(settings, name, "startup widget 3", 3, "pgvector", mode="lexical")
     assert words[0]["row_id"] == "3" and {h["row_id"] for h in words} >= {"3"}
+
+
+def test_qdrant_finds_the_code_lexically_and_hybrid_in_its_sparse_vector(synced) -> None:
+    settings, name = synced
+    lexical = search_source(settings, name, "ZXQ-4821", 5, "qdrant", mode="lexical")
+    assert [h["row_id"] for h in lexical] == ["17"]
+    hybrid = search_source(settings, name, "ZXQ-4821", 5, "qdrant")  # hybrid: the default
+    assert hybrid[0]["row_id"] == "17" and len(hybrid) == 5
+
+
+def test_a_collection_made_without_the_sparse_vector_stays_dense_and_says_so(
+    postgres, home, fake, tmp_path, instance
+) -> None:
+    from click import ClickException
+
+    name = unique_name()
+    create_docs_table(postgres, name, ROWS)
+    dense_only = settings_with(tmp_path, fake, name, hybrid="false")
+    sync_shards(dense_only, name, instance)
+    turned_on = settings_with(tmp_path, fake, name, hybrid="true")
+    sync_shards(turned_on, name, instance)
+    # pgvector gets its column in place; the Qdrant collection keeps dense points only.
+    assert search_source(turned_on, name, "ZXQ-4821", 3, "pgvector")[0]["row_id"] == "17"
+    assert len(search_source(turned_on, name, "ZXQ-4821", 3, "qdrant")) == 3  # dense default
+    with pytest.raises(ClickException, match="lacks.*a new generation"):
+        search_source(turned_on, name, "ZXQ-4821", 3, "qdrant", mode="hybrid")
 
 
 def test_the_full_text_follows_every_write_and_the_readers_view(synced, postgres, instance):
@@ -122,14 +149,10 @@ def test_evaluate_reports_each_backend_and_mode_on_labelled_queries(synced, tmp_
     report = json.loads(run.output)
     assert report["queries"] == 2 and report["k"] == 5
     by = {(r["backend"], r["mode"]): r for r in report["results"]}
-    assert set(by) == {
-        ("pgvector", "dense"),
-        ("pgvector", "lexical"),
-        ("pgvector", "hybrid"),
-        ("qdrant", "dense"),
-    }
-    assert by[("pgvector", "lexical")]["mrr_at_k"] == 1.0  # both found first by their words
-    assert by[("pgvector", "hybrid")]["mrr_at_k"] >= by[("pgvector", "dense")]["mrr_at_k"]
+    assert set(by) == {(b, m) for b in ("pgvector", "qdrant") for m in MODES}
+    for backend in ("pgvector", "qdrant"):
+        assert by[(backend, "lexical")]["mrr_at_k"] == 1.0  # both found first by their words
+        assert by[(backend, "hybrid")]["mrr_at_k"] >= by[(backend, "dense")]["mrr_at_k"]
     for result in by.values():
         assert 0 <= result["ndcg_at_k"] <= 1 and 0 <= result["recall_at_k"] <= 1
     bad = tmp_path / "bad.jsonl"

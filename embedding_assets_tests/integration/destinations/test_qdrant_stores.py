@@ -75,6 +75,42 @@ def test_ensure_collection_creates_once(store: QdrantStore) -> None:
     assert store.ensure_collection(COLLECTION, 8) is False
 
 
+def test_sparse_lexical_vector_beside_the_dense_one_in_both_engines(store: QdrantStore) -> None:
+    """BM25 terms (qdrant-edge's model, computed on our side) in the sparse `lexical` vector;
+    the engine's IDF weights them. Lexical finds the rare code; hybrid fuses both lists by
+    reciprocal rank; a filter on the shard holds in every mode."""
+    from embedding_assets.destinations.qdrant_lexical import document_terms, query_terms
+
+    points = [
+        IndexPoint(
+            id=p.id,
+            vector=p.vector,
+            payload=p.payload,
+            sparse=document_terms(p.payload["text"], "simple"),
+        )
+        for p in make_points(40, 8)
+    ]
+    rare = points[7]
+    text = "fails with error ZXQ-4821 on startup"
+    points[7] = IndexPoint(
+        rare.id, rare.vector, {**rare.payload, "text": text}, document_terms(text, "simple")
+    )
+    assert store.ensure_collection(COLLECTION, 8, lexical=True)
+    assert store.has_lexical(COLLECTION)
+    store.upsert(COLLECTION, points)
+    terms = query_terms("zxq-4821", "simple")
+    lexical = store.search(COLLECTION, [0.0] * 8, 5, mode="lexical", terms=terms)
+    assert [h.payload["row_id"] for h in lexical] == ["row-7"]
+    query = np.asarray(points[3].vector)  # dense: points[3]; lexical: points[7]
+    hybrid = store.search(COLLECTION, query, 5, mode="hybrid", terms=terms)
+    assert {h.payload["row_id"] for h in hybrid[:2]} == {"row-3", "row-7"}
+    shard = rare.payload["shard"]
+    only = store.search(COLLECTION, query, 40, shard=shard, mode="hybrid", terms=terms)
+    assert only and {h.payload["shard"] for h in only} == {shard}
+    store.ensure_collection(COLLECTION + "_dense", 8)
+    assert not store.has_lexical(COLLECTION + "_dense")
+
+
 def test_dimension_mismatch_names_both_dimensions_and_the_fix(store: QdrantStore) -> None:
     store.ensure_collection(COLLECTION, 8)
     with pytest.raises(ValueError) as excinfo:
