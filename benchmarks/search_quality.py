@@ -158,7 +158,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=5000)
     parser.add_argument("--queries", type=int, default=300)
-    parser.add_argument("--latency-rows", type=int, default=100_000)
+    parser.add_argument("--latency-rows", type=int, default=100_000, help="0: no latency part")
     args = parser.parse_args()
     home = throwaway_home("ea-quality-")
     from embedding_assets.cli.common import ensure_database
@@ -184,7 +184,8 @@ def main() -> None:
         )
         names, words = known_items(rows, args.queries)
         quality(sources, url, "pkg_on", names, words)
-        latency(home, url, engine, args.latency_rows)
+        if args.latency_rows:
+            latency(home, url, engine, args.latency_rows)
     finally:
         EmbeddedPostgres.from_env().stop()
 
