@@ -8,7 +8,8 @@ search over it.
 - A query is the OR of its lexemes (in the same configuration), ranked by `ts_rank_cd`: a
   known item is found by any of its words, and ranks higher the more of them it has.
 - Hybrid search fuses the dense and the lexical rankings by reciprocal rank fusion
-  (score = sum of 1 / (RRF_K + rank)) in one statement.
+  (score = sum of 1 / (RRF_K + rank), ranks from 0 as Qdrant counts them, so both backends
+  give the same scores) in one statement.
 """
 
 import sqlalchemy as sa
@@ -113,7 +114,7 @@ def hybrid_sql(table: str, language: str, where: str) -> str:
                 FROM {table} AS t, q WHERE t.{LEXICAL_COLUMN} @@ q.query {where}
                 ORDER BY rank DESC LIMIT :n) AS l),
         fused AS (
-            SELECT point_id, sum(1.0 / ({RRF_K} + r)) AS score
+            SELECT point_id, sum(1.0 / ({RRF_K} + r - 1)) AS score
             FROM (SELECT * FROM dense UNION ALL SELECT * FROM lexical) AS u GROUP BY point_id)
         SELECT CAST(t.point_id AS text) AS point_id, t.row_id, t.chunk_index, t.chunk_text,
             f.score FROM fused AS f JOIN {table} AS t ON t.point_id = f.point_id
