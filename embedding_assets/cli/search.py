@@ -7,8 +7,7 @@ import click
 
 from embedding_assets.cli.common import ensure_database, settings_from, source_names
 from embedding_assets.config.settings import Settings
-
-MODES = ("dense", "lexical", "hybrid")
+from embedding_assets.sync.evaluation import MODES
 
 
 def default_mode(runtime, backend: str) -> str:

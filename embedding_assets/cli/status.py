@@ -168,11 +168,10 @@ def status(ctx: click.Context, source: str | None, exact: bool, as_json: bool) -
 def _lane(runtime) -> dict:
     from dataclasses import asdict
 
-    from embedding_assets.state.lanes import lane_health
+    from embedding_assets.sync.live_pass import source_lane
 
-    if runtime.spec.live is False or runtime.feed.mode != "trigger":
-        return {"state": "off"}
-    return asdict(lane_health(runtime.engine, runtime.spec.name))
+    lane = source_lane(runtime)
+    return {"state": "off"} if lane.state == "off" else asdict(lane)
 
 
 def lane_line(lane: dict) -> str:

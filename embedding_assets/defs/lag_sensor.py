@@ -10,8 +10,8 @@ from embedding_assets.config.sources import SourceSpec
 from embedding_assets.defs.embedder_resources import embedder_resource_key
 from embedding_assets.defs.resources import SHARDS_TAG
 from embedding_assets.defs.sensors import read_cursor
-from embedding_assets.state.lanes import lane_health
 from embedding_assets.sync.lag import shard_lags
+from embedding_assets.sync.live_pass import source_lane
 
 LAG_INTERVAL_SECONDS = 30  # at most; never more than half the freshness budget, nor under 5 s
 
@@ -30,9 +30,7 @@ BEHIND_SINCE_TAG = "embedding_assets/behind_since"  # {shard: epoch seconds}, JS
 
 def live_lane(runtime) -> list:
     """[state, rows written, figures] of the lane serving the source ("off" where none may)."""
-    if runtime.spec.live is False or runtime.feed.mode != "trigger":
-        return ["off", 0, {"live_lane_state": "off"}]
-    health = lane_health(runtime.engine, runtime.spec.name)
+    health = source_lane(runtime)
     return [health.state, health.rows_written, health.figures()]
 
 

@@ -27,7 +27,9 @@ def lane_id(pid: int) -> str:
 class LaneHealth:
     """One moment of the lane that serves a source (the freshest heartbeat naming it)."""
 
-    state: str  # up, down (heartbeat stale: killed or stopped), none (never started)
+    # up, down (heartbeat stale: killed or stopped), none (never started), off (no lane may
+    # serve the source: live: false, or no capture triggers to wake one)
+    state: str
     lane: str | None = None
     heartbeat_age_seconds: float | None = None
     last_write_age_seconds: float | None = None
@@ -40,7 +42,9 @@ class LaneHealth:
         return self.state == "up"
 
     def figures(self) -> dict:
-        """For the source asset's metadata and `status --json` (`live_lane_*` keys)."""
+        """For the source asset's metadata (`live_lane_*` keys)."""
+        if self.state == "off":
+            return {"live_lane_state": "off"}
         return {f"live_lane_{k}": v for k, v in asdict(self).items() if v is not None}
 
 

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from embedding_assets.state.lanes import lane_health
+from embedding_assets.state.lanes import LaneHealth, lane_health
 from embedding_assets.sync import shard_checks, shard_steps
 from embedding_assets.sync.runtime import SourceRuntime
 from embedding_assets.sync.shard_checks import CheckOutcome
@@ -51,17 +51,22 @@ class PassOutcome:
         return {*self.busy, *self.lagging, *self.failed_shards}
 
 
+def source_lane(runtime: SourceRuntime) -> LaneHealth:
+    """The lane serving the source, one moment of it; `off` where none may (live: false,
+    or a capture without triggers to notify one)."""
+    if runtime.spec.live is False or runtime.feed.mode != "trigger":
+        return LaneHealth("off")
+    return lane_health(runtime.engine, runtime.spec.name)
+
+
 def shards_left_to_lane(runtime: SourceRuntime) -> set[int]:
     """The shards whose queued changes the sensor leaves to a live lane that is up: of the
     live generation of a source the lane may serve, with few queued changes, all fresh (a
     backlog, e.g. a first sync's or a reconcile's, is the runs' bulk work)."""
-    spec = runtime.spec
     generation = runtime.generation
-    if spec.live is False or runtime.feed.mode != "trigger":
-        return set()
     if generation is not None and generation.state != "live":
         return set()
-    if not lane_health(runtime.engine, spec.name).up:
+    if not source_lane(runtime).up:
         return set()
     return runtime.feed.queue.fresh_shards(LIVE_ROWS_PER_SHARD, LANE_GRACE_SECONDS)
 

@@ -186,14 +186,12 @@ class SourceRuntime:
         run of the same shard waits here, then finds the work done, so no row is embedded
         twice. A session advisory lock on its own connection; Postgres drops it with the
         connection if the process dies."""
-        if shard in self._claims:
+        if self.try_claim_shard(shard):
             return
+        if on_wait is not None:
+            on_wait()
         conn = self.engine.connect()
-        key = {"k": f"{self.target}#claim", "s": shard}
-        if not conn.scalar(sa.text("SELECT pg_try_advisory_lock(hashtext(:k), :s)"), key):
-            if on_wait is not None:
-                on_wait()
-            conn.execute(sa.text("SELECT pg_advisory_lock(hashtext(:k), :s)"), key)
+        conn.execute(sa.text("SELECT pg_advisory_lock(hashtext(:k), :s)"), self._claim_key(shard))
         conn.commit()
         self._claims[shard] = conn
 
@@ -202,13 +200,16 @@ class SourceRuntime:
         if shard in self._claims:
             return True
         conn = self.engine.connect()
-        key = {"k": f"{self.target}#claim", "s": shard}
+        key = self._claim_key(shard)
         if not conn.scalar(sa.text("SELECT pg_try_advisory_lock(hashtext(:k), :s)"), key):
             conn.close()
             return False
         conn.commit()
         self._claims[shard] = conn
         return True
+
+    def _claim_key(self, shard: int) -> dict:
+        return {"k": f"{self.target}#claim", "s": shard}
 
     def release_shard(self, shard: int) -> None:
         conn = self._claims.pop(shard, None)

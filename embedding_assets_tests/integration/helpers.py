@@ -81,6 +81,17 @@ def fake_embedder_settings(
     return path
 
 
+def queue_length(url: str, target: str) -> int:
+    """Entries in the change queue for `target`."""
+    with engine_for(url).connect() as conn:
+        return int(
+            conn.scalar(
+                sa.text("SELECT count(*) FROM embedding_assets.change_queue WHERE target = :t"),
+                {"t": target},
+            )
+        )
+
+
 def sync_shards(
     settings: Settings,
     source: str,

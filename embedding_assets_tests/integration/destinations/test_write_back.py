@@ -34,6 +34,7 @@ from embedding_assets_tests.integration.helpers import (
     dagster_database,
     fake_embedder_settings,
     materialization_metadata,
+    queue_length,
     sync_shards,
     unique_name,
     write_settings,
@@ -85,14 +86,6 @@ def table_columns(url: str, table: str) -> list[str]:
         return list(conn.scalars(sa.text(query), {"t": table}))
 
 
-def queued(url: str, target: str) -> int:
-    with engine_for(url).connect() as conn:
-        return conn.scalar(
-            sa.text("SELECT count(*) FROM embedding_assets.change_queue WHERE target = :t"),
-            {"t": target},
-        )
-
-
 def docs() -> list[dict]:
     rows = [
         {"id": i, "title": f"Doc {i}", "body": f"the body of document {i}"} for i in range(1, 9)
@@ -142,7 +135,7 @@ def test_column_holds_one_vector_per_row_through_updates_where_and_triggers(
 
     # The write-back set only vector columns: the capture triggers queued nothing, and a
     # second sync finds nothing to do.
-    assert queued(postgres, runtime.target) == 0
+    assert queue_length(postgres, runtime.target) == 0
     again = sync_shards(settings, name, instance)
     assert all(
         materialization_metadata(r, "embeddings")["rows_written"] == 0 for r in again.values()
@@ -164,7 +157,7 @@ def test_column_holds_one_vector_per_row_through_updates_where_and_triggers(
     assert not np.allclose(after[1], vectors[1])
     assert after[2] is None and after[3] is None and after[12] is not None
     np.testing.assert_allclose(after[4], vectors[4])  # untouched rows keep theirs
-    assert queued(postgres, runtime.target) == 0
+    assert queue_length(postgres, runtime.target) == 0
 
     # Search through the column finds a row by its exact text first.
     hits = search_source(settings, name, "Doc 5: the body of document 5", 3, "column")
@@ -326,7 +319,7 @@ def test_kill_9_inside_the_write_converges(postgres, home, tmp_path):
             stored = chunk_vectors(postgres, runtime, row_id)[0]
             np.testing.assert_allclose(after[row_id], stored, atol=1e-6)
             assert not np.allclose(after[row_id], before[row_id])
-        assert queued(postgres, runtime.target) == 0
+        assert queue_length(postgres, runtime.target) == 0
 
 
 def embedded_chunks(results) -> int:

@@ -29,6 +29,7 @@ from embedding_assets.sync.live_lane import LiveLane
 from embedding_assets_tests.integration.helpers import (
     create_docs_table,
     dagster_database,
+    queue_length,
     sync_shards,
     unique_name,
 )
@@ -65,16 +66,6 @@ def wait_until(condition: Callable[[], bool], what: str, seconds: float = WAIT_S
             return
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
-
-
-def queue_length(url: str, target: str) -> int:
-    with engine_for(url).connect() as conn:
-        return int(
-            conn.scalar(
-                sa.text("SELECT count(*) FROM embedding_assets.change_queue WHERE target = :t"),
-                {"t": target},
-            )
-        )
 
 
 def stored(url: str, name: str) -> dict:
