@@ -97,9 +97,10 @@ def planned_runtime(settings: Settings, source: str, database_url: str):
     from embedding_assets.embedders.build import make_embedder
     from embedding_assets.ops.environment import qdrant_store_from_env
     from embedding_assets.state.db import engine_for
-    from embedding_assets.state.generations import KEPT_STATES, Generations
+    from embedding_assets.state.generations import Generations
     from embedding_assets.sync.generations import (
         config_key,
+        configured_generation,
         new_generation,
         pipeline_record,
         runtime_of_generation,
@@ -111,9 +112,9 @@ def planned_runtime(settings: Settings, source: str, database_url: str):
     store = qdrant_store_from_env()
     key = config_key(spec, embedder_spec, embedder.model_id)
     existing = Generations(engine_for(database_url), spec.name).all()
-    match = [g for g in existing if g.pipeline_key == key and g.state in KEPT_STATES]
-    if match:
-        generation = match[0]
+    match = configured_generation(existing, spec, embedder_spec, embedder.model_id, store)
+    if match is not None:
+        generation = match
         label = f"{generation.number} ({generation.state})"
     else:
         number = max((g.number for g in existing), default=0) + 1

@@ -194,17 +194,18 @@ def lane_line(lane: dict) -> str:
 
 
 def _new_pipeline(settings: Settings, source: str, runtimes: list) -> bool:
-    """Whether the configured model, template or chunking has no generation yet (the next
-    sync registers and builds one)."""
+    """Whether the configured model, template, chunking or Qdrant lexical side has no
+    generation yet (the next sync registers and builds one)."""
     from embedding_assets.embedders.build import make_embedder
-    from embedding_assets.state.generations import KEPT_STATES, Generations
-    from embedding_assets.sync.generations import config_key
+    from embedding_assets.state.generations import Generations
+    from embedding_assets.sync.generations import configured_generation
 
     spec = settings.source(source)
     embedder_spec = settings.embedder_for(spec)
-    key = config_key(spec, embedder_spec, make_embedder(embedder_spec).model_id)
+    model_id = make_embedder(embedder_spec).model_id
     registry = Generations(runtimes[0].engine, source).all()
-    return not any(g.pipeline_key == key and g.state in KEPT_STATES for g in registry)
+    store = runtimes[0].qdrant.store
+    return configured_generation(registry, spec, embedder_spec, model_id, store) is None
 
 
 def _registered(source: str) -> bool:

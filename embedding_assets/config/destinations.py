@@ -52,6 +52,9 @@ class HybridSpec(Spec):
 
     enabled: bool = True
     language: str = Field(default="simple", pattern=r"^[a-z][a-z0-9_]{0,62}$")
+    # How much the lexical ranking counts in the fusion against the dense one's 1 (see
+    # core.fusion: above 1, a known item found by its name or rare words stays on top).
+    lexical_weight: float = Field(default=1.5, gt=0, le=10)
 
     @model_validator(mode="before")
     @classmethod

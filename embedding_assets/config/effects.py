@@ -74,8 +74,13 @@ SOURCE_KEYS: dict[str, Effect] = {
     "qdrant.hnsw.ef_construct": IN_PLACE,
     "qdrant.hnsw.ef_search": OPERATIONAL,
     "qdrant.quantization": IN_PLACE,
-    "hybrid.enabled": IN_PLACE,  # the chunk table's full-text column added or dropped
-    "hybrid.language": IN_PLACE,  # the full-text column computed again, in Postgres
+    # The chunk table's full-text column added, dropped or computed again in Postgres. With
+    # Qdrant on, the collection's sparse vector is part of the pipeline instead: a collection
+    # without it, or with terms of another language, is built again as a new generation
+    # (vectors copied by chunk hash, nothing embedded: `sync.generations.serves_as_is`).
+    "hybrid.enabled": IN_PLACE,
+    "hybrid.language": IN_PLACE,
+    "hybrid.lexical_weight": OPERATIONAL,  # read by every hybrid search
     "write_back": IN_PLACE,
     "write_back.column": IN_PLACE,
     "write_back.table": IN_PLACE,

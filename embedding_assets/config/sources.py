@@ -175,6 +175,11 @@ class SourceSpec(Spec):
                 "lane: a `table:` source with change_capture: trigger (or auto). Watermark and "
                 "diff sources stay on the sensor: remove `live:`"
             )
+        if self.qdrant.enabled and self.hybrid.enabled:
+            # Qdrant's terms are ours to compute: a language its BM25 lacks is known now.
+            from embedding_assets.destinations.qdrant_lexical import check_language
+
+            check_language(self.hybrid.language)
         if (self.change_capture == "watermark") != (self.watermark_column is not None):
             raise ValueError(
                 f"source {self.name!r}: change_capture: watermark and watermark_column go "

@@ -7,24 +7,18 @@ search over it.
   of language recomputes it in place: nothing is embedded again.
 - A query is the OR of its lexemes (in the same configuration), ranked by `ts_rank_cd`: a
   known item is found by any of its words, and ranks higher the more of them it has.
-- Hybrid search fuses the dense and the lexical rankings by reciprocal rank fusion
-  (score = sum of 1 / (RRF_K + rank), ranks from 0 as Qdrant counts them, so both backends
-  give the same scores) in one statement.
+- Hybrid search fuses the dense and the lexical rankings by weighted reciprocal rank
+  fusion (`core.fusion`: the lexical side weighs `hybrid.lexical_weight`) in one statement.
 """
 
 import sqlalchemy as sa
 
 from embedding_assets.config.destinations import HybridSpec
+from embedding_assets.core.fusion import RRF_K
 from embedding_assets.state.source_sql import quote_ident, quote_literal
 
 LEXICAL_COLUMN = "lexical"
-RRF_K = 60  # the constant of the RRF paper (Cormack et al., 2009), Qdrant's and pgvector's
 _COMMENT = "embedding_assets full text, configuration "
-
-
-def candidates(limit: int) -> int:
-    """How many hits each side of a hybrid search ranks before fusion."""
-    return max(4 * limit, 40)
 
 
 def lexical_language(conn: sa.Connection, table: str) -> str | None:
@@ -101,20 +95,23 @@ def lexical_sql(table: str, language: str, where: str) -> str:
 
 
 def hybrid_sql(table: str, language: str, where: str) -> str:
-    """The dense and lexical top `:n`, fused by reciprocal rank; `:q` the query vector."""
+    """The dense and lexical top `:n`, fused by reciprocal rank as `core.fusion.fuse` does;
+    `:q` the query vector, `:lw` the lexical side's weight."""
     return f"""WITH q AS (SELECT {query_sql(language)} AS query),
         dense AS (
-            SELECT point_id, row_number() OVER (ORDER BY distance, point_id) AS r FROM (
+            SELECT point_id, 1.0 AS w,
+                row_number() OVER (ORDER BY distance, point_id) AS r FROM (
                 SELECT t.point_id, t.embedding <=> CAST(:q AS vector) AS distance
                 FROM {table} AS t WHERE true {where}
                 ORDER BY t.embedding <=> CAST(:q AS vector) LIMIT :n) AS d),
         lexical AS (
-            SELECT point_id, row_number() OVER (ORDER BY rank DESC, point_id) AS r FROM (
+            SELECT point_id, CAST(:lw AS float8) AS w,
+                row_number() OVER (ORDER BY rank DESC, point_id) AS r FROM (
                 SELECT t.point_id, ts_rank_cd(t.{LEXICAL_COLUMN}, q.query) AS rank
                 FROM {table} AS t, q WHERE t.{LEXICAL_COLUMN} @@ q.query {where}
                 ORDER BY rank DESC LIMIT :n) AS l),
         fused AS (
-            SELECT point_id, sum(1.0 / ({RRF_K} + r - 1)) AS score
+            SELECT point_id, sum(w / ({RRF_K} + r - 1)) AS score
             FROM (SELECT * FROM dense UNION ALL SELECT * FROM lexical) AS u GROUP BY point_id)
         SELECT CAST(t.point_id AS text) AS point_id, t.row_id, t.chunk_index, t.chunk_text,
             f.score FROM fused AS f JOIN {table} AS t ON t.point_id = f.point_id

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import sqlalchemy as sa
 
+from embedding_assets.core.fusion import candidates
 from embedding_assets.destinations import lexical
 from embedding_assets.destinations.pg_relations import relation_kind
 from embedding_assets.destinations.pg_vectors import SearchHit, fetch_binary
@@ -81,7 +82,13 @@ class ChunkTableReads:
         if mode != "dense":
             self.require_lexical(mode)
         only = "AND t.shard = :shard" if shard is not None else ""
-        params = {"k": limit, "shard": shard, "text": text, "n": lexical.candidates(limit)}
+        params = {
+            "k": limit,
+            "shard": shard,
+            "text": text,
+            "n": candidates(limit),
+            "lw": self.spec.hybrid.lexical_weight,
+        }
         if vector is not None:
             params["q"] = np.asarray(vector, dtype=np.float32)
         language = self.spec.hybrid.language

@@ -327,6 +327,7 @@ class QdrantDestination:
             config=self.index_config,
             mode=mode,
             terms=terms,
+            lexical_weight=self.spec.hybrid.lexical_weight,
         )
 
     def retrieve(self, ids: Sequence[str]) -> list[IndexHit]:

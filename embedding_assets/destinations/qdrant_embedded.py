@@ -33,12 +33,13 @@ from pathlib import Path
 
 import qdrant_edge as edge
 
+from embedding_assets.core.fusion import candidates
 from embedding_assets.destinations.qdrant_edge_files import (
     CONFIG_FILE,
     check_shard_config,
     create_shard,
 )
-from embedding_assets.destinations.qdrant_lexical import LEXICAL_VECTOR, RRF_K, candidates
+from embedding_assets.destinations.qdrant_lexical import LEXICAL_VECTOR
 from embedding_assets.destinations.qdrant_store import (
     DEFAULT_INDEX_CONFIG,
     DELETE_BATCH_SIZE,
@@ -49,6 +50,7 @@ from embedding_assets.destinations.qdrant_store import (
     as_floats,
     batches,
     canonical_id,
+    fused_hits,
     hit_id,
     shard_filter_args,
     vector_of,
@@ -196,43 +198,33 @@ class EmbeddedQdrantStore:
         config: IndexConfig = DEFAULT_INDEX_CONFIG,
         mode: str = "dense",
         terms: tuple[list[int], list[float]] | None = None,
+        lexical_weight: float = 1.0,
     ) -> list[IndexHit]:
         # The engine never builds an HNSW graph (see above): every search is exact.
         if limit < 1:
             return []
         only = None if shard is None else self._shard_filter(shard)
-        dense = edge.Query.Nearest(as_floats(vector)) if mode != "lexical" else None
-        sparse = (
-            edge.Query.Nearest(edge.SparseVector(*terms), using=LEXICAL_VECTOR)
-            if mode != "dense" and terms is not None
-            else None
-        )
-        if mode == "hybrid":
-            n = candidates(limit)
-            request = edge.QueryRequest(
-                limit=limit,
-                prefetches=[
-                    edge.Prefetch(limit=n, query=dense, filter=only),
-                    edge.Prefetch(limit=n, query=sparse, filter=only),
-                ],
-                query=edge.Fusion.Rrf(k=RRF_K),
-                with_payload=True,
-                with_vector=False,
+        queries = []
+        if mode != "lexical":
+            queries.append(edge.Query.Nearest(as_floats(vector)))
+        if mode != "dense" and terms is not None:
+            queries.append(edge.Query.Nearest(edge.SparseVector(*terms), using=LEXICAL_VECTOR))
+        n = candidates(limit) if mode == "hybrid" else limit
+        requests = [
+            edge.QueryRequest(
+                limit=n, query=query, filter=only, with_payload=True, with_vector=False
             )
-        else:
-            request = edge.QueryRequest(
-                limit=limit,
-                query=sparse if mode == "lexical" else dense,
-                filter=only,
-                with_payload=True,
-                with_vector=False,
-            )
+            for query in queries
+        ]
         with self._open(name) as handle:
             edge_shard = handle.load()
             if edge_shard is None:
                 return []
-            scored = edge_shard.query(request)
-        return [IndexHit(hit_id(p.id), float(p.score), dict(p.payload or {})) for p in scored]
+            results = [
+                [IndexHit(hit_id(p.id), float(p.score), dict(p.payload or {})) for p in scored]
+                for scored in map(edge_shard.query, requests)
+            ]
+        return fused_hits(results, lexical_weight, limit) if mode == "hybrid" else results[0]
 
     def retrieve(self, name: str, ids: Sequence[str], vectors: bool = False) -> list[IndexHit]:
         if not ids:

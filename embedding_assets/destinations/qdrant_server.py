@@ -10,7 +10,8 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
-from embedding_assets.destinations.qdrant_lexical import LEXICAL_VECTOR, RRF_K, candidates
+from embedding_assets.core.fusion import candidates
+from embedding_assets.destinations.qdrant_lexical import LEXICAL_VECTOR
 from embedding_assets.destinations.qdrant_store import (
     DEFAULT_INDEX_CONFIG,
     DELETE_BATCH_SIZE,
@@ -22,6 +23,7 @@ from embedding_assets.destinations.qdrant_store import (
     as_floats,
     batches,
     canonical_id,
+    fused_hits,
     hit_id,
     mismatch_error,
     shard_filter_args,
@@ -211,6 +213,7 @@ class ServerQdrantStore:
         config: IndexConfig = DEFAULT_INDEX_CONFIG,
         mode: str = "dense",
         terms: tuple[list[int], list[float]] | None = None,
+        lexical_weight: float = 1.0,
     ) -> list[IndexHit]:
         from qdrant_client import models
 
@@ -222,26 +225,26 @@ class ServerQdrantStore:
             exact=exact,
             quantization=models.QuantizationSearchParams(rescore=True),
         )
-        sparse = models.SparseVector(indices=terms[0], values=terms[1]) if terms else None
-        if mode == "hybrid":
-            n = candidates(limit)
-            request = {
-                "prefetch": [
-                    models.Prefetch(query=as_floats(vector), filter=only, params=params, limit=n),
-                    models.Prefetch(query=sparse, using=LEXICAL_VECTOR, filter=only, limit=n),
-                ],
-                "query": models.RrfQuery(rrf=models.Rrf(k=RRF_K)),
-            }
-        elif mode == "lexical":
-            request = {"query": sparse, "using": LEXICAL_VECTOR, "query_filter": only}
-        else:
-            request = {"query": as_floats(vector), "query_filter": only, "search_params": params}
-        response = self._client.query_points(
-            name, **request, limit=limit, with_payload=True, with_vectors=False
-        )
-        return [
-            IndexHit(hit_id(p.id), float(p.score), dict(p.payload or {})) for p in response.points
+        n = candidates(limit) if mode == "hybrid" else limit
+        requests = []
+        if mode != "lexical":
+            requests.append(
+                models.QueryRequest(query=as_floats(vector), filter=only, params=params, limit=n)
+            )
+        if mode != "dense" and terms is not None:
+            sparse = models.SparseVector(indices=terms[0], values=terms[1])
+            requests.append(
+                models.QueryRequest(query=sparse, using=LEXICAL_VECTOR, filter=only, limit=n)
+            )
+        for request in requests:
+            request.with_payload = True
+        # Both sides of a hybrid search in one round trip, fused on our side (core.fusion).
+        responses = self._client.query_batch_points(name, requests=requests)
+        results = [
+            [IndexHit(hit_id(p.id), float(p.score), dict(p.payload or {})) for p in r.points]
+            for r in responses
         ]
+        return fused_hits(results, lexical_weight, limit) if mode == "hybrid" else results[0]
 
     def retrieve(self, name: str, ids: Sequence[str], vectors: bool = False) -> list[IndexHit]:
         if not ids or not self._client.collection_exists(name):

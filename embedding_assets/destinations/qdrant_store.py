@@ -6,10 +6,12 @@ from __future__ import annotations
 import contextlib
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+
+from embedding_assets.core.fusion import fuse
 
 UPSERT_BATCH_SIZE = 512
 DELETE_BATCH_SIZE = 2048
@@ -104,11 +106,12 @@ class QdrantStore(Protocol):
         config: IndexConfig = DEFAULT_INDEX_CONFIG,
         mode: str = "dense",
         terms: tuple[list[int], list[float]] | None = None,
+        lexical_weight: float = 1.0,
     ) -> list[IndexHit]:
         """Nearest points, best first (only the shard's, if given); [] if no collection.
         `dense`: by cosine similarity to `vector`, approximate with `config.ef_search`
         unless `exact`; `lexical`: by the sparse vector's score against the query `terms`;
-        `hybrid`: both, fused by reciprocal rank."""
+        `hybrid`: the top candidates of both, fused by `fused_hits`."""
         ...
 
     def retrieve(self, name: str, ids: Sequence[str], vectors: bool = False) -> list[IndexHit]:
@@ -158,6 +161,17 @@ class QdrantStore(Protocol):
 
 
 # --- helpers shared by both stores -------------------------------------------------------------
+
+
+def fused_hits(
+    rankings: Sequence[Sequence[IndexHit]], lexical_weight: float, limit: int
+) -> list[IndexHit]:
+    """The dense and the sparse hits (in that order) fused by reciprocal rank
+    (`core.fusion`), the fused score in place of each engine's."""
+    by_id = {hit.id: hit for ranking in rankings for hit in ranking}
+    weights = (1.0, lexical_weight)
+    fused = fuse([([h.id for h in r], w) for r, w in zip(rankings, weights, strict=True)], limit)
+    return [replace(by_id[point], score=score) for point, score in fused]
 
 
 def canonical_id(point_id: str | uuid.UUID) -> str:

@@ -181,6 +181,17 @@ class Generations:
             {"state": state, "s": self.source, "n": number, **extra},
         )
 
+    def set_pipeline(self, conn: sa.Connection, number: int, key: str, pipeline: dict) -> None:
+        """Record that generation `number` is the pipeline `key` (see
+        `sync.generations.serves_as_is`)."""
+        conn.execute(
+            sa.text(
+                f"UPDATE {STATE_SCHEMA}.generations SET pipeline_key = :k, "
+                "pipeline = CAST(:p AS jsonb) WHERE source = :s AND number = :n"
+            ),
+            {"k": key, "p": json.dumps(pipeline), "s": self.source, "n": number},
+        )
+
     def set_collection(self, conn: sa.Connection, number: int, collection: str) -> None:
         conn.execute(
             sa.text(

@@ -45,13 +45,20 @@ from embedding_assets.sync.runtime import SourceRuntime, source_runtime
 _EMBEDDER_SPEC = TypeAdapter(EmbedderSpec)
 
 
+# The Qdrant collection's sparse vector, and the language its terms are in: a collection
+# cannot gain a named vector, and terms of another language mean another vector.
+QDRANT_LEXICAL = "qdrant_lexical"
+
+
 def pipeline_identity(spec: SourceSpec, embedder_spec: EmbedderSpec, model_id: str) -> dict:
     """Everything that changes a source's vectors: the model (its id carries the precision),
-    the requested output dimension, the text template, the chunking and the text rules.
+    the requested output dimension, the text template, the chunking and the text rules, and
+    with Qdrant and hybrid search on, the language of the collection's sparse vectors.
     Metadata, filters, limits and endpoints are not in it: changing them builds nothing
     (`config.effects` says what each key does). A remote embedder's `tokenizer` cuts the
     chunks, so it is part of it once set (absent, the key of existing generations stays)."""
     tokenizer = getattr(embedder_spec, "tokenizer", None)
+    lexical = spec.qdrant.enabled and spec.hybrid.enabled
     return {
         "model": model_id,
         "dimensions": getattr(embedder_spec, "dimensions", None),
@@ -59,6 +66,7 @@ def pipeline_identity(spec: SourceSpec, embedder_spec: EmbedderSpec, model_id: s
         "chunking": {"max_tokens": spec.chunking.max_tokens, "overlap": spec.chunking.overlap},
         "text_rules": TEXT_RULES_VERSION,
         **({"tokenizer": tokenizer} if tokenizer else {}),
+        **({QDRANT_LEXICAL: spec.hybrid.language} if lexical else {}),
     }
 
 
@@ -74,6 +82,48 @@ def pipeline_record(spec: SourceSpec, embedder_spec: EmbedderSpec, model_id: str
 
 def config_key(spec: SourceSpec, embedder_spec: EmbedderSpec, model_id: str) -> str:
     return pipeline_key(pipeline_identity(spec, embedder_spec, model_id))
+
+
+def serves_as_is(generation: Generation, identity: dict, store: QdrantStore) -> bool:
+    """Whether `generation`, of another pipeline key, differs from `identity` only in its
+    Qdrant lexical side and its collection serves that side as it is, so the configured
+    pipeline is it (recorded by `ensure_generation`) and nothing is built: hybrid turned off
+    (sparse vectors left in a collection cost nothing), Qdrant turned on (the collection is
+    made with them), or a collection that already has them (made before the side was part of
+    the key, in the configured language). A collection without them, or with terms in
+    another language, needs a new generation: a Qdrant collection cannot gain a vector."""
+    had = generation.pipeline.get(QDRANT_LEXICAL)
+    base = {k: v for k, v in identity.items() if k != QDRANT_LEXICAL}
+    if generation.pipeline_key != pipeline_key({**base, **({QDRANT_LEXICAL: had} if had else {})}):
+        return False
+    wanted = identity.get(QDRANT_LEXICAL)
+    if wanted is None:
+        return True
+    if had is not None:  # terms in another language
+        return False
+    exists = store.collection_exists(generation.collection)
+    return not exists or store.has_lexical(generation.collection)
+
+
+def configured_generation(
+    generations: list[Generation],
+    spec: SourceSpec,
+    embedder_spec: EmbedderSpec,
+    model_id: str,
+    store: QdrantStore,
+) -> Generation | None:
+    """The kept generation the configured pipeline is (see `serves_as_is`), or None: the
+    next sync registers one. The live generation first: a previous one of the same key
+    stays previous (rolling back is `generations rollback`)."""
+    identity = pipeline_identity(spec, embedder_spec, model_id)
+    key = pipeline_key(identity)
+    kept = sorted(
+        (g for g in generations if g.state in KEPT_STATES), key=lambda g: g.state != "live"
+    )
+    for generation in kept:
+        if generation.pipeline_key == key or serves_as_is(generation, identity, store):
+            return generation
+    return None
 
 
 def physical_names(spec: SourceSpec, number: int, store: QdrantStore) -> tuple[str, str, str]:
@@ -112,9 +162,13 @@ def ensure_generation(
     with engine.begin() as conn:
         lock_registry(conn)
         generations = registry.all(conn, lock=True)
-        if any(g.pipeline_key == key and g.state in KEPT_STATES for g in generations):
-            return generations
         record = pipeline_record(spec, embedder_spec, model_id)
+        found = configured_generation(generations, spec, embedder_spec, model_id, store)
+        if found is not None:
+            if found.pipeline_key != key:
+                registry.set_pipeline(conn, found.number, key, record)
+                return registry.all(conn)
+            return generations
         if not generations:
             _adopt_or_create_first(conn, registry, spec, record, key, model_id, store)
         else:
@@ -212,14 +266,17 @@ def drop_generation_state(
 
 def generation_spec(spec: SourceSpec, generation: Generation) -> SourceSpec:
     """The configured source as generation `generation` syncs it: its table, collection,
-    template and chunking; everything else (metadata, filters, limits) as configured."""
+    template, chunking and lexical language (where its Qdrant collection has terms in one);
+    everything else (metadata, filters, limits) as configured."""
     pipeline = generation.pipeline
+    language = pipeline.get(QDRANT_LEXICAL, spec.hybrid.language)
     return spec.model_copy(
         update={
             "text": pipeline["text"],
             "chunking": ChunkingSpec(**pipeline["chunking"]),
             "pgvector": spec.pgvector.model_copy(update={"table": generation.pg_table}),
             "qdrant": spec.qdrant.model_copy(update={"collection": generation.collection}),
+            "hybrid": spec.hybrid.model_copy(update={"language": language}),
         }
     )
 

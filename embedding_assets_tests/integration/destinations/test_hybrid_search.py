@@ -6,11 +6,14 @@ of the text (so dense search alone cannot find a rare word: lexical must)."""
 import pytest
 import sqlalchemy as sa
 
+from embedding_assets.cli.plan import plan_report
 from embedding_assets.cli.search import search_source
+from embedding_assets.cli.sync import sync_source
 from embedding_assets.config.settings import load_settings
 from embedding_assets.state.db import engine_for
+from embedding_assets.state.generations import Generations, pipeline_key
 from embedding_assets.sync.evaluation import MODES
-from embedding_assets.sync.generations import runtime_for
+from embedding_assets.sync.generations import QDRANT_LEXICAL, runtime_for
 from embedding_assets_tests.integration.helpers import (
     create_docs_table,
     fake_embedder_settings,
@@ -65,22 +68,65 @@ def test_qdrant_finds_the_code_lexically_and_hybrid_in_its_sparse_vector(synced)
     assert hybrid[0]["row_id"] == "17" and len(hybrid) == 5
 
 
-def test_a_collection_made_without_the_sparse_vector_stays_dense_and_says_so(
+def generation_states(url: str, name: str) -> dict[int, str]:
+    return {g.number: g.state for g in Generations(engine_for(url), name).all()}
+
+
+def synced_all(settings, name: str, instance) -> None:
+    reports = sync_source(settings, name, None, instance)
+    assert all(r.success for r in reports), [r.error for r in reports]
+
+
+def test_a_collection_without_the_sparse_vector_gets_it_through_a_new_generation(
     postgres, home, fake, tmp_path, instance
 ) -> None:
+    """A Qdrant collection cannot gain a named vector: one made without `lexical` (hybrid
+    off, or by a version before hybrid search) is built again beside the live one, its
+    vectors copied by chunk hash (the embedder is not called), and promoted."""
     from click import ClickException
 
     name = unique_name()
     create_docs_table(postgres, name, ROWS)
     dense_only = settings_with(tmp_path, fake, name, hybrid="false")
-    sync_shards(dense_only, name, instance)
+    synced_all(dense_only, name, instance)
     turned_on = settings_with(tmp_path, fake, name, hybrid="true")
-    sync_shards(turned_on, name, instance)
-    # pgvector gets its column in place; the Qdrant collection keeps dense points only.
-    assert search_source(turned_on, name, "ZXQ-4821", 3, "pgvector")[0]["row_id"] == "17"
-    assert len(search_source(turned_on, name, "ZXQ-4821", 3, "qdrant")) == 3  # dense default
+    assert plan_report(turned_on, name)["generation"] == "2 (not created yet)"
     with pytest.raises(ClickException, match="lacks.*a new generation"):
         search_source(turned_on, name, "ZXQ-4821", 3, "qdrant", mode="hybrid")
+    embedded = len(fake.requests)
+    synced_all(turned_on, name, instance)
+    assert generation_states(postgres, name) == {1: "previous", 2: "live"}
+    assert len(fake.requests) == embedded  # every vector copied, none embedded
+    assert search_source(turned_on, name, "ZXQ-4821", 3, "qdrant")[0]["row_id"] == "17"
+    lexical = search_source(turned_on, name, "ZXQ-4821", 3, "qdrant", mode="lexical")
+    assert [h["row_id"] for h in lexical] == ["17"]
+    # Off again: the collection's sparse vector costs nothing, so nothing is built.
+    synced_all(dense_only, name, instance)
+    assert (
+        generation_states(postgres, name)[2] == "live"
+        and len(generation_states(postgres, name)) == 2
+    )
+
+
+def test_a_collection_that_has_the_sparse_vector_is_kept_at_upgrade(
+    postgres, home, fake, tmp_path, instance
+) -> None:
+    """A generation registered before the lexical side was part of the pipeline key, whose
+    collection already has it, is recorded as the configured pipeline: nothing is built."""
+    name = unique_name()
+    create_docs_table(postgres, name, ROWS)
+    settings = settings_with(tmp_path, fake, name)
+    synced_all(settings, name, instance)
+    registry = Generations(engine_for(postgres), name)
+    live = registry.all()[0]
+    before = {k: v for k, v in live.pipeline.items() if k != QDRANT_LEXICAL}
+    identity = {k: v for k, v in before.items() if k not in ("embedder", "embedder_name")}
+    with engine_for(postgres).begin() as conn:  # what the version before registered
+        registry.set_pipeline(conn, live.number, pipeline_key(identity), before)
+    assert plan_report(settings, name)["generation"] == "1 (live)"
+    synced_all(settings, name, instance)
+    (only,) = registry.all()
+    assert only.number == 1 and only.pipeline[QDRANT_LEXICAL] == "simple"
 
 
 def test_the_full_text_follows_every_write_and_the_readers_view(synced, postgres, instance):
@@ -108,10 +154,17 @@ def test_a_language_edit_recomputes_the_column_and_hybrid_false_drops_it_with_no
     settings, name = synced
     embedded = len(fake.requests)
     english = settings_with(tmp_path, fake, name, hybrid="{language: english}")
-    sync_shards(english, name, instance)
-    # English stems: "fails" finds "failing" now.
-    hits = search_source(english, name, "failing", 3, "pgvector", mode="lexical")
-    assert [h["row_id"] for h in hits] == ["17"]
+    # Qdrant's terms are in the collection: another language is another generation, built
+    # beside the live one, which keeps answering in its own language until the switch.
+    sync_source(english, name, "00", instance)
+    assert generation_states(postgres, name) == {1: "live", 2: "building"}
+    assert search_source(english, name, "fails", 3, "qdrant", mode="lexical")[0]["row_id"] == "17"
+    synced_all(english, name, instance)
+    assert generation_states(postgres, name) == {1: "previous", 2: "live"}
+    # English stems: "fails" finds "failing" now, in both sinks.
+    for backend in ("pgvector", "qdrant"):
+        hits = search_source(english, name, "failing", 3, backend, mode="lexical")
+        assert [h["row_id"] for h in hits] == ["17"], backend
     off = settings_with(tmp_path, fake, name, hybrid="false")
     sync_shards(off, name, instance)
     assert len(fake.requests) == embedded  # nothing was embedded again
@@ -120,7 +173,9 @@ def test_a_language_edit_recomputes_the_column_and_hybrid_false_drops_it_with_no
     with pytest.raises(ClickException, match="full-text column"):
         search_source(off, name, "ZXQ-4821", 3, "pgvector", mode="hybrid")
     assert search_source(off, name, "ZXQ-4821", 3, "pgvector")  # dense by default
-    bad = settings_with(tmp_path, fake, name, hybrid="{language: klingon}")
+    with pytest.raises(Exception, match="'klingon' is not a language Qdrant's BM25 knows"):
+        settings_with(tmp_path, fake, name, hybrid="{language: klingon}")
+    bad = settings_with(tmp_path, fake, name, hybrid="{language: klingon}", qdrant="false")
     with pytest.raises(Exception, match="not a text search configuration.*english"):
         sync_shards(bad, name, instance)
 
