@@ -26,3 +26,18 @@ def test_a_usage_error_exits_two():
     done = subprocess.run([*CLI, "no-such-command"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "no-such-command" in done.stderr
+
+
+def test_every_console_script_of_pyproject_names_a_callable_that_exists():
+    """`make dev` runs the installed `embedding-assets` script: its target must import (a
+    module moved by a refactor once left it pointing at nothing)."""
+    import importlib
+    import tomllib
+    from pathlib import Path
+
+    pyproject = Path(__file__).resolve().parents[3] / "pyproject.toml"
+    scripts = tomllib.loads(pyproject.read_text())["project"]["scripts"]
+    assert scripts
+    for name, target in scripts.items():
+        module, _, attribute = target.partition(":")
+        assert callable(getattr(importlib.import_module(module), attribute)), name
