@@ -196,9 +196,9 @@ def part_b(home: Path, engine) -> None:
     import psutil
     import sqlalchemy as sa
 
-    from embedding_assets.cli.serve import worker_port
     from embedding_assets.config.settings import load_settings
     from embedding_assets.ops.run_health import WORKER_TAG
+    from embedding_assets.ops.worker_address import worker_port
 
     dev = start_dev(home)
     restarted: subprocess.Popen | None = None

@@ -47,3 +47,15 @@ def db_url(dagster: bool) -> None:
     from embedding_assets.ops.embedded_postgres import DAGSTER_DATABASE, DATA_DATABASE
 
     click.echo(embedded_server().url(DAGSTER_DATABASE if dagster else DATA_DATABASE))
+
+
+@db.command("demo")
+def db_demo() -> None:
+    """Load the bundled demo rows into public.pypi_packages, as `dev` does first (for `dg
+    dev` or `dagster dev` alone); a table that has rows is left as it is."""
+    from embedding_assets.cli.common import ensure_database
+    from embedding_assets.ops.demo import DEMO_TABLE, load_demo
+    from embedding_assets.state.db import engine_for
+
+    rows = load_demo(engine_for(ensure_database()))
+    click.echo(f"demo source {DEMO_TABLE}: {rows} rows")

@@ -12,8 +12,8 @@ from pathlib import Path
 import click
 
 from embedding_assets.cli.common import embedded_server, settings_from
-from embedding_assets.cli.serve import worker_port, worker_url
 from embedding_assets.ops.paths import CHECKOUT
+from embedding_assets.ops.worker_address import worker_port, worker_url
 
 
 @click.command()

@@ -1,23 +1,11 @@
 """`embedding-assets serve`: the local inference worker on the worker port, and the URL the demo's
 embedder reaches it at."""
 
-import os
-
 import click
 
-WORKER_PORT_ENV = "EMBEDDING_ASSETS_WORKER_PORT"
+from embedding_assets.ops.worker_address import WORKER_PORT_ENV, worker_port
 
-
-DEFAULT_WORKER_PORT = 8431
-
-
-def worker_port() -> int:
-    return int(os.environ.get(WORKER_PORT_ENV) or DEFAULT_WORKER_PORT)
-
-
-def worker_url() -> str:
-    """The URL the bundled demo's `openai` embedder uses to reach `embedding-assets serve`."""
-    return f"http://127.0.0.1:{worker_port()}/v1"
+__all__ = ["serve"]
 
 
 @click.command()

@@ -7,8 +7,8 @@ import signal
 
 import click
 
-from embedding_assets.cli.serve import worker_url
 from embedding_assets.config.settings import Settings
+from embedding_assets.ops.worker_address import worker_hint
 
 RUN_IN_PROGRESS: dict[str, str] = {}  # the run this process executes now, for a signal
 
@@ -90,13 +90,7 @@ def require_reachable_embedders(settings: Settings, sources: list[str]) -> None:
             except OSError:
                 continue
         else:
-            hint = (
-                " Start the local inference worker with `embedding-assets serve` "
-                "(`make dev` starts it)."
-                if any(worker_url() == u for u in urls)
-                else ""
-            )
             raise click.ClickException(
                 f"source {name!r} embeds through {', '.join(urls)}, and none of them accepts "
-                f"connections.{hint}"
+                f"connections.{worker_hint(urls)}"
             )

@@ -9,7 +9,8 @@ import dagster as dg
 from embedding_assets.config.sources import SourceSpec
 from embedding_assets.defs.embedder_resources import embedder_resource_key
 from embedding_assets.defs.resources import SHARDS_TAG
-from embedding_assets.defs.sensors import read_cursor
+from embedding_assets.defs.sensors import missing_table_reason, read_cursor
+from embedding_assets.state.capture import SourceTableMissing
 from embedding_assets.sync.lag import shard_lags
 from embedding_assets.sync.live_pass import source_lane
 
@@ -76,7 +77,10 @@ def build_lag_sensor(spec: SourceSpec, freshness_job) -> dg.SensorDefinition:
     )
     def source_lag(context: dg.SensorEvaluationContext):
         embedder = getattr(context.resources, embedder_key).embedder()
-        runtime = context.resources.runtime.source(spec.name, embedder, "live")
+        try:
+            runtime = context.resources.runtime.source(spec.name, embedder, "live")
+        except SourceTableMissing as missing:
+            return dg.SkipReason(missing_table_reason(spec, missing))
         state = read_cursor(context.cursor)
         now = time.time()
         since = {int(k): v for k, v in state.get("behind_since", {}).items()}

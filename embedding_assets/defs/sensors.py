@@ -14,7 +14,9 @@ from embedding_assets.defs.embedder_resources import embedder_resource_key
 from embedding_assets.defs.resources import GENERATION_TAG, SHARDS_TAG
 from embedding_assets.defs.shards_job import shards_job_name
 from embedding_assets.destinations.audit import audit_destinations, without_store_lock
+from embedding_assets.ops.demo import DEMO_TABLE
 from embedding_assets.ops.run_health import WORKER_LOST_TAG, fail_dead_runs
+from embedding_assets.state.capture import SourceTableMissing
 from embedding_assets.state.diff import ShardWork
 from embedding_assets.state.privileges import PrivilegeError
 from embedding_assets.sync.config_edits import apply_config
@@ -275,6 +277,13 @@ def shard_decision(
     )
 
 
+def missing_table_reason(spec: SourceSpec, missing: SourceTableMissing) -> str:
+    """Why a sensor waits for a source table not created yet; for the bundled demo's (`dg
+    dev` alone loads no rows), the command that loads it."""
+    demo = " (the bundled demo's rows: `embedding-assets db demo`)"
+    return f"{missing}{demo if spec.table == DEMO_TABLE else ''}"
+
+
 def build_sensor(spec: SourceSpec, job, shards_job) -> dg.SensorDefinition:
     embedder_key = embedder_resource_key(spec.embedder)
     keys = spec.shard_keys
@@ -301,7 +310,10 @@ def build_sensor(spec: SourceSpec, job, shards_job) -> dg.SensorDefinition:
             context.log.warning(f"failed {len(dead)} runs whose process is gone: {dead}")
         embedder = getattr(context.resources, embedder_key).embedder()
         # The live generation and, while one is built, the new one: each follows the feed.
-        runtimes = context.resources.runtime.generations(spec.name, embedder)
+        try:
+            runtimes = context.resources.runtime.generations(spec.name, embedder)
+        except SourceTableMissing as missing:
+            return dg.SkipReason(missing_table_reason(spec, missing))
         if lacking := _lacking_privileges(runtimes[0]):
             return dg.SkipReason(lacking)
         live = next((r for r in runtimes if r.generation.state == "live"), runtimes[0])

@@ -62,6 +62,7 @@ from embedding_assets.embedders.remote_errors import (
 from embedding_assets.embedders.remote_requests import HttpRequests
 from embedding_assets.embedders.tokenizers import tokenizer_for
 from embedding_assets.embedders.wire import PROBE_TEXT, Call, WireFormat
+from embedding_assets.ops.worker_address import worker_hint
 
 # -- internal outcomes of one request ---------------------------------------------------------
 
@@ -192,6 +193,7 @@ class RemoteEmbedder(HttpRequests, Bisection):
             raise EmbeddingFailed(
                 f"{self.model_id}: the embedder did not answer the dimension probe ({exc}); it "
                 "looks down, and the run is retried later. Setting `dimension` skips the probe."
+                + worker_hint(self._endpoints.urls)
             ) from None
         except (TooLarge, Rejected) as exc:
             raise EmbeddingFailed(

@@ -23,6 +23,10 @@ from embedding_assets.state.watermark_feed import WatermarkFeed
 log = logging.getLogger(__name__)
 
 
+class SourceTableMissing(LookupError):
+    """The source's table is not there (yet): nothing to capture or sync."""
+
+
 def resolve_mode(engine: sa.Engine, spec: SourceSpec, watched_extra: tuple[str, ...] = ()) -> str:
     """`auto`: triggers for a `table:` source when this role may create them, else diff."""
     if spec.change_capture != "auto":
@@ -32,7 +36,7 @@ def resolve_mode(engine: sa.Engine, spec: SourceSpec, watched_extra: tuple[str, 
     with engine.connect() as conn:
         table = quote_table(split_qualified(spec.table))
         if not conn.scalar(sa.text("SELECT to_regclass(:t) IS NOT NULL"), {"t": table}):
-            raise LookupError(
+            raise SourceTableMissing(
                 f"source {spec.name!r}: table {spec.table} does not exist; create it (or "
                 "fix `table:` in sources.yaml)"
             )
