@@ -24,6 +24,11 @@ dev: install
 .venv-infinity/bin/infinity_emb:
 	PYTHON=$(PYTHON) scripts/install-infinity.sh
 
+# The clients applications read our stores with (LangChain, LlamaIndex), in their own
+# environment: the reader-contract test runs them.
+.venv-readers/.pins: scripts/install-readers.sh
+	PYTHON=$(PYTHON) scripts/install-readers.sh
+
 # Debian's Chromium for the browser test (Playwright drives it; no browser download). Where
 # packages cannot be installed the test says so and is skipped.
 /usr/bin/chromium:
@@ -34,7 +39,7 @@ dev: install
 	else echo "no /usr/bin/chromium and no root apt-get: the browser test is skipped"; fi
 
 ## Lint, then the whole test suite (what CI runs).
-test: install .venv-infinity/bin/infinity_emb /usr/bin/chromium
+test: install .venv-infinity/bin/infinity_emb .venv-readers/.pins /usr/bin/chromium
 	$(BIN)/ruff check embedding_assets embedding_assets_tests benchmarks
 	$(BIN)/ruff format --check embedding_assets embedding_assets_tests benchmarks
 	$(BIN)/pytest

@@ -32,9 +32,11 @@ def search_source(
     generation: int | str = "live",
 ) -> list[dict]:
     """Nearest chunks to `text` in the live generation (with its model, whatever
-    sources.yaml says now): row id, score (cosine similarity; full-text rank for lexical,
-    the fused RRF score for hybrid), chunk text. With the `column` backend, nearest rows by
-    their write-back vector, with the row's text. `mode`: None, the backend's default."""
+    sources.yaml says now): point id, row id, chunk index, score (cosine similarity;
+    full-text rank for lexical, the fused RRF score for hybrid), chunk text and metadata (the
+    readers' `metadata`: row_id, chunk_index and the source's metadata columns). With the
+    `column` backend, nearest rows by their write-back vector, with the row's text. `mode`:
+    None, the backend's default."""
     from embedding_assets.ops.environment import database_url
     from embedding_assets.state.db import engine_for
     from embedding_assets.state.generations import Generations
@@ -70,25 +72,39 @@ def search_source(
             f"{runtime.pgvector.table} does not exist): run `embedding-assets sync` first"
         )
     vector = runtime.embedder.embed_query(text) if mode != "lexical" else None
-    if backend == "pgvector":
-        try:
-            hits = runtime.pgvector.search(vector, limit, exact=exact, mode=mode, text=text)
-        except LookupError as missing:
-            raise click.ClickException(str(missing)) from None
-        return [
-            {"row_id": h.row_id, "chunk_index": h.chunk_index, "score": h.score, "text": h.text}
-            for h in hits
-        ]
     try:
-        found = runtime.qdrant.search(vector, limit, exact=exact, mode=mode, text=text)
+        return _hits(runtime, backend, vector, limit, exact, mode, text)
     except LookupError as missing:
         raise click.ClickException(str(missing)) from None
+
+
+def _hits(runtime, backend: str, vector, limit: int, exact: bool, mode: str, text: str) -> list:
+    """The pgvector or Qdrant hits as `search --json` prints them."""
+    from embedding_assets.destinations.qdrant import payload_metadata
+
+    if backend == "pgvector":
+        hits = runtime.pgvector.search(vector, limit, exact=exact, mode=mode, text=text)
+        metadata = runtime.pgvector.metadata_of([h.point_id for h in hits])
+        return [
+            {
+                "id": h.point_id,
+                "row_id": h.row_id,
+                "chunk_index": h.chunk_index,
+                "score": h.score,
+                "text": h.text,
+                "metadata": metadata.get(h.point_id, {}),
+            }
+            for h in hits
+        ]
+    found = runtime.qdrant.search(vector, limit, exact=exact, mode=mode, text=text)
     return [
         {
+            "id": h.id,
             "row_id": h.payload.get("row_id"),
             "chunk_index": h.payload.get("chunk_index"),
             "score": h.score,
             "text": h.payload.get("text"),
+            "metadata": payload_metadata(h.payload),
         }
         for h in found
     ]

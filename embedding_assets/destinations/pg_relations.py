@@ -5,6 +5,7 @@ import hashlib
 
 import sqlalchemy as sa
 
+from embedding_assets.destinations.reader_view import reader_select, refuse_writes
 from embedding_assets.state.ddl import ensure_schema
 from embedding_assets.state.source_sql import (
     quote_ident,
@@ -51,10 +52,11 @@ def view_reads(conn: sa.Connection, schema: str, view: str) -> str | None:
 
 
 def publish_view(conn: sa.Connection, stable: tuple[str, str], table: tuple[str, str]) -> None:
-    """Make the stable view read `table`, in the caller's transaction: readers see the old
-    generation until it commits and the new one after, never a mix. A view of another
-    dimension cannot be replaced in place, so it is dropped and created again (still one
-    transaction)."""
+    """Make the stable view read `table` (the columns of `reader_view`, writes refused), in
+    the caller's transaction: readers see the old generation until it commits and the new one
+    after, never a mix. A view of another dimension or column order (one published by an
+    earlier version) cannot be replaced in place, so it is dropped and created again (still
+    one transaction)."""
     schema, view = stable
     kind = relation_kind(conn, schema, view)
     if kind not in (None, "v"):
@@ -62,17 +64,20 @@ def publish_view(conn: sa.Connection, stable: tuple[str, str], table: tuple[str,
             f"{schema}.{view} is a table, not the view embedding_assets keeps for readers; "
             "rename or drop it (or set another `pgvector: {table: ...}`)"
         )
-    select = f"SELECT * FROM {quote_table(table)}"
+    select = reader_select(conn, table)
     target = quote_table(stable)
     ensure_schema(conn, schema)
+    replaced = False
     if kind == "v":
         try:
             with conn.begin_nested():
                 conn.execute(sa.text(f"CREATE OR REPLACE VIEW {target} AS {select}"))
-            return
+            replaced = True
         except sa.exc.DBAPIError:
             conn.execute(sa.text(f"DROP VIEW {target}"))
-    conn.execute(sa.text(f"CREATE VIEW {target} AS {select}"))
+    if not replaced:
+        conn.execute(sa.text(f"CREATE VIEW {target} AS {select}"))
+    refuse_writes(conn, stable)
 
 
 def adopt_table(conn: sa.Connection, stable: tuple[str, str], table: tuple[str, str]) -> None:

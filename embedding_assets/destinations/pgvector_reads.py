@@ -214,6 +214,22 @@ class ChunkTableReads:
                 self._columns(),
             )
 
+    def metadata_of(self, point_ids: Sequence[str]) -> dict[str, dict]:
+        """{point id: its `metadata` as the readers' view has it} for these chunks."""
+        if not point_ids:
+            return {}
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.text(
+                    f"""SELECT CAST(point_id AS text) AS point_id,
+                        jsonb_build_object('row_id', row_id, 'chunk_index', chunk_index)
+                        || {self.payload_select(conn).removesuffix(" AS metadata")} AS metadata
+                    FROM {self.table} WHERE point_id = ANY(CAST(:ids AS uuid[]))"""
+                ),
+                {"ids": list(point_ids)},
+            ).fetchall()
+        return {r.point_id: r.metadata for r in rows}
+
     def payload_select(self, conn: sa.Connection, alias: str = "") -> str:
         """SQL: the metadata columns as one jsonb object {column name: value}, each value
         converted by its type (state.pg_values.payload_expr), named `metadata`."""

@@ -39,6 +39,15 @@ class PlanStats:
     created_collection: bool
 
 
+def payload_metadata(payload: dict) -> dict:
+    """A point's `metadata` as the readers' view has it: the nested object, or for a point
+    written before it existed, the flat keys without the payload's own."""
+    nested = payload.get("metadata")
+    if isinstance(nested, dict):
+        return nested
+    return {k: v for k, v in payload.items() if k not in ("shard", "text")}
+
+
 class QdrantDestination:
     """Qdrant, a `FollowingDestination`: planned from the ledger and the chunk table after each
     write, over whichever engine `store` is (a server, or the embedded engine)."""
@@ -163,8 +172,10 @@ class QdrantDestination:
             strict=True,
         ):
             # Metadata first: the payload's own keys win (settings refuse such names anyway).
-            payload = {**metadata, "row_id": row_id, "chunk_index": int(chunk_index)}
-            payload.update(shard=shard, text=text)
+            # Flat for filters and llama-index, and nested as `metadata` (what the readers'
+            # view has) for clients that read one object, as langchain-qdrant does.
+            readable = {"row_id": row_id, "chunk_index": int(chunk_index), **metadata}
+            payload = {**readable, "shard": shard, "text": text, "metadata": readable}
             terms = document_terms(text, self.spec.hybrid.language) if lexical else None
             update.upserts.append(IndexPoint(id=pid, vector=vector, payload=payload, sparse=terms))
         for row in lag.itertuples(index=False):

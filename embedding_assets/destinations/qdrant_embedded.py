@@ -61,6 +61,10 @@ log = logging.getLogger(__name__)
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}")
 
 
+class EmbeddedStoreHeld(RuntimeError):
+    """A collection's WAL is locked by a process that does not take our flock."""
+
+
 @dataclass
 class _Handle:
     """One collection while this thread holds its lock; the shard is opened on first use."""
@@ -76,7 +80,19 @@ class _Handle:
     def load(self) -> edge.EdgeShard | None:
         """The open shard, or None if the collection does not exist."""
         if self.shard is None and self.exists:
-            self.shard = edge.EdgeShard.load(str(self.path))
+            try:
+                self.shard = edge.EdgeShard.load(str(self.path))
+            except Exception as exc:  # qdrant-edge raises plain Exception
+                if "WouldBlock" not in str(exc):
+                    raise
+                # Our own flock is held, so the WAL lock is someone else's.
+                raise EmbeddedStoreHeld(
+                    f"the embedded Qdrant collection {self.path} is open in a process that "
+                    "is not embedding-assets (a qdrant-edge reader?), which blocks our writes "
+                    "and searches until it closes it. Only embedding-assets may open the "
+                    "embedded engine; applications that read Qdrant need a Qdrant server "
+                    "(QDRANT_URL). The shard's run fails and is retried."
+                ) from None
         return self.shard
 
 

@@ -191,6 +191,10 @@ def ensure_schema(conn: sa.Connection, schema: str) -> None:
         conn.execute(sa.text(f"CREATE SCHEMA {quote_ident(schema)}"))
 
 
+# The readers' views refuse writes through this (destinations.reader_view).
+REFUSE_READER_WRITE = f"{STATE_SCHEMA}.refuse_reader_write"
+
+
 def execute_script(conn: sa.Connection, sql: str) -> None:
     """Run SQL text as is (several statements, `%` operators) on the connection's driver."""
     cursor = conn.connection.driver_connection.cursor()

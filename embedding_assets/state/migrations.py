@@ -15,6 +15,7 @@ import sqlalchemy as sa
 
 from embedding_assets.state.ddl import (
     GENERATIONS_DDL,
+    REFUSE_READER_WRITE,
     STAGING_DDL,
     STATE_DDL,
     STATE_SCHEMA,
@@ -53,6 +54,19 @@ CREATE TABLE IF NOT EXISTS {STATE_SCHEMA}.live_lanes (
 );
 """
 
+READER_VIEW_DDL = f"""
+CREATE OR REPLACE FUNCTION {REFUSE_READER_WRITE}() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION '%.% is the read-only readers'' view of an embedding_assets source',
+        TG_TABLE_SCHEMA, TG_TABLE_NAME
+        USING ERRCODE = 'object_not_in_prerequisite_state',
+            HINT = 'embedding_assets writes it from the source table: insert, update or '
+                'delete rows there, and their chunks follow';
+END
+$$;
+"""
+
 VERSION_DDL = f"""
 CREATE TABLE IF NOT EXISTS {STATE_SCHEMA}.schema_version (
     version int PRIMARY KEY,
@@ -80,6 +94,7 @@ MIGRATIONS = (
     Migration(4, "applied configuration per generation", APPLIED_CONFIG_DDL),
     Migration(5, "vectors kept for rows that left the eligible set", KEPT_VECTORS_DDL),
     Migration(6, "live lanes' heartbeats", LIVE_LANES_DDL),
+    Migration(7, "readers' views refuse writes", READER_VIEW_DDL),
 )
 LATEST = MIGRATIONS[-1].version
 

@@ -27,6 +27,7 @@ import sqlalchemy as sa
 
 from embedding_assets.config.base import split_qualified
 from embedding_assets.config.effects import Effect, changed_keys, recorded_config
+from embedding_assets.destinations import reader_view
 from embedding_assets.destinations.pg_relations import publish_view
 from embedding_assets.state.applied_config import AppliedConfig
 from embedding_assets.state.ddl import STATE_SCHEMA, ddl_lock, execute_script
@@ -80,6 +81,7 @@ def apply_config(runtime: SourceRuntime, force: bool = False) -> ConfigEdit:
     (a sensor's runtime lives as long as the code location); `force`: check now."""
     if not force and time.monotonic() - runtime.config_checked_at < RECHECK_SECONDS:
         return ConfigEdit()
+    _bring_reader_view_current(runtime)
     record = AppliedConfig(runtime.engine, runtime.target)
     current = current_config(runtime)
     if record.read() == current:
@@ -106,6 +108,25 @@ def apply_config(runtime: SourceRuntime, force: bool = False) -> ConfigEdit:
         log.info("%s: %s", runtime.spec.name, edit.describe())
     runtime.config_checked_at = time.monotonic()
     return edit
+
+
+def _bring_reader_view_current(runtime: SourceRuntime) -> None:
+    """A readers' view an earlier version published (`SELECT *`, writable) gets this
+    version's columns and refuses writes, whether or not anything else changed."""
+    if not (runtime.is_live and runtime.spec.pgvector.enabled):
+        return
+    with runtime.engine.begin() as conn:
+        if not runtime.pgvector.table_exists(conn) or reader_view.is_current(
+            conn, runtime.stable_table
+        ):
+            return
+        ddl_lock(conn)
+        publish_view(conn, runtime.stable_table, runtime.spec.pg_table)
+    log.info(
+        "%s: readers' view %s brought to the reader contract",
+        runtime.spec.name,
+        ".".join(runtime.stable_table),
+    )
 
 
 def _queue_full_diff(conn: sa.Connection, runtime: SourceRuntime) -> int:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from embedding_assets.destinations.qdrant_embedded import EmbeddedQdrantStore
+from embedding_assets.destinations.qdrant_embedded import EmbeddedQdrantStore, EmbeddedStoreHeld
 from embedding_assets.destinations.qdrant_engines import open_qdrant_store
 from embedding_assets.destinations.qdrant_server import ServerQdrantStore
 from embedding_assets.destinations.qdrant_store import IndexConfig, IndexPoint, QdrantStore
@@ -258,6 +258,39 @@ def test_embedded_data_survives_reopen(tmp_path: Path) -> None:
 def test_embedded_upsert_needs_the_collection(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="ensure_collection"):
         EmbeddedQdrantStore(tmp_path).upsert(COLLECTION, make_points(1, 8))
+
+
+def _hold_with_qdrant_edge(path: str, opened: MpEvent, release: MpEvent) -> None:
+    import qdrant_edge
+
+    shard = qdrant_edge.EdgeShard.load(path)
+    opened.set()
+    release.wait(60)
+    shard.close()
+
+
+def test_embedded_collection_held_by_a_foreign_reader_fails_our_writes_saying_why(
+    tmp_path: Path,
+) -> None:
+    """Another process opening the engine's folder with qdrant-edge (no flock of ours) holds its
+    WAL: our write fails loudly, naming the cause and the fix, and works once it lets go."""
+    store = EmbeddedQdrantStore(tmp_path)
+    store.ensure_collection(COLLECTION, 8)
+    context = multiprocessing.get_context("spawn")
+    opened, release = context.Event(), context.Event()
+    reader = context.Process(
+        target=_hold_with_qdrant_edge, args=(str(tmp_path / COLLECTION), opened, release)
+    )
+    reader.start()
+    try:
+        assert opened.wait(60)
+        with pytest.raises(EmbeddedStoreHeld, match="not embedding-assets.*QDRANT_URL"):
+            store.upsert(COLLECTION, make_points(3, 8))
+    finally:
+        release.set()
+        reader.join(60)
+    store.upsert(COLLECTION, make_points(3, 8))
+    assert store.count(COLLECTION) == 3
 
 
 def test_embedded_rejects_path_like_names(tmp_path: Path) -> None:

@@ -202,9 +202,10 @@ def test_search_finds_exact_text_first_in_both_backends(postgres, home, tmp_path
         hits = search_source(settings, name, text, 5, backend, mode="dense")
         assert hits[0]["row_id"] == "17", (backend, hits)
         assert hits[0]["score"] > 0.99  # cosine similarity
-    # pgvector's default is hybrid: first too, with the fused score (first in both: 2 / 60).
+    # pgvector's default is hybrid: first too, with the fused score (first in both, ranks
+    # from 0: 1 / 10 + 1.5 / 10, core.fusion).
     hybrid = search_source(settings, name, text, 5, "pgvector")
-    assert hybrid[0]["row_id"] == "17" and 0 < hybrid[0]["score"] <= 2 / 60 + 1e-9
+    assert hybrid[0]["row_id"] == "17" and 0 < hybrid[0]["score"] <= 2.5 / 10 + 1e-9
 
 
 def test_crash_between_pgvector_and_qdrant_converges(postgres, home, tmp_path, instance):
