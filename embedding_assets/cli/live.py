@@ -63,8 +63,15 @@ def live_sources(settings: Settings, names: list[str]) -> tuple[list, list[str]]
 @click.command()
 @click.option("--source", default=None, help="Serve one source (default: every live source).")
 @click.option("--debug-log", is_flag=True, help="Log every pass (shards, rows, seconds).")
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Serve Prometheus /metrics on this port (127.0.0.1): the lane's embedder calls and "
+    "every source's figures.",
+)
 @click.pass_context
-def live(ctx: click.Context, source: str | None, debug_log: bool) -> None:
+def live(ctx: click.Context, source: str | None, debug_log: bool, metrics_port: int | None) -> None:
     """The live lane: waits on Postgres LISTEN for the capture triggers and writes each
     committed change to pgvector, Qdrant and the write-back column within about a second,
     through the same ledger, claims and checks as a run, reported to Dagster as
@@ -98,6 +105,14 @@ def live(ctx: click.Context, source: str | None, debug_log: bool) -> None:
     from embedding_assets.state.db import engine_for
 
     names = [s.name for s in served]
+    if metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        from embedding_assets.ops.metrics import serve_store_metrics
+
+        serve_store_metrics(url)
+        start_http_server(metrics_port, addr="127.0.0.1")  # a daemon thread
+        click.echo(f"metrics on http://127.0.0.1:{metrics_port}/metrics", err=True)
     registry = LaneRegistry(engine_for(url), lane_id(os.getpid()), names)
     conninfo = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
     prepare_dagster_home()

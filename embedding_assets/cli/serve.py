@@ -21,8 +21,13 @@ __all__ = ["serve"]
 )
 def serve(model: str, host: str, port: int | None, precision: str) -> None:
     """The local model behind an OpenAI-compatible /v1/embeddings (and /health), batching
-    concurrent requests into one forward pass: one warm model for every run."""
+    concurrent requests into one forward pass: one warm model for every run. /metrics serves
+    Prometheus metrics: the model's calls, and every source's figures from the database."""
+    from embedding_assets.ops.environment import database_url
+    from embedding_assets.ops.metrics import serve_store_metrics
     from embedding_assets.worker.server import serve as run_worker
+
+    serve_store_metrics(database_url())
 
     try:
         run_worker(model=model, host=host, port=port or worker_port(), precision=precision)

@@ -23,6 +23,7 @@ from embedding_assets.embedders.remote_errors import (
     parse_retry_after,
     short,
 )
+from embedding_assets.embedders.telemetry import embedder_call
 from embedding_assets.embedders.wire import InputType
 
 # Requests of the live lane's process carry this header; our worker serves them before bulk
@@ -102,46 +103,49 @@ class HttpRequests:
         with self._stats_lock:
             self._stats.requests += 1
             self._stats.throttled_seconds += waited
-        try:
-            response = self._client.post(url, json=body, headers=self._headers())
-        except httpx.TimeoutException as exc:
-            raise Transient(
-                f"timed out: no answer within {self.timeout_s} s from {display_url(url)} "
-                f"({type(exc).__name__})",
-                failover=self._endpoints.mark_down(base),
-                # The request went out: one slow input may be the cause (a connect or pool
-                # timeout is about the service, not the inputs).
-                timed_out=isinstance(exc, (httpx.ReadTimeout, httpx.WriteTimeout)),
-            ) from None
-        except httpx.TransportError as exc:  # no exception text: it could quote the request
-            raise Transient(
-                f"connection to {display_url(url)} failed ({type(exc).__name__})",
-                failover=self._endpoints.mark_down(base),
-            ) from None
-        if response.status_code >= 400:
-            self._raise_for(response, base, url)
-        self._endpoints.mark_up(base)
-        shown = display_url(url)
-        try:
-            vectors, usage = self.wire.parse(response.json(), len(texts))
-        except (ValueError, KeyError, TypeError) as exc:
-            problem = f"unreadable response from {shown}: {self._redact(str(exc))}"
-            raise BadOutput(
-                problem[:REASON_CHARS], f"{self.model_id}: {problem}"[:REASON_CHARS]
-            ) from None
-        if vectors.ndim != 2 or vectors.shape[0] != len(texts):
-            problem = f"{shown} returned {vectors.shape[0]} vectors for {len(texts)} inputs"
-            raise BadOutput(
-                problem[:REASON_CHARS],
-                f"{self.model_id}: {problem}; nothing from this response is used",
-            )
-        if dimension is not None and vectors.shape[1] != dimension:
-            problem = f"{shown} returned vectors of length {vectors.shape[1]}, expected {dimension}"
-            raise BadOutput(
-                problem[:REASON_CHARS],
-                f"{self.model_id}: {problem}; check the model, `dimension` and `dimensions` "
-                "settings (nothing from this response is stored)",
-            )
+        with embedder_call(self.wire.provider, self.model, tokens):
+            try:
+                response = self._client.post(url, json=body, headers=self._headers())
+            except httpx.TimeoutException as exc:
+                raise Transient(
+                    f"timed out: no answer within {self.timeout_s} s from {display_url(url)} "
+                    f"({type(exc).__name__})",
+                    failover=self._endpoints.mark_down(base),
+                    # The request went out: one slow input may be the cause (a connect or pool
+                    # timeout is about the service, not the inputs).
+                    timed_out=isinstance(exc, (httpx.ReadTimeout, httpx.WriteTimeout)),
+                ) from None
+            except httpx.TransportError as exc:  # no exception text: it could quote the request
+                raise Transient(
+                    f"connection to {display_url(url)} failed ({type(exc).__name__})",
+                    failover=self._endpoints.mark_down(base),
+                ) from None
+            if response.status_code >= 400:
+                self._raise_for(response, base, url)
+            self._endpoints.mark_up(base)
+            shown = display_url(url)
+            try:
+                vectors, usage = self.wire.parse(response.json(), len(texts))
+            except (ValueError, KeyError, TypeError) as exc:
+                problem = f"unreadable response from {shown}: {self._redact(str(exc))}"
+                raise BadOutput(
+                    problem[:REASON_CHARS], f"{self.model_id}: {problem}"[:REASON_CHARS]
+                ) from None
+            if vectors.ndim != 2 or vectors.shape[0] != len(texts):
+                problem = f"{shown} returned {vectors.shape[0]} vectors for {len(texts)} inputs"
+                raise BadOutput(
+                    problem[:REASON_CHARS],
+                    f"{self.model_id}: {problem}; nothing from this response is used",
+                )
+            if dimension is not None and vectors.shape[1] != dimension:
+                problem = (
+                    f"{shown} returned vectors of length {vectors.shape[1]}, expected {dimension}"
+                )
+                raise BadOutput(
+                    problem[:REASON_CHARS],
+                    f"{self.model_id}: {problem}; check the model, `dimension` and `dimensions` "
+                    "settings (nothing from this response is stored)",
+                )
         self._answered_ok = True
         with self._stats_lock:
             self._stats.usage_prompt_tokens += usage.get("prompt_tokens", 0)

@@ -27,6 +27,7 @@ from embedding_assets.core.batching import (
     padded_batches,
 )
 from embedding_assets.embedders.base import HFTokenizer, check_embeddings
+from embedding_assets.embedders.telemetry import embedder_call
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -340,13 +341,15 @@ class SentenceTransformerEmbedder:
         out = np.empty((n, dim), dtype=np.float32)
         with self._encode_lock:
             for idx in padded_batches(counts, self.batch_size, self.max_batch_tokens):
-                vectors = model.encode_document(
-                    [texts[i] for i in idx],
-                    batch_size=len(idx),
-                    normalize_embeddings=True,
-                    convert_to_numpy=True,
-                    show_progress_bar=False,
-                )
+                tokens = sum(counts[i] for i in idx)
+                with embedder_call(PROVIDER, self.model_id.split(":", 1)[1], tokens):
+                    vectors = model.encode_document(
+                        [texts[i] for i in idx],
+                        batch_size=len(idx),
+                        normalize_embeddings=True,
+                        convert_to_numpy=True,
+                        show_progress_bar=False,
+                    )
                 out[idx] = vectors
         # Normalised again in float32: in bf16 the model's own normalisation is inexact.
         out /= np.linalg.norm(out, axis=1, keepdims=True).clip(min=1e-12)

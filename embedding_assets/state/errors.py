@@ -60,11 +60,11 @@ class RowErrors:
 
     # -- writes (inside the ledger write's transaction) ---------------------------------
 
-    def record(self, conn: sa.Connection, shard: int, failures: dict[str, RowFailure]) -> None:
+    def record(self, conn: sa.Connection, shard: int, failures: dict[str, RowFailure]) -> int:
         """Count one more failure of each row's content (a new content starts at 1), and
-        set when to retry it or mark it dead."""
+        set when to retry it or mark it dead. Returns how many of them are dead now."""
         if not failures:
-            return
+            return 0
         ids = list(failures)
         conn.execute(
             sa.text(
@@ -94,7 +94,7 @@ class RowErrors:
                 "messages": [failures[r].message[:MESSAGE_CHARS] for r in ids],
             },
         )
-        conn.execute(
+        states = conn.scalars(
             sa.text(
                 f"""UPDATE {STATE_SCHEMA}.row_errors SET
                     state = CASE WHEN attempts >= :max OR kind = ANY(:permanent) THEN 'dead'
@@ -103,7 +103,7 @@ class RowErrors:
                         THEN NULL
                         ELSE last_failed_at + make_interval(secs => least(
                             :first * power(2, attempts - 1), :cap)) END
-                WHERE target = :t AND row_id = ANY(:ids)"""
+                WHERE target = :t AND row_id = ANY(:ids) RETURNING state"""
             ),
             {
                 "t": self.target,
@@ -113,7 +113,8 @@ class RowErrors:
                 "first": self.policy.first_wait_seconds,
                 "cap": self.policy.max_wait_seconds,
             },
-        )
+        ).all()
+        return sum(state == "dead" for state in states)
 
     def clear(self, conn: sa.Connection, ids: Sequence[str]) -> None:
         """Rows written or deleted: whatever failed before is resolved."""

@@ -41,6 +41,7 @@ TARGET_TABLES = (
     "row_chunks",
     "shard_counts",
     "applied_config",
+    "write_counts",
     "targets",
 )
 

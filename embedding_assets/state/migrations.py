@@ -67,6 +67,21 @@ END
 $$;
 """
 
+WRITE_COUNTS_DDL = f"""
+-- Cumulative counts of what the store step did, per generation's ledger key and shard (one
+-- writer per shard at a time, so no two writes wait on one row), for /metrics' counters.
+CREATE TABLE IF NOT EXISTS {STATE_SCHEMA}.write_counts (
+    target text NOT NULL,
+    shard int NOT NULL,
+    rows_embedded bigint NOT NULL DEFAULT 0,  -- rows stored with their vectors
+    rows_deleted bigint NOT NULL DEFAULT 0,
+    rows_failed bigint NOT NULL DEFAULT 0,    -- failed attempts recorded in row_errors
+    rows_dead bigint NOT NULL DEFAULT 0,      -- rows that turned dead
+    last_write_at timestamptz,
+    PRIMARY KEY (target, shard)
+);
+"""
+
 VERSION_DDL = f"""
 CREATE TABLE IF NOT EXISTS {STATE_SCHEMA}.schema_version (
     version int PRIMARY KEY,
@@ -95,6 +110,7 @@ MIGRATIONS = (
     Migration(5, "vectors kept for rows that left the eligible set", KEPT_VECTORS_DDL),
     Migration(6, "live lanes' heartbeats", LIVE_LANES_DDL),
     Migration(7, "readers' views refuse writes", READER_VIEW_DDL),
+    Migration(8, "cumulative write counts for metrics", WRITE_COUNTS_DDL),
 )
 LATEST = MIGRATIONS[-1].version
 

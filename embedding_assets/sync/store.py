@@ -12,6 +12,7 @@ from embedding_assets.core.delta import (
 )
 from embedding_assets.destinations.base import RowsToWrite
 from embedding_assets.state.ddl import shard_lock
+from embedding_assets.state.write_counts import WriteCounts
 from embedding_assets.sync.runtime import SourceRuntime
 
 
@@ -89,7 +90,10 @@ def store_embeddings(runtime: SourceRuntime, batch: EmbeddedRows) -> WriteStats:
         runtime.errors.clear(conn, written + rows.removed)
         _keep_chunk_vectors(runtime, conn, batch, written, rows.removed)
         failures = {**pending.failures, **batch.failures, **refused}
-        runtime.errors.record(conn, pending.shard, failures)
+        dead = runtime.errors.record(conn, pending.shard, failures)
+        WriteCounts(runtime.target).add(
+            conn, pending.shard, len(written), len(rows.removed), len(failures), dead
+        )
         runtime.feed.acknowledge(conn, pending)
     runtime.release_shard(pending.shard)
     if not pending.backlog:

@@ -12,9 +12,10 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from embedding_assets.embedders.base import Embedder
@@ -213,7 +214,13 @@ def create_app(
         ]
         return JSONResponse({"object": "list", "data": data})
 
+    async def metrics(request: Request) -> Response:
+        # In a thread: the store's figures are read from Postgres at each scrape.
+        body = await asyncio.to_thread(generate_latest, REGISTRY)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
+
     routes = [
+        Route("/metrics", metrics, methods=["GET"]),
         Route("/v1/embeddings", embeddings, methods=["POST"]),
         Route("/embeddings", embeddings, methods=["POST"]),  # clients whose base URL lacks /v1
         Route("/v1/models", models, methods=["GET"]),
