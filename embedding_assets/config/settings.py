@@ -9,6 +9,12 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from embedding_assets.config.base import Spec
+from embedding_assets.config.components import (
+    DEFS_FOLDER,
+    ComponentError,
+    component_declarations,
+    merge_embedders,
+)
 from embedding_assets.config.embedders import EmbedderSpec
 from embedding_assets.config.sources import SourceSpec
 
@@ -22,6 +28,8 @@ class Settings(Spec):
     embedders: dict[str, EmbedderSpec] = Field(default_factory=dict)
     sources: list[SourceSpec]
     path: Path | None = None
+    # The defs folder whose EmbeddingSync components were read beside `path` (None: none).
+    components: Path | None = None
 
     @model_validator(mode="after")
     def _references_resolve(self) -> "Settings":
@@ -87,7 +95,12 @@ def expand_env(text: str) -> str:
     return _ENV_REFERENCE.sub(replace, text)
 
 
-def load_settings(path: Path | str | None = None) -> Settings:
+def load_settings(
+    path: Path | str | None = None, components: Path | None = DEFS_FOLDER
+) -> Settings:
+    """sources.yaml (`path`, else $EMBEDDING_ASSETS_SOURCES, else the bundled demo) and the
+    sources declared as EmbeddingSync components in the `components` defs folder: one
+    Settings, whichever front door a source came in by."""
     path = Path(path) if path else sources_path()
     if not path.is_file():
         raise SettingsError(f"sources file {path} does not exist; set {SOURCES_ENV} to a YAML file")
@@ -99,9 +112,27 @@ def load_settings(path: Path | str | None = None) -> Settings:
         raise SettingsError(f"{path} must hold a mapping with `embedders:` and `sources:`")
     _anchor_gate_queries(raw, path.resolve().parent)
     try:
-        return Settings.model_validate({**raw, "path": path.resolve()})
+        settings = Settings.model_validate({**raw, "path": path.resolve()})
     except ValidationError as exc:
         raise SettingsError(f"{path} is invalid:\n{exc}") from exc
+    if components is None:
+        return settings
+    try:
+        declared = component_declarations(components)
+        if not declared:
+            return settings.model_copy(update={"components": components})
+        return Settings.model_validate(
+            {
+                "embedders": merge_embedders(
+                    settings.embedders, [(d.name, d.embedders) for d in declared]
+                ),
+                "sources": [*settings.sources, *(d.source() for d in declared)],
+                "path": settings.path,
+                "components": components,
+            }
+        )
+    except (ComponentError, ValidationError) as exc:
+        raise SettingsError(f"{path} with the components in {components}: {exc}") from exc
 
 
 def _anchor_gate_queries(raw: dict, folder: Path) -> None:
@@ -119,8 +150,10 @@ def _anchor_gate_queries(raw: dict, folder: Path) -> None:
 def drift(loaded: Settings) -> str | None:
     """Why the file `loaded` came from no longer matches it (broken, or edited), or None.
     What a long-lived process (the code location's sensors) asks before starting work."""
+    if loaded.path is None:  # built from components alone: Dagster reloads those
+        return None
     try:
-        current = load_settings(loaded.path)
+        current = load_settings(loaded.path, loaded.components)
     except SettingsError as exc:
         first = str(exc).strip().splitlines()
         return (
@@ -129,7 +162,8 @@ def drift(loaded: Settings) -> str | None:
         )
     if current != loaded:
         return (
-            f"{loaded.path} changed since this code location loaded it: reload the code "
+            f"{loaded.path} (or a component's defs.yaml) changed since this code location "
+            "loaded it: reload the code "
             "location (Deployment > Reload; `embedding-assets dev` reloads by itself)"
         )
     return None

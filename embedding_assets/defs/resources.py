@@ -26,10 +26,11 @@ from embedding_assets.sync.runtime import SourceRuntime, release_all_claims
 _BUILT_FROM: dict[str, Settings] = {}
 
 
-def use_settings(settings: Settings) -> None:
-    """Record what this process's definitions were built from; the runtime resource reads
-    it instead of the file (which may have been edited, or broken, since)."""
-    _BUILT_FROM[str(settings.path)] = settings
+def use_settings(settings: Settings, key: str | None = None) -> None:
+    """Record what this process's definitions were built from (under the runtime resource's
+    `sources_file`: the file's path, or another key); the runtime resource reads it instead
+    of the file (which may have been edited, or broken, since)."""
+    _BUILT_FROM[key or str(settings.path)] = settings
 
 
 class DatabaseResource(dg.ConfigurableResource):

@@ -1,7 +1,9 @@
-"""`dev` follows edits of sources.yaml: a valid save reloads the code location (so sensors and
-runs use it at once), a broken one is reported in one line and changes nothing (the loaded
-definitions keep running), and the first valid save after it recovers by itself."""
+"""`dev` follows edits of sources.yaml and of the EmbeddingSync components' defs.yaml: a valid
+save reloads the code location (so sensors and runs use it at once), a broken one is reported
+in one line and changes nothing (the loaded definitions keep running), and the first valid
+save after it recovers by itself."""
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -10,6 +12,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+from embedding_assets.config.components import DEFS_FOLDER
 from embedding_assets.config.settings import SettingsError, load_settings
 
 log = logging.getLogger(__name__)
@@ -41,10 +44,16 @@ def reload_code_location(graphql_url: str, location: str, timeout: float = 60) -
 
 
 def _fingerprint(path: Path) -> str | None:
+    """Of sources.yaml and the components' defs.yaml files beside it (one loader reads both)."""
+    digest = hashlib.sha256()
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
+        digest.update(path.read_bytes())
     except OSError:
         return None
+    for declaration in sorted(DEFS_FOLDER.rglob("defs.yaml")) if DEFS_FOLDER.is_dir() else []:
+        with contextlib.suppress(OSError):
+            digest.update(str(declaration).encode() + declaration.read_bytes())
+    return digest.hexdigest()
 
 
 class SourcesWatch:
