@@ -342,7 +342,7 @@ class SentenceTransformerEmbedder:
         with self._encode_lock:
             for idx in padded_batches(counts, self.batch_size, self.max_batch_tokens):
                 tokens = sum(counts[i] for i in idx)
-                with embedder_call(PROVIDER, self.model_id.split(":", 1)[1], tokens):
+                with embedder_call(PROVIDER, self.model_id.split(":", 1)[-1], tokens):
                     vectors = model.encode_document(
                         [texts[i] for i in idx],
                         batch_size=len(idx),
