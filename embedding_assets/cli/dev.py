@@ -39,6 +39,7 @@ def dev(ctx: click.Context, host: str, port: int, live: bool) -> None:
         prepare_dagster_home,
         uses_embedded_postgres,
     )
+    from embedding_assets.ops.metrics import MULTIPROC_ENV, fresh_multiprocess_dir
     from embedding_assets.ops.pools import apply_pool_limits, pool_limits
     from embedding_assets.state.db import engine_for
 
@@ -52,6 +53,8 @@ def dev(ctx: click.Context, host: str, port: int, live: bool) -> None:
     with dg.DagsterInstance.get() as instance:
         apply_pool_limits(instance, pool_limits(settings, not os.environ.get("QDRANT_URL")))
     env = {**os.environ, "EMBEDDING_ASSETS_SOURCES": str(settings.path)}
+    if MULTIPROC_ENV not in env:  # the runs' embedder calls on the worker's /metrics
+        env.update(fresh_multiprocess_dir(home / "metrics"))
     children: list[subprocess.Popen] = []
     stopping: list[str] = []
     stop_following = threading.Event()

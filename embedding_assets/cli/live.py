@@ -108,10 +108,11 @@ def live(ctx: click.Context, source: str | None, debug_log: bool, metrics_port: 
     if metrics_port is not None:
         from prometheus_client import start_http_server
 
-        from embedding_assets.ops.metrics import serve_store_metrics
+        from embedding_assets.ops.metrics import exposed_registry, serve_store_metrics
 
         serve_store_metrics(url)
-        start_http_server(metrics_port, addr="127.0.0.1")  # a daemon thread
+        # A daemon thread.
+        start_http_server(metrics_port, addr="127.0.0.1", registry=exposed_registry())
         click.echo(f"metrics on http://127.0.0.1:{metrics_port}/metrics", err=True)
     registry = LaneRegistry(engine_for(url), lane_id(os.getpid()), names)
     conninfo = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)

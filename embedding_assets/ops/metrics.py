@@ -18,15 +18,23 @@ Two kinds:
 
 - Embedder calls, in the process that makes them (`embedders.telemetry`, OpenTelemetry
   GenAI names): gen_ai_client_operation_duration_seconds and gen_ai_client_token_usage.
+  Runs are short-lived processes: with PROMETHEUS_MULTIPROC_DIR set (`dev` does), each
+  writes its figures there and /metrics serves the sum over every process.
 
 No Dagster here.
 """
 
+import functools
 import logging
+import os
+import shutil
 from collections.abc import Iterator
+from pathlib import Path
 
 import sqlalchemy as sa
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import REGISTRY, Collector
 
 from embedding_assets.state.db import engine_for
@@ -185,8 +193,31 @@ def _read(conn: sa.Connection) -> list[tuple[list[str], dict]]:
     return found
 
 
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+@functools.cache
+def exposed_registry() -> CollectorRegistry:
+    """What this process's /metrics serves: its own metrics (the default registry), or with
+    PROMETHEUS_MULTIPROC_DIR set (`dev` sets it for everything it starts), every process's
+    that wrote there: the runs' embedder calls too, after the run has ended."""
+    if not os.environ.get(MULTIPROC_ENV):
+        return REGISTRY
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)
+    return registry
+
+
 def serve_store_metrics(database_url: str) -> None:
-    """Add the store's figures to this process's default registry (what /metrics serves),
-    once."""
-    if not any(isinstance(c, StoreCollector) for c in list(REGISTRY._collector_to_names)):
-        REGISTRY.register(StoreCollector(database_url))
+    """Add the store's figures to what /metrics serves, once."""
+    registry = exposed_registry()
+    if not any(isinstance(c, StoreCollector) for c in list(registry._collector_to_names)):
+        registry.register(StoreCollector(database_url))
+
+
+def fresh_multiprocess_dir(folder: Path) -> dict[str, str]:
+    """An emptied `folder` for PROMETHEUS_MULTIPROC_DIR (files of earlier processes would
+    be counted again), as the environment to give the processes that share it."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return {MULTIPROC_ENV: str(folder)}

@@ -12,7 +12,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -23,6 +23,7 @@ from embedding_assets.embedders.remote_requests import LIVE_PRIORITY, PRIORITY_H
 from embedding_assets.embedders.sentence_transformers import (
     DEFAULT_MODEL,
 )
+from embedding_assets.ops.metrics import exposed_registry
 from embedding_assets.worker.batcher import Batcher
 
 log = logging.getLogger("embedding_assets.worker")
@@ -216,7 +217,7 @@ def create_app(
 
     async def metrics(request: Request) -> Response:
         # In a thread: the store's figures are read from Postgres at each scrape.
-        body = await asyncio.to_thread(generate_latest, REGISTRY)
+        body = await asyncio.to_thread(generate_latest, exposed_registry())
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     routes = [

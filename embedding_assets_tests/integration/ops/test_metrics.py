@@ -46,10 +46,37 @@ def model_calls(samples: dict) -> float:
     return sum(v for (n, _), v in samples.items() if n == "gen_ai_client_token_usage_count")
 
 
+def source_on_worker(url: str, folder: Path, worker: str, rows: int, options: str):
+    """A table of `rows` rows and a sources.yaml embedding it through the worker."""
+    name = unique_name()
+    create_docs_table(url, name, [{"id": i, "title": f"t{i}", "body": "b"} for i in range(rows)])
+    sources = folder / "sources.yaml"
+    sources.write_text(
+        f"embedders:\n  worker: {{provider: openai, model: all-MiniLM-L6-v2, "
+        f'base_urls: ["{worker}/v1"], dimension: 384}}\n'
+        f"sources:\n  - {{name: {name}, table: {name}, text: '{{title}}: {{body}}', "
+        f"embedder: worker, {options}}}\n"
+    )
+    return name, sources
+
+
 @pytest.fixture
-def worker(postgres, home) -> str:
+def shared_dir(tmp_path: Path) -> Path:
+    """PROMETHEUS_MULTIPROC_DIR for the worker and the sync processes (as `dev` sets it)."""
+    folder = tmp_path / "metrics"
+    folder.mkdir()
+    return folder
+
+
+@pytest.fixture
+def worker(postgres, home, shared_dir: Path) -> str:
     port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "PROMETHEUS_MULTIPROC_DIR": str(shared_dir),
+    }
     process = subprocess.Popen(
         [*CLI, "serve", "--port", str(port)],
         env=env,
@@ -73,14 +100,8 @@ def worker(postgres, home) -> str:
 
 
 def test_metrics_move_while_a_sync_writes(postgres, worker, tmp_path: Path, instance) -> None:
-    name = unique_name()
-    create_docs_table(postgres, name, [{"id": i, "title": f"t{i}", "body": "b"} for i in range(40)])
-    sources = tmp_path / "sources.yaml"
-    sources.write_text(
-        f"embedders:\n  worker: {{provider: openai, model: all-MiniLM-L6-v2, "
-        f'base_urls: ["{worker}/v1"], dimension: 384}}\n'
-        f"sources:\n  - {{name: {name}, table: {name}, text: '{{title}}: {{body}}', "
-        "embedder: worker, shards: 2, max_rows_per_run: 60, metadata: [category]}\n"
+    name, sources = source_on_worker(
+        postgres, tmp_path, worker, 40, "shards: 2, max_rows_per_run: 60, metadata: [category]"
     )
     settings = load_settings(sources)
     assert all(r.success for r in sync_source(settings, name, None, instance))
@@ -131,6 +152,36 @@ def test_metrics_move_while_a_sync_writes(postgres, worker, tmp_path: Path, inst
     # Seen between the two ends while the runs wrote: the figures move, not jump at the end.
     assert any(0 < pending < 600 and 40 < embedded < 640 for pending, embedded in seen), seen
     assert [e for _, e in seen] == sorted(e for _, e in seen)  # a counter never goes back
+
+
+def client_calls(samples: dict, provider: str) -> float:
+    return sum(
+        v
+        for (n, labels), v in samples.items()
+        if n == "gen_ai_client_operation_duration_seconds_count"
+        and ("gen_ai_provider_name", provider) in labels
+    )
+
+
+def test_a_sync_process_calls_are_on_the_workers_metrics_after_it_ended(
+    postgres, worker, shared_dir: Path, tmp_path: Path
+) -> None:
+    """A run is a process of its own: sharing PROMETHEUS_MULTIPROC_DIR with the worker, its
+    embedder's HTTP calls (provider openai) are on the worker's /metrics once it has ended."""
+    name, sources = source_on_worker(postgres, tmp_path, worker, 30, "shards: 1")
+    before = client_calls(scrape(worker), "openai")
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(shared_dir)}
+    done = subprocess.run(
+        [*CLI, "--sources", str(sources), "sync", "--source", name],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    after = scrape(worker)
+    assert client_calls(after, "openai") > before
+    assert client_calls(after, "sentence_transformers") > 0  # the worker's own model calls
 
 
 def test_a_database_out_of_reach_reads_as_store_up_0() -> None:
