@@ -53,6 +53,7 @@ class ServerQdrantStore:
     def __init__(self, client: qdrant_client.QdrantClient, *, description: str = "client") -> None:
         self._client = client
         self._description = description  # what repr shows; never the API key
+        self._lexical: set[str] = set()  # collections known to have the sparse vector
 
     @classmethod
     def from_url(
@@ -145,12 +146,20 @@ class ServerQdrantStore:
         return bool(self._client.collection_exists(name))
 
     def has_lexical(self, name: str) -> bool:
+        # Asked before every lexical or hybrid search: a collection never loses a named
+        # vector, so a yes is kept (a collection deleted here is forgotten).
+        if name in self._lexical:
+            return True
         if not self._client.collection_exists(name):
             return False
         sparse = self._client.get_collection(name).config.params.sparse_vectors or {}
-        return LEXICAL_VECTOR in sparse
+        if LEXICAL_VECTOR in sparse:
+            self._lexical.add(name)
+            return True
+        return False
 
     def delete_collection(self, name: str) -> bool:
+        self._lexical.discard(name)
         if not self._client.collection_exists(name):
             return False
         return bool(self._client.delete_collection(name))

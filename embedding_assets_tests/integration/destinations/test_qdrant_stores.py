@@ -111,6 +111,19 @@ def test_sparse_lexical_vector_beside_the_dense_one_in_both_engines(store: Qdran
     assert not store.has_lexical(COLLECTION + "_dense")
 
 
+def test_whether_a_collection_has_the_sparse_vector_follows_it_being_made_again(
+    store: QdrantStore,
+) -> None:
+    """The server store keeps a yes (asked before every lexical search); a collection
+    deleted and made again without the vector answers no, in both engines."""
+    store.ensure_collection(COLLECTION, 8, lexical=True)
+    assert store.has_lexical(COLLECTION) and store.has_lexical(COLLECTION)
+    store.delete_collection(COLLECTION)
+    assert not store.has_lexical(COLLECTION)
+    store.ensure_collection(COLLECTION, 8, lexical=False)
+    assert not store.has_lexical(COLLECTION)
+
+
 def test_dimension_mismatch_names_both_dimensions_and_the_fix(store: QdrantStore) -> None:
     store.ensure_collection(COLLECTION, 8)
     with pytest.raises(ValueError) as excinfo:
