@@ -56,7 +56,7 @@ def publish_view(conn: sa.Connection, stable: tuple[str, str], table: tuple[str,
     the caller's transaction: readers see the old generation until it commits and the new one
     after, never a mix. A view of another dimension or column order (one published by an
     earlier version) cannot be replaced in place, so it is dropped and created again (still
-    one transaction)."""
+    one transaction), and so are the readers' views over it, with every grant."""
     schema, view = stable
     kind = relation_kind(conn, schema, view)
     if kind not in (None, "v"):
@@ -67,17 +67,70 @@ def publish_view(conn: sa.Connection, stable: tuple[str, str], table: tuple[str,
     select = reader_select(conn, table)
     target = quote_table(stable)
     ensure_schema(conn, schema)
-    replaced = False
+    replaced, kept, grants = False, [], []
     if kind == "v":
         try:
             with conn.begin_nested():
                 conn.execute(sa.text(f"CREATE OR REPLACE VIEW {target} AS {select}"))
             replaced = True
         except sa.exc.DBAPIError:
-            conn.execute(sa.text(f"DROP VIEW {target}"))
+            # Readers' own views over ours (LlamaIndex's, say) and the grants of all of them
+            # would go with the drop: they are made again, as they were, after it.
+            kept = views_over(conn, target)
+            grants = view_grants(conn, target)
+            conn.execute(sa.text(f"DROP VIEW {target} CASCADE"))
     if not replaced:
         conn.execute(sa.text(f"CREATE VIEW {target} AS {select}"))
+        if kind == "v":
+            _restore(conn, [(target, None, grants), *kept])
     refuse_writes(conn, stable)
+
+
+def views_over(conn: sa.Connection, view: str) -> list[tuple[str, str, list[str]]]:
+    """(name, definition, GRANT statements) of the views that read `view`, and of those that
+    read them, parents first."""
+    found: list[tuple[str, str, list[str]]] = []
+    queue = [view]
+    while queue:
+        rows = conn.execute(
+            sa.text(
+                """SELECT DISTINCT format('%I.%I', n.nspname, v.relname) AS name,
+                    pg_get_viewdef(v.oid) AS definition
+                FROM pg_depend AS d JOIN pg_rewrite AS r ON r.oid = d.objid
+                JOIN pg_class AS v ON v.oid = r.ev_class
+                JOIN pg_namespace AS n ON n.oid = v.relnamespace
+                WHERE d.classid = 'pg_rewrite'::regclass AND d.refobjid = to_regclass(:v)
+                    AND v.oid <> d.refobjid AND v.relkind = 'v'"""
+            ),
+            {"v": queue.pop(0)},
+        ).fetchall()
+        for row in rows:
+            if all(row.name != name for name, _, _ in found):
+                found.append((row.name, row.definition, view_grants(conn, row.name)))
+                queue.append(row.name)
+    return found
+
+
+def view_grants(conn: sa.Connection, view: str) -> list[str]:
+    """GRANT statements giving back the privileges others hold on `view`."""
+    rows = conn.execute(
+        sa.text(
+            """SELECT a.privilege_type, CASE WHEN a.grantee = 0 THEN 'PUBLIC'
+                    ELSE quote_ident(pg_get_userbyid(a.grantee)) END AS grantee
+            FROM pg_class AS c, aclexplode(c.relacl) AS a
+            WHERE c.oid = to_regclass(:v) AND a.grantee <> c.relowner"""
+        ),
+        {"v": view},
+    ).fetchall()
+    return [f"GRANT {r.privilege_type} ON {view} TO {r.grantee}" for r in rows]
+
+
+def _restore(conn: sa.Connection, views: list[tuple[str, str | None, list[str]]]) -> None:
+    for name, definition, grants in views:
+        if definition is not None:
+            conn.execute(sa.text(f"CREATE VIEW {name} AS {definition}"))
+        for grant in grants:
+            conn.execute(sa.text(grant))
 
 
 def adopt_table(conn: sa.Connection, stable: tuple[str, str], table: tuple[str, str]) -> None:

@@ -104,3 +104,44 @@ def test_a_view_of_the_version_before_is_brought_to_the_contract_with_nothing_em
     assert len(fake.requests) == embedded
     with pytest.raises(sa.exc.DBAPIError, match="read-only"), engine_for(postgres).begin() as c:
         c.execute(sa.text(f"DELETE FROM {view}"))
+
+
+def test_a_model_of_another_dimension_keeps_the_readers_views_over_ours_and_the_grants(
+    synced, postgres, tmp_path, instance
+) -> None:
+    """Promoting a generation of another dimension must drop and make the view again: the
+    views readers made over it (the README's one for LlamaIndex) and the grants on both are
+    made again in the same transaction, and read the new vectors."""
+    from embedding_assets_tests.fakes.provider_server import ProviderServer
+
+    _, name = synced
+    view, llama = f"public.{name}_embeddings", f"public.data_{name}_llama"
+    role = f"{name}_reader"
+    with engine_for(postgres).begin() as conn:
+        conn.execute(sa.text(f"CREATE ROLE {role}"))
+        conn.execute(
+            sa.text(
+                f"CREATE VIEW {llama} AS SELECT CAST(0 AS bigint) AS id, CAST(id AS varchar) "
+                f"AS node_id, content AS text, metadata AS metadata_, embedding FROM {view}"
+            )
+        )
+        conn.execute(sa.text(f"GRANT SELECT ON {view}, {llama} TO {role}"))
+    with ProviderServer("openai", dim=16) as wider:
+        settings = load_settings(
+            fake_embedder_settings(
+                tmp_path, name, wider.base_url, {"model": "wider-model", "dimension": "16"},
+                {"shards": "2", "metadata": "[category, views]"},
+            )
+        )  # fmt: skip
+        reports = sync_source(settings, name, None, instance)
+    assert any(r.promoted_generation for r in reports), [r.error for r in reports]
+    with engine_for(postgres).connect() as conn:
+        dims = conn.scalar(sa.text(f"SELECT DISTINCT vector_dims(embedding) FROM {llama}"))
+        granted = conn.execute(
+            sa.text(
+                "SELECT has_table_privilege(:r, :v, 'SELECT'), "
+                "has_table_privilege(:r, :l, 'SELECT')"
+            ),
+            {"r": role, "v": view, "l": llama},
+        ).one()
+    assert dims == 16 and tuple(granted) == (True, True)
